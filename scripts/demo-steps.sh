@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs inside `nubabel-local run`, which provides KUBECONFIG and kubectl on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+run() { say "$*"; "$@"; }
+
+run kubectl apply -f crds/
+run kubectl wait --for condition=established --timeout=60s crd/opencodesidecars.nubabel.io crd/delegatedtasks.nubabel.io
+run kubectl create namespace demo
+run kubectl apply -n demo -f examples/
+run kubectl get ocs,dtask -n demo
+run kubectl scale ocs acme -n demo --replicas=3
+run kubectl get ocs acme -n demo
+run kubectl explain dtask.spec.sessionId
