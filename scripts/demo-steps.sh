@@ -13,4 +13,10 @@ run kubectl apply -n demo -f examples/
 run kubectl get ocs,dtask -n demo
 run kubectl scale ocs acme -n demo --replicas=3
 run kubectl get ocs acme -n demo
-run kubectl explain dtask.spec.sessionId
+# The API server publishes CRD schemas to its OpenAPI document a moment after they are
+# established; poll (bounded) until `kubectl explain` finds them.
+say kubectl explain dtask.spec.sessionId
+for _ in $(seq 1 60); do
+  kubectl explain dtask.spec.sessionId 2>/dev/null && break
+  sleep 0.5
+done
