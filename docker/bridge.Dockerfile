@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# The event bridge (`nubabel-bridge`), the second container of every sidecar pod. Build from the
+# workspace root:
+#   docker build -f docker/bridge.Dockerfile -t ghcr.io/nubabel/bridge:0.1.0 .
+# The operator's pod spec gives it no command, so the entrypoint is the bridge itself; the pod
+# runs as user 10001 (RUN_AS_USER in operator/src/controller/sidecar/build.rs), the same user
+# set here, and the bridge listens on 8081 (readiness, metrics).
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p nubabel-bridge --bin nubabel-bridge \
+    && install -D -m 0755 target/release/nubabel-bridge /out/nubabel-bridge
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/nubabel-bridge /usr/local/bin/nubabel-bridge
+USER 10001:10001
+EXPOSE 8081
+ENTRYPOINT ["/usr/local/bin/nubabel-bridge"]

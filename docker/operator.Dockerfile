@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# The operator (`nubabel-operator`). Build from the workspace root:
+#   docker build -f docker/operator.Dockerfile -t ghcr.io/nubabel/operator:0.1.0 .
+# The chart runs it with runAsUser 65532 (podSecurityContext) and a read-only root filesystem;
+# it listens on 8080 (health and metrics) and is configured by NUBABEL_* environment variables.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p nubabel-operator --bin nubabel-operator \
+    && install -D -m 0755 target/release/nubabel-operator /out/nubabel-operator
+
+# glibc, CA certificates and a non-root user, nothing else (no shell).
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/nubabel-operator /usr/local/bin/nubabel-operator
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/nubabel-operator"]
