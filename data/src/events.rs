@@ -1,0 +1,374 @@
+//! The per-session event log: progress events and state updates, numbered 1, 2, 3, ... per
+//! session and deduplicated on the sender's event id.
+//!
+//! Appending is one transaction: bump the session's `last_seq` under its row lock (which also
+//! orders concurrent appends to one session), apply the state or the progress summary, insert
+//! the event. A retried delivery conflicts on `(organization_id, event_id)`; the transaction
+//! is rolled back, so a duplicate changes nothing, not even the sequence.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Row, postgres::PgRow};
+use uuid::Uuid;
+
+use crate::{
+    error::{Error, Result},
+    identity::OrganizationId,
+    progress::ProgressDelta,
+    sessions::TaskRef,
+};
+
+/// Whether an event is a progress event or a state update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// `POST .../progress`.
+    Progress,
+    /// `POST .../update`.
+    State,
+}
+
+impl EventKind {
+    /// The name stored in the database and used as the SSE event name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Progress => "progress",
+            Self::State => "state",
+        }
+    }
+
+    fn parse(value: &str) -> Result<Self> {
+        match value {
+            "progress" => Ok(Self::Progress),
+            "state" => Ok(Self::State),
+            other => Err(Error::Corrupt(format!("unknown event kind {other:?}"))),
+        }
+    }
+}
+
+/// One committed event, as it is replayed and streamed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredEvent {
+    /// Position in the session's log, from 1, without gaps.
+    pub seq: i64,
+    /// The sender's `webhook-id`.
+    pub event_id: String,
+    /// Progress event or state update.
+    pub kind: EventKind,
+    /// `progress.type`, or the state.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The `progress` object, or `{state, metadata}`.
+    pub body: Value,
+    /// When the API accepted it.
+    pub received_at: Timestamp,
+}
+
+/// What a callback asks to append.
+#[derive(Debug, Clone)]
+pub enum EventPayload<'a> {
+    /// A progress event: its `type` and the whole `progress` object.
+    Progress {
+        /// `progress.type`.
+        event_type: &'a str,
+        /// The `progress` object.
+        progress: &'a Value,
+    },
+    /// A state update.
+    State {
+        /// The new state.
+        state: &'a str,
+        /// Free-form metadata sent with it.
+        metadata: &'a Value,
+    },
+}
+
+/// One event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    /// The session (already resolved within `organization_id`).
+    pub session_pk: Uuid,
+    /// The tenant; event ids are unique per tenant.
+    pub organization_id: &'a OrganizationId,
+    /// The sender's `webhook-id`.
+    pub event_id: &'a str,
+    /// The event itself.
+    pub payload: EventPayload<'a>,
+    /// The exact request body, for telling a retry from a reused id.
+    pub raw_body: &'a [u8],
+}
+
+/// The progress summary of the task a session works for (`status.progress`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgressSummary {
+    /// Progress events seen for the task.
+    pub events: i64,
+    /// Tool calls started.
+    pub tools_started: i64,
+    /// Tool calls finished.
+    pub tools_completed: i64,
+    /// The most recent tool.
+    pub last_tool: Option<String>,
+    /// The last line of text the agent wrote.
+    pub last_message: Option<String>,
+    /// When the most recent event arrived.
+    pub last_event_at: Option<Timestamp>,
+}
+
+/// A newly committed event and what the caller fans out.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The event.
+    pub event: StoredEvent,
+    /// The task the session works for, whose status mirrors `summary`.
+    pub task: Option<TaskRef>,
+    /// The task's progress summary after this event.
+    pub summary: ProgressSummary,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// The event is new and committed.
+    New(Box<Committed>),
+    /// The same event (id, session, kind and body) was committed before; nothing changed.
+    Duplicate {
+        /// Its position in the log.
+        seq: i64,
+    },
+    /// The event id was used before for a different body or session; nothing changed.
+    IdReused,
+}
+
+/// Appends one event to its session's log, exactly once per event id.
+pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
+    let (kind, event_type, body, delta) = match &event.payload {
+        EventPayload::Progress {
+            event_type,
+            progress,
+        } => (
+            EventKind::Progress,
+            *event_type,
+            (*progress).clone(),
+            Some(ProgressDelta::from_progress(event_type, progress)),
+        ),
+        EventPayload::State { state, metadata } => (
+            EventKind::State,
+            *state,
+            json!({ "state": state, "metadata": metadata }),
+            None,
+        ),
+    };
+    let (state, metadata) = match &event.payload {
+        EventPayload::State { state, metadata } => (Some(*state), Some(*metadata)),
+        EventPayload::Progress { .. } => (None, None),
+    };
+    let fingerprint = fingerprint(kind, event.session_pk, event.raw_body);
+    let delta = delta.unwrap_or_default();
+
+    let mut tx = pool.begin().await?;
+    let session = sqlx::query(
+        "update sessions
+         set last_seq = last_seq + 1,
+             progress_events = progress_events + $2,
+             tools_started = tools_started + $3,
+             tools_completed = tools_completed + $4,
+             last_tool = coalesce($5, last_tool),
+             last_message = coalesce($6, last_message),
+             last_event_at = case when $2 = 1 then now() else last_event_at end,
+             state = coalesce($7, state),
+             state_metadata = coalesce($8, state_metadata),
+             state_updated_at = case when $7 is null then state_updated_at else now() end
+         where id = $1
+         returning last_seq, task_namespace, task_name, progress_events, tools_started,
+                   tools_completed, last_tool, last_message,
+                   (extract(epoch from last_event_at) * 1000000)::int8 as last_event_at_us",
+    )
+    .bind(event.session_pk)
+    .bind(i64::from(kind == EventKind::Progress))
+    .bind(delta.tools_started)
+    .bind(delta.tools_completed)
+    .bind(delta.last_tool.as_deref())
+    .bind(delta.last_message.as_deref())
+    .bind(state)
+    .bind(metadata)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(Error::SessionNotFound)?;
+    let seq: i64 = session.try_get("last_seq")?;
+
+    let inserted = sqlx::query(
+        "insert into session_events
+             (session_pk, seq, organization_id, event_id, kind, event_type, body, fingerprint)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         on conflict (organization_id, event_id) do nothing
+         returning (extract(epoch from received_at) * 1000000)::int8 as received_at_us",
+    )
+    .bind(event.session_pk)
+    .bind(seq)
+    .bind(event.organization_id.as_str())
+    .bind(event.event_id)
+    .bind(kind.as_str())
+    .bind(event_type)
+    .bind(&body)
+    .bind(fingerprint.as_slice())
+    .fetch_optional(&mut *tx)
+    .await?;
+
+    let Some(inserted) = inserted else {
+        // A delivery with this id is committed: undo the sequence bump and the summary.
+        tx.rollback().await?;
+        return existing(pool, event, kind, &fingerprint).await;
+    };
+    tx.commit().await?;
+
+    Ok(Appended::New(Box::new(Committed {
+        event: StoredEvent {
+            seq,
+            event_id: event.event_id.to_owned(),
+            kind,
+            event_type: event_type.to_owned(),
+            body,
+            received_at: timestamp(inserted.try_get("received_at_us")?)?,
+        },
+        task: TaskRef::from_row(&session)?,
+        summary: summary_from_row(&session)?,
+    })))
+}
+
+async fn existing(
+    pool: &PgPool,
+    event: &NewEvent<'_>,
+    kind: EventKind,
+    fingerprint: &[u8; 32],
+) -> Result<Appended> {
+    let row = sqlx::query(
+        "select session_pk, seq, kind, fingerprint
+         from session_events
+         where organization_id = $1 and event_id = $2",
+    )
+    .bind(event.organization_id.as_str())
+    .bind(event.event_id)
+    .fetch_one(pool)
+    .await?;
+    let same = row.try_get::<Uuid, _>("session_pk")? == event.session_pk
+        && row.try_get::<String, _>("kind")? == kind.as_str()
+        && row.try_get::<Vec<u8>, _>("fingerprint")? == fingerprint.as_slice();
+    Ok(if same {
+        Appended::Duplicate {
+            seq: row.try_get("seq")?,
+        }
+    } else {
+        Appended::IdReused
+    })
+}
+
+fn fingerprint(kind: EventKind, session_pk: Uuid, raw_body: &[u8]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(kind.as_str().as_bytes());
+    hash.update([0]);
+    hash.update(session_pk.as_bytes());
+    hash.update([0]);
+    hash.update(raw_body);
+    hash.finalize().into()
+}
+
+/// Events of a session with `seq > after`, oldest first, at most `limit`.
+pub async fn list_after(
+    pool: &PgPool,
+    session_pk: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
+    sqlx::query(
+        "select seq, event_id, kind, event_type, body,
+                (extract(epoch from received_at) * 1000000)::int8 as received_at_us
+         from session_events
+         where session_pk = $1 and seq > $2
+         order by seq
+         limit $3",
+    )
+    .bind(session_pk)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(event_from_row)
+    .collect()
+}
+
+/// The newest sequence number of each of `sessions` (sessions without events give 0).
+pub async fn last_seqs(pool: &PgPool, sessions: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
+    let rows = sqlx::query("select id, last_seq from sessions where id = any($1)")
+        .bind(sessions)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("last_seq")?)))
+        .collect()
+}
+
+/// The task a session works for and its progress summary, as committed now.
+pub async fn progress_summary(
+    pool: &PgPool,
+    session_pk: Uuid,
+) -> Result<Option<(TaskRef, ProgressSummary)>> {
+    let row = sqlx::query(
+        "select task_namespace, task_name, progress_events, tools_started, tools_completed,
+                last_tool, last_message,
+                (extract(epoch from last_event_at) * 1000000)::int8 as last_event_at_us
+         from sessions
+         where id = $1",
+    )
+    .bind(session_pk)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let Some(task) = TaskRef::from_row(&row)? else {
+        return Ok(None);
+    };
+    Ok(Some((task, summary_from_row(&row)?)))
+}
+
+fn event_from_row(row: &PgRow) -> Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: row.try_get("seq")?,
+        event_id: row.try_get("event_id")?,
+        kind: EventKind::parse(row.try_get("kind")?)?,
+        event_type: row.try_get("event_type")?,
+        body: row.try_get("body")?,
+        received_at: timestamp(row.try_get("received_at_us")?)?,
+    })
+}
+
+fn summary_from_row(row: &PgRow) -> Result<ProgressSummary> {
+    Ok(ProgressSummary {
+        events: row.try_get("progress_events")?,
+        tools_started: row.try_get("tools_started")?,
+        tools_completed: row.try_get("tools_completed")?,
+        last_tool: row.try_get("last_tool")?,
+        last_message: row.try_get("last_message")?,
+        last_event_at: row
+            .try_get::<Option<i64>, _>("last_event_at_us")?
+            .map(timestamp)
+            .transpose()?,
+    })
+}
+
+impl TaskRef {
+    fn from_row(row: &PgRow) -> Result<Option<Self>> {
+        let namespace: Option<String> = row.try_get("task_namespace")?;
+        let name: Option<String> = row.try_get("task_name")?;
+        Ok(namespace
+            .zip(name)
+            .map(|(namespace, name)| Self { namespace, name }))
+    }
+}
+
+fn timestamp(micros: i64) -> Result<Timestamp> {
+    Timestamp::from_microsecond(micros).map_err(|e| Error::Corrupt(e.to_string()))
+}

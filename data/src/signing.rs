@@ -1,0 +1,491 @@
+//! Callback signatures in the Standard Webhooks style, and the per-sidecar keys they use.
+//!
+//! The operator and the callback API share one master key. A sidecar's key is
+//! `HMAC-SHA256(master, "nubabel-sidecar-key/v1\0" + organizationId + "\0" + namespace + "\0" +
+//! name)`: the operator hands it to the sidecar's bridge (as a `whsec_` string in the sidecar's
+//! Secret) and the API derives it again from the identity headers of each callback, so the API
+//! needs no key store and a forged identity simply yields the wrong key.
+//!
+//! A signature is `v1,<base64(HMAC-SHA256(key, "{webhook-id}.{webhook-timestamp}.{body}"))>`,
+//! over the raw body bytes, as <https://www.standardwebhooks.com> specifies.
+
+use std::fmt;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretSlice};
+use sha2::Sha256;
+
+use crate::identity::SidecarIdentity;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Shortest master key accepted, in bytes.
+pub const MIN_MASTER_KEY_BYTES: usize = 32;
+
+/// How far a callback's timestamp may be from the receiver's clock, either way.
+pub const DEFAULT_TOLERANCE_SECONDS: u64 = 5 * 60;
+
+/// Domain separation for sidecar keys; bump the version to rotate every key at once.
+const SIDECAR_KEY_CONTEXT: &[u8] = b"nubabel-sidecar-key/v1\0";
+
+/// Longest `webhook-id` accepted.
+pub const MAX_WEBHOOK_ID_LEN: usize = 128;
+
+/// Longest `webhook-signature` header accepted (a handful of signatures during rotation).
+const MAX_SIGNATURE_HEADER_LEN: usize = 1024;
+
+/// The master key shared by the operator and the callback API (`NUBABEL_SIGNING_MASTER_KEY`).
+#[derive(Clone)]
+pub struct MasterKey(SecretSlice<u8>);
+
+/// The master key is too short to be safe.
+#[derive(Debug, thiserror::Error)]
+#[error("the signing master key must be at least {MIN_MASTER_KEY_BYTES} bytes, got {0}")]
+pub struct MasterKeyTooShort(pub usize);
+
+impl MasterKey {
+    /// Wraps the key material, refusing keys shorter than 32 bytes.
+    pub fn new(bytes: &[u8]) -> Result<Self, MasterKeyTooShort> {
+        if bytes.len() < MIN_MASTER_KEY_BYTES {
+            return Err(MasterKeyTooShort(bytes.len()));
+        }
+        Ok(Self(SecretSlice::from(bytes.to_vec())))
+    }
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey([redacted])")
+    }
+}
+
+/// One sidecar's callback signing key (32 bytes).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SidecarKey([u8; 32]);
+
+impl SidecarKey {
+    /// The key as Standard Webhooks serialises secrets: `whsec_<base64>`.
+    pub fn to_whsec(&self) -> String {
+        format!("whsec_{}", BASE64.encode(self.0))
+    }
+
+    /// Parses a `whsec_<base64>` secret (or bare base64), as a bridge reads it from its Secret.
+    pub fn from_whsec(value: &str) -> Option<Self> {
+        let encoded = value.strip_prefix("whsec_").unwrap_or(value);
+        let bytes = BASE64.decode(encoded.trim()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        new_mac(&self.0)
+    }
+}
+
+impl fmt::Debug for SidecarKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SidecarKey([redacted])")
+    }
+}
+
+/// An HMAC-SHA256 instance keyed with `key`.
+fn new_mac(key: &[u8]) -> HmacSha256 {
+    // HMAC takes keys of any length (long ones are hashed first), so `new_from_slice` cannot
+    // fail; `Hmac::new` over a fixed-size key block would need the same length anyway.
+    match <HmacSha256 as KeyInit>::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => unreachable!("HMAC-SHA256 accepts keys of any length"),
+    }
+}
+
+/// Derives the signing key of one sidecar fleet from the master key.
+pub fn derive_sidecar_key(master: &MasterKey, sidecar: &SidecarIdentity) -> SidecarKey {
+    let mut mac = new_mac(master.0.expose_secret());
+    mac.update(SIDECAR_KEY_CONTEXT);
+    mac.update(sidecar.organization_id().as_str().as_bytes());
+    mac.update(b"\0");
+    mac.update(sidecar.namespace().as_bytes());
+    mac.update(b"\0");
+    mac.update(sidecar.name().as_bytes());
+    SidecarKey(mac.finalize().into_bytes().into())
+}
+
+/// Signs one message: returns the `webhook-signature` header value (`v1,<base64>`).
+pub fn sign(key: &SidecarKey, webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
+    signature_for(&key.0, webhook_id, timestamp, body)
+}
+
+fn signature_for(key: &[u8], webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = new_mac(key);
+    feed(&mut mac, webhook_id, timestamp, body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+}
+
+fn feed(mac: &mut HmacSha256, webhook_id: &str, timestamp: i64, body: &[u8]) {
+    mac.update(webhook_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+}
+
+/// Why a signed message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// A required header is absent (the header's name).
+    #[error("missing {0} header")]
+    MissingHeader(&'static str),
+    /// `webhook-id` is empty, too long or has characters other than `[A-Za-z0-9_-]`.
+    #[error("webhook-id must be 1 to 128 characters of [A-Za-z0-9_-]")]
+    InvalidId,
+    /// `webhook-timestamp` is not an integer number of seconds.
+    #[error("webhook-timestamp must be an integer number of seconds")]
+    InvalidTimestamp,
+    /// The timestamp is outside the tolerance window (a replay or a skewed clock).
+    #[error("webhook-timestamp is outside the accepted window")]
+    StaleTimestamp,
+    /// `webhook-signature` has no `v1,<base64>` entry.
+    #[error("webhook-signature must hold v1,<base64> signatures")]
+    MalformedSignature,
+    /// No signature matched the body with the sender's key.
+    #[error("no signature matches")]
+    NoMatchingSignature,
+}
+
+/// The three Standard Webhooks headers of one request, as received.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedHeaders<'a> {
+    /// `webhook-id`: the message id, the same on every retry.
+    pub id: Option<&'a str>,
+    /// `webhook-timestamp`: Unix seconds of this attempt.
+    pub timestamp: Option<&'a str>,
+    /// `webhook-signature`: space-separated `v1,<base64>` entries.
+    pub signature: Option<&'a str>,
+}
+
+/// Checks the header values that do not need the body: presence, id syntax and the time window.
+///
+/// Cheap, so a receiver runs it before it reads the body. Returns the id and timestamp.
+pub fn check_headers<'a>(
+    headers: &SignedHeaders<'a>,
+    now: i64,
+    tolerance_seconds: u64,
+) -> Result<(&'a str, i64), SignatureError> {
+    let id = headers
+        .id
+        .ok_or(SignatureError::MissingHeader("webhook-id"))?;
+    let timestamp = headers
+        .timestamp
+        .ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
+    if headers.signature.is_none() {
+        return Err(SignatureError::MissingHeader("webhook-signature"));
+    }
+    validate_webhook_id(id)?;
+    let timestamp: i64 = timestamp
+        .parse()
+        .map_err(|_| SignatureError::InvalidTimestamp)?;
+    if now.abs_diff(timestamp) > tolerance_seconds {
+        return Err(SignatureError::StaleTimestamp);
+    }
+    Ok((id, timestamp))
+}
+
+/// Checks that a `webhook-id` is safe to sign over, store and echo back.
+pub fn validate_webhook_id(id: &str) -> Result<(), SignatureError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_WEBHOOK_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SignatureError::InvalidId)
+    }
+}
+
+/// Verifies a whole message: headers, time window and signature (constant-time comparison).
+///
+/// Any one of several `v1` signatures may match, so senders can rotate keys without downtime.
+pub fn verify(
+    key: &SidecarKey,
+    headers: &SignedHeaders<'_>,
+    body: &[u8],
+    now: i64,
+    tolerance_seconds: u64,
+) -> Result<(), SignatureError> {
+    let (id, timestamp) = check_headers(headers, now, tolerance_seconds)?;
+    let signature = headers
+        .signature
+        .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
+    if signature.len() > MAX_SIGNATURE_HEADER_LEN {
+        return Err(SignatureError::MalformedSignature);
+    }
+    let mut mac = key.mac();
+    feed(&mut mac, id, timestamp, body);
+    let mut saw_v1 = false;
+    for entry in signature.split(' ').filter(|e| !e.is_empty()) {
+        let Some(("v1", encoded)) = entry.split_once(',') else {
+            continue;
+        };
+        saw_v1 = true;
+        let Ok(candidate) = BASE64.decode(encoded) else {
+            continue;
+        };
+        // verify_slice compares in constant time.
+        if mac.clone().verify_slice(&candidate).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(if saw_v1 {
+        SignatureError::NoMatchingSignature
+    } else {
+        SignatureError::MalformedSignature
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_614_265_330;
+
+    fn key() -> SidecarKey {
+        let master = MasterKey::new(&[7u8; 32]).unwrap();
+        derive_sidecar_key(
+            &master,
+            &SidecarIdentity::new("org-a", "tenant-a", "fleet").unwrap(),
+        )
+    }
+
+    fn headers<'a>(id: &'a str, ts: &'a str, sig: &'a str) -> SignedHeaders<'a> {
+        SignedHeaders {
+            id: Some(id),
+            timestamp: Some(ts),
+            signature: Some(sig),
+        }
+    }
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_reference_vector() {
+        // The vector the Standard Webhooks reference libraries test against (a 24-byte secret).
+        let secret = BASE64.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        let signature = signature_for(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn a_fresh_signature_verifies() {
+        let body = br#"{"state":"busy"}"#;
+        let sig = sign(&key(), "msg_1", NOW, body);
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &NOW.to_string(), &sig),
+                body,
+                NOW,
+                300
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_tampered_body_is_refused() {
+        let sig = sign(&key(), "msg_1", NOW, br#"{"state":"busy"}"#);
+        let result = verify(
+            &key(),
+            &headers("msg_1", &NOW.to_string(), &sig),
+            br#"{"state":"idle"}"#,
+            NOW,
+            300,
+        );
+        assert_eq!(result, Err(SignatureError::NoMatchingSignature));
+    }
+
+    #[test]
+    fn a_tampered_id_is_refused() {
+        let sig = sign(&key(), "msg_1", NOW, b"{}");
+        let result = verify(
+            &key(),
+            &headers("msg_2", &NOW.to_string(), &sig),
+            b"{}",
+            NOW,
+            300,
+        );
+        assert_eq!(result, Err(SignatureError::NoMatchingSignature));
+    }
+
+    #[test]
+    fn another_sidecars_key_is_refused() {
+        let master = MasterKey::new(&[7u8; 32]).unwrap();
+        let other = derive_sidecar_key(
+            &master,
+            &SidecarIdentity::new("org-b", "tenant-a", "fleet").unwrap(),
+        );
+        let sig = sign(&other, "msg_1", NOW, b"{}");
+        let result = verify(
+            &key(),
+            &headers("msg_1", &NOW.to_string(), &sig),
+            b"{}",
+            NOW,
+            300,
+        );
+        assert_eq!(result, Err(SignatureError::NoMatchingSignature));
+    }
+
+    #[test]
+    fn keys_differ_per_organization_namespace_and_name() {
+        let master = MasterKey::new(&[7u8; 32]).unwrap();
+        let k = |o, n, s| derive_sidecar_key(&master, &SidecarIdentity::new(o, n, s).unwrap());
+        let base = k("org-a", "ns", "fleet");
+        assert_ne!(base, k("org-b", "ns", "fleet"));
+        assert_ne!(base, k("org-a", "ns2", "fleet"));
+        assert_ne!(base, k("org-a", "ns", "fleet2"));
+        // The NUL separators keep shifted boundaries apart.
+        assert_ne!(k("org-a", "b", "c"), k("org-ab", "c", "c"));
+        let other_master = MasterKey::new(&[8u8; 32]).unwrap();
+        let id = SidecarIdentity::new("org-a", "ns", "fleet").unwrap();
+        assert_ne!(base, derive_sidecar_key(&other_master, &id));
+    }
+
+    #[test]
+    fn timestamps_outside_five_minutes_are_refused_both_ways() {
+        let body = b"{}";
+        for (ts, ok) in [
+            (NOW - 301, false),
+            (NOW - 299, true),
+            (NOW + 299, true),
+            (NOW + 301, false),
+        ] {
+            let sig = sign(&key(), "msg_1", ts, body);
+            let result = verify(
+                &key(),
+                &headers("msg_1", &ts.to_string(), &sig),
+                body,
+                NOW,
+                300,
+            );
+            assert_eq!(result.is_ok(), ok, "timestamp offset {}", ts - NOW);
+            if !ok {
+                assert_eq!(result, Err(SignatureError::StaleTimestamp));
+            }
+        }
+    }
+
+    #[test]
+    fn each_missing_header_is_named() {
+        let sig = sign(&key(), "msg_1", NOW, b"{}");
+        let ts = NOW.to_string();
+        let cases = [
+            (
+                SignedHeaders {
+                    id: None,
+                    timestamp: Some(&ts),
+                    signature: Some(&sig),
+                },
+                "webhook-id",
+            ),
+            (
+                SignedHeaders {
+                    id: Some("msg_1"),
+                    timestamp: None,
+                    signature: Some(&sig),
+                },
+                "webhook-timestamp",
+            ),
+            (
+                SignedHeaders {
+                    id: Some("msg_1"),
+                    timestamp: Some(&ts),
+                    signature: None,
+                },
+                "webhook-signature",
+            ),
+        ];
+        for (h, name) in cases {
+            assert_eq!(
+                verify(&key(), &h, b"{}", NOW, 300),
+                Err(SignatureError::MissingHeader(name))
+            );
+        }
+    }
+
+    #[test]
+    fn one_valid_signature_among_several_is_enough() {
+        let good = sign(&key(), "msg_1", NOW, b"{}");
+        let list = format!("v1,Zm9vYmFy v1a,ignored {good}");
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &NOW.to_string(), &list),
+                b"{}",
+                NOW,
+                300
+            ),
+            Ok(())
+        );
+        let none = "v1,Zm9vYmFy v1,YmFyYmF6";
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &NOW.to_string(), none),
+                b"{}",
+                NOW,
+                300
+            ),
+            Err(SignatureError::NoMatchingSignature)
+        );
+    }
+
+    #[test]
+    fn malformed_headers_are_refused_without_panicking() {
+        let sig = sign(&key(), "msg_1", NOW, b"{}");
+        let ts = NOW.to_string();
+        assert_eq!(
+            verify(&key(), &headers("msg_1", "soon", &sig), b"{}", NOW, 300),
+            Err(SignatureError::InvalidTimestamp)
+        );
+        assert_eq!(
+            verify(&key(), &headers("msg.1", &ts, &sig), b"{}", NOW, 300),
+            Err(SignatureError::InvalidId)
+        );
+        assert_eq!(
+            verify(&key(), &headers("", &ts, &sig), b"{}", NOW, 300),
+            Err(SignatureError::InvalidId)
+        );
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &ts, "sha256=abc"),
+                b"{}",
+                NOW,
+                300
+            ),
+            Err(SignatureError::MalformedSignature)
+        );
+        assert_eq!(
+            verify(&key(), &headers("msg_1", &ts, "v1,***"), b"{}", NOW, 300),
+            Err(SignatureError::NoMatchingSignature)
+        );
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &ts, &"v1,a".repeat(400)),
+                b"{}",
+                NOW,
+                300
+            ),
+            Err(SignatureError::MalformedSignature)
+        );
+    }
+
+    #[test]
+    fn whsec_round_trips_and_is_never_printed() {
+        let k = key();
+        assert_eq!(SidecarKey::from_whsec(&k.to_whsec()), Some(k.clone()));
+        assert_eq!(format!("{k:?}"), "SidecarKey([redacted])");
+        assert!(MasterKey::new(&[1u8; 31]).is_err());
+    }
+}
