@@ -34,8 +34,12 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds the operator binary (a no-op when it is current) and returns its path.
+/// Builds the operator binary (a no-op when it is current) and returns its path;
+/// `NUBABEL_OPERATOR_BIN` names a prebuilt one instead (the benchmark uses a release build).
 async fn operator_binary() -> Result<PathBuf> {
+    if let Some(binary) = std::env::var_os("NUBABEL_OPERATOR_BIN") {
+        return Ok(PathBuf::from(binary));
+    }
     let root = workspace_root();
     let output = tokio::process::Command::new(env!("CARGO"))
         .args([
@@ -115,6 +119,8 @@ struct Fleet {
     env: TestEnv,
     namespace: TestNamespace,
     operators: Vec<SupervisedProcess>,
+    /// The health and metrics port of each operator.
+    ports: Vec<u16>,
     binding: String,
     _dir: TempDir,
 }
@@ -223,12 +229,18 @@ impl Fleet {
 
         let binary = operator_binary().await?;
         let mut operators = Vec::new();
+        let mut ports = Vec::new();
         for index in 0..replicas {
             let identity = format!("operator-{index}");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            ports.push(port);
+            let http_addr = format!("127.0.0.1:{port}");
             let spec = ProcessSpec::new(identity.clone(), &binary)
                 .args([
                     "--http-addr",
-                    "127.0.0.1:0",
+                    &http_addr,
                     "--watch-namespace",
                     &ns,
                     "--operator-namespace",
@@ -258,6 +270,7 @@ impl Fleet {
             env,
             namespace,
             operators,
+            ports,
             binding,
             _dir: dir,
         })
@@ -687,6 +700,197 @@ async fn killing_the_active_operator_hands_the_lease_to_the_standby_which_carrie
         .await?;
         Ok::<_, anyhow::Error>(())
     })
+    .await;
+    let logs = fleet.logs();
+    fleet.finish().await?;
+    outcome.with_context(|| format!("operator logs:\n{logs}"))
+}
+
+/// One line of `/metrics`, e.g. the reconcile counter.
+async fn metric(port: u16, line_prefix: &str) -> Result<f64> {
+    let body = reqwest_free_get(port, "/metrics").await?;
+    body.lines()
+        .find(|line| line.starts_with(line_prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .with_context(|| format!("no {line_prefix} in /metrics"))
+}
+
+/// A plain HTTP/1.0 GET on loopback, without an HTTP client dependency.
+async fn reqwest_free_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+fn memory_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Time from `OpencodeSidecar` creation to its StatefulSet, and the operator's memory, with
+/// `NUBABEL_BENCH_SIDECARS` (default 500) tenants. Run it alone, ideally with a release build:
+/// `NUBABEL_OPERATOR_BIN=target/release/nubabel-operator ... cargo test -p nubabel-e2e
+/// --test sidecar -- --ignored --nocapture benchmark`.
+#[tokio::test]
+#[ignore = "a benchmark: minutes of load on the local control plane"]
+async fn benchmark_time_to_statefulset_and_operator_memory_with_many_tenants() -> Result<()> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let count: usize = std::env::var("NUBABEL_BENCH_SIDECARS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(500);
+    let fleet = Fleet::start("ocs-bench", 1).await?;
+    let outcome = async {
+        let pid = fleet.operators[0]
+            .pid()
+            .context("the operator is not running")?;
+        let port = fleet.ports[0];
+        eventually("the operator's metrics", DEFAULT_WAIT, || async {
+            Ok(metric(port, "nubabel_operator_leader ")
+                .await
+                .is_ok_and(|v| v == 1.0))
+        })
+        .await?;
+        let idle_rss = memory_kib(pid, "VmRSS:")?;
+
+        // Record when each StatefulSet first appears, from a watch started before any create.
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watch = watcher(fleet.api::<StatefulSet>(), watcher::Config::default())
+            .applied_objects()
+            .for_each(move |sts| {
+                if let Ok(sts) = sts {
+                    let _ = seen_tx.send((sts.name_any(), Instant::now()));
+                }
+                std::future::ready(())
+            });
+        let watch = tokio::spawn(watch);
+
+        // One fleet on an idle operator first: the latency without a queue.
+        let probe_at = Instant::now();
+        fleet
+            .create_sidecar(
+                "probe",
+                json!({"organizationId": "org-probe", "model": "a/b"}),
+            )
+            .await?;
+        await_condition(
+            &fleet.api::<StatefulSet>(),
+            "probe",
+            "the probe's StatefulSet",
+            |s: Option<&StatefulSet>| s.is_some(),
+            DEFAULT_WAIT,
+        )
+        .await?;
+        let idle_latency = probe_at.elapsed();
+
+        let started = Instant::now();
+        let mut created = std::collections::HashMap::new();
+        for index in 0..count {
+            let name = format!("tenant-{index:04}");
+            let at = Instant::now();
+            fleet
+                .create_sidecar(
+                    &name,
+                    json!({"organizationId": format!("org-{index}"), "model": "a/b"}),
+                )
+                .await?;
+            created.insert(name, at);
+        }
+        let create_time = started.elapsed();
+
+        let mut latencies = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while seen.len() < count {
+            let (name, at) = tokio::time::timeout_at(deadline.into(), seen_rx.recv())
+                .await
+                .context("StatefulSets did not all appear within 10 min")?
+                .context("the watch ended")?;
+            if let Some(created_at) = created.get(&name)
+                && seen.insert(name)
+            {
+                latencies.push(at.saturating_duration_since(*created_at));
+            }
+        }
+        let all_applied = started.elapsed();
+        watch.abort();
+        latencies.sort();
+
+        // Let the controller-manager create the pods and the operator see them settle.
+        eventually("every pod", Duration::from_secs(600), || async {
+            let pods = fleet.api::<Pod>().list(&ListParams::default()).await?;
+            Ok(pods.items.len() >= count)
+        })
+        .await?;
+        let runs_settled = metric(port, "nubabel_operator_reconcile_runs_total").await?;
+        let settle = Duration::from_secs(30);
+        let settle_start = Instant::now();
+        eventually("30 s of quiet", settle + Duration::from_secs(5), || async {
+            Ok(settle_start.elapsed() >= settle)
+        })
+        .await?;
+        let runs_after = metric(port, "nubabel_operator_reconcile_runs_total").await?;
+        let rss = memory_kib(pid, "VmRSS:")?;
+        let peak = memory_kib(pid, "VmHWM:")?;
+        let failures = reqwest_free_get(port, "/metrics")
+            .await?
+            .lines()
+            .filter(|l| l.starts_with("nubabel_operator_reconcile_failures_total"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+
+        let duration_sum = metric(port, "nubabel_operator_reconcile_duration_seconds_sum").await?;
+        let duration_count =
+            metric(port, "nubabel_operator_reconcile_duration_seconds_count").await?;
+        println!("sidecars: {count}");
+        println!("idle operator, one CR created -> StatefulSet applied: {idle_latency:?}");
+        println!(
+            "mean reconcile duration under load: {:.0} ms",
+            1000.0 * duration_sum / duration_count
+        );
+        println!(
+            "created all CRs in {create_time:?} ({:.0}/s)",
+            count as f64 / create_time.as_secs_f64()
+        );
+        println!("all StatefulSets applied {all_applied:?} after the first create");
+        println!(
+            "CR created -> StatefulSet applied: p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.9),
+            percentile(&latencies, 0.99),
+            latencies.last().copied().unwrap_or_default()
+        );
+        println!(
+            "operator RSS: idle {} MiB, with {count} fleets {} MiB, peak {} MiB",
+            idle_rss / 1024,
+            rss / 1024,
+            peak / 1024
+        );
+        println!(
+            "reconciles: {runs_settled} until the pods existed, {} more in the next {settle:?}",
+            runs_after - runs_settled
+        );
+        println!("failures: {failures:?}");
+        Ok::<_, anyhow::Error>(())
+    }
     .await;
     let logs = fleet.logs();
     fleet.finish().await?;

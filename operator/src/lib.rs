@@ -1,45 +1,180 @@
 //! The Nubabel operator: reconciles `OpencodeSidecar` fleets and `DelegatedTask` prompts.
+//!
+//! [`run`] is the whole process: the health and metrics server, the wait for the CRDs, leader
+//! election, and the controllers, all stopped together by SIGINT or SIGTERM. [`run_with`]
+//! takes the client and the stop signal from the caller, so tests run operators in-process.
 
 pub mod config;
+pub mod controller;
 pub mod health;
+pub mod leader;
+pub mod metrics;
+pub mod quantity;
 pub mod telemetry;
+
+#[cfg(test)]
+mod fixtures;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 pub use config::Config;
+use controller::{Capabilities, Shared, sidecar};
 use health::Readiness;
+use leader::LeaderElector;
+use metrics::Metrics;
 
 /// Names of the CRDs the operator needs on the API server.
 pub const REQUIRED_CRDS: [&str; 2] = ["opencodesidecars.nubabel.io", "delegatedtasks.nubabel.io"];
+
+/// How long in-flight reconciles may take to finish once the operator stops leading.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the operator until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("failed to build a Kubernetes client")?;
-    let readiness = Readiness::default();
+    run_with(config, client, shutdown_signal()).await
+}
 
+/// Runs the operator on `client` until `shutdown` resolves. Fails when the configuration is
+/// unusable, when the health port cannot be bound, or when leadership is lost (the process
+/// should then exit and come back as a standby, as client-go's controllers do).
+pub async fn run_with(
+    config: Config,
+    client: Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let settings = sidecar::Settings::from_config(&config).context("invalid configuration")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = Stopped(stop_rx);
+
+    let readiness = Readiness::default();
+    let metrics = Arc::new(Metrics::default());
     let listener = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("failed to bind {}", config.http_addr))?;
-    tracing::info!(addr = %config.http_addr, version = env!("CARGO_PKG_VERSION"), "operator starting");
-    let server = axum::serve(listener, health::router(readiness.clone()))
-        .with_graceful_shutdown(shutdown_signal());
-
-    let crds_ready = wait_for_crds(client, readiness);
-    tokio::select! {
-        served = server => served.context("health server failed")?,
-        checked = crds_ready => checked?,
-    }
+    tracing::info!(
+        addr = %listener.local_addr().unwrap_or(config.http_addr),
+        version = env!("CARGO_PKG_VERSION"),
+        identity = %config.identity(),
+        "operator starting"
+    );
+    let app = health::router(readiness.clone()).merge(metrics::router(metrics.clone()));
+    let server_stopped = stopped.clone();
+    let server = async {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(server_stopped.wait())
+            .await
+            .context("health server failed")
+    };
+    let operator = operate(config, client, settings, readiness, metrics, stopped);
+    tokio::try_join!(server, operator)?;
     Ok(())
 }
 
-/// Marks the operator ready once every required CRD is established, then waits for shutdown.
-async fn wait_for_crds(client: Client, readiness: Readiness) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
+/// Resolves once the operator is asked to stop; cheap to clone.
+#[derive(Clone)]
+struct Stopped(watch::Receiver<bool>);
+
+impl Stopped {
+    async fn wait(mut self) {
+        // An error means the sender is gone, which only happens once it sent.
+        let _ = self.0.wait_for(|stopped| *stopped).await;
+    }
+}
+
+async fn operate(
+    config: Config,
+    client: Client,
+    settings: sidecar::Settings,
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+    stopped: Stopped,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        crds = wait_for_crds(&client) => crds?,
+        () = stopped.clone().wait() => return Ok(()),
+    }
+    let capabilities = Capabilities::discover(&client)
+        .await
+        .context("failed to discover the API server's capabilities")?;
+    tracing::info!(?capabilities, "API server capabilities");
+    readiness.set(true);
+
+    let identity = config.identity();
+    let shared = Shared::new(client.clone(), &identity, metrics.clone(), capabilities)
+        .watching(config.watch_namespace.clone());
+    let concurrency = config.reconcile_concurrency;
+    if !config.leader_elect {
+        metrics.leader.set(1);
+        controller::run(shared, settings, concurrency, stopped.wait()).await;
+        return Ok(());
+    }
+
+    let lease_namespace = config
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| config.operator_namespace.clone());
+    let mut elector = LeaderElector::new(
+        client,
+        &lease_namespace,
+        &config.lease_name,
+        &identity,
+        config.lease_timings(),
+    )?;
+    tokio::select! {
+        () = elector.acquire() => {},
+        () = stopped.clone().wait() => return Ok(()),
+    }
+    metrics.leader.set(1);
+
+    let (halt_tx, halt_rx) = watch::channel(false);
+    let controllers = controller::run(shared, settings, concurrency, Stopped(halt_rx).wait());
+    tokio::pin!(controllers);
+    let mut drained = false;
+    let outcome = tokio::select! {
+        lost = elector.hold() => Err(lost),
+        () = stopped.wait() => Ok(()),
+        () = &mut controllers => {
+            drained = true;
+            Ok(())
+        }
+    };
+    let _ = halt_tx.send(true);
+    if !drained
+        && tokio::time::timeout(DRAIN_TIMEOUT, &mut controllers)
+            .await
+            .is_err()
+    {
+        tracing::warn!("reconciles still running after {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+    metrics.leader.set(0);
+    match outcome {
+        Ok(()) => {
+            if let Err(error) = elector.release().await {
+                tracing::warn!(%error, "failed to release the lease; a standby takes over when it expires");
+            }
+            Ok(())
+        }
+        Err(lost) => Err(anyhow::Error::new(lost).context("stopped leading")),
+    }
+}
+
+/// Waits until every required CRD is established.
+async fn wait_for_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in REQUIRED_CRDS {
         let established = kube::runtime::wait::conditions::is_crd_established();
         kube::runtime::wait::await_condition(crds.clone(), name, established)
@@ -47,8 +182,6 @@ async fn wait_for_crds(client: Client, readiness: Readiness) -> anyhow::Result<(
             .with_context(|| format!("failed to watch CRD {name}"))?;
         tracing::info!(crd = name, "CRD established");
     }
-    readiness.set(true);
-    shutdown_signal().await;
     Ok(())
 }
 

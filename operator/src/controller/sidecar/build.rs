@@ -1,0 +1,1123 @@
+//! Step 3 of the sidecar pipeline, pure: renders a [`ValidSidecar`] into its children
+//! (ServiceAccount, Secret, headless Service, NetworkPolicy, StatefulSet and, where the cluster
+//! serves `policy/v1`, a PodDisruptionBudget), ready for server-side apply.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::Settings;
+use super::validate::ValidSidecar;
+use crate::config::Labels;
+
+/// Name of the OpenCode container.
+pub const OPENCODE_CONTAINER: &str = "opencode";
+/// Name of the event bridge container.
+pub const BRIDGE_CONTAINER: &str = "bridge";
+/// Name of the init container that creates the directories on the data volume.
+pub const PREPARE_CONTAINER: &str = "prepare-data";
+/// OpenCode's HTTP port.
+pub const OPENCODE_PORT: i32 = 4096;
+/// The bridge's port (readiness and status).
+pub const BRIDGE_PORT: i32 = 8081;
+/// Where the data volume is mounted.
+pub const DATA_MOUNT: &str = "/data";
+/// OpenCode's working directory, the default project.
+pub const WORKSPACE_DIR: &str = "/data/workspace";
+/// The user the containers run as; the data volume is group-owned by it too.
+pub const RUN_AS_USER: i64 = 10001;
+
+/// Secret key of the OpenCode server password.
+pub const PASSWORD_KEY: &str = "opencode-password";
+/// Secret key of the bridge's callback signing key (`whsec_...`).
+pub const SIGNING_KEY: &str = "callback-signing-key";
+/// Annotation on the Secret recording the organization the fleet was created for.
+pub const ORGANIZATION_ANNOTATION: &str = "nubabel.io/organization-id";
+/// Pod-template annotation whose change rolls the pods when the configuration changes.
+pub const CONFIG_HASH_ANNOTATION: &str = "nubabel.io/config-hash";
+/// Env var of the `opencode` container holding the provider's API key.
+pub const PROVIDER_API_KEY_ENV: &str = "NUBABEL_PROVIDER_API_KEY";
+
+/// `app.kubernetes.io/name` of every sidecar object.
+pub const APP_NAME: &str = "opencode-sidecar";
+/// `app.kubernetes.io/managed-by` of every child.
+pub const MANAGED_BY: &str = "nubabel-operator";
+/// Label key of the tenant.
+pub const ORGANIZATION_LABEL: &str = "nubabel.io/organization";
+const NAME_LABEL: &str = "app.kubernetes.io/name";
+const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// Label selector of every child the operator manages, for its watches.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nubabel-operator";
+
+/// The Secret and ServiceAccount of sidecar `name`.
+pub fn secret_name(name: &str) -> String {
+    format!("{name}-sidecar")
+}
+
+/// The labels that select a fleet's pods: stable for the object's life (never the
+/// organization, whose label value could change form).
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    [
+        (NAME_LABEL.to_owned(), APP_NAME.to_owned()),
+        (INSTANCE_LABEL.to_owned(), name.to_owned()),
+    ]
+    .into()
+}
+
+/// The selector as text, for `status.selector` (the scale subresource and HPAs read it).
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The sidecar an owned object or pod belongs to, from its instance label.
+pub fn instance_of(labels: &BTreeMap<String, String>) -> Option<&str> {
+    (labels.get(NAME_LABEL).map(String::as_str) == Some(APP_NAME))
+        .then(|| labels.get(INSTANCE_LABEL).map(String::as_str))
+        .flatten()
+}
+
+/// Labels of every child and pod.
+pub fn labels(v: &ValidSidecar) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(&v.name);
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+    labels.insert(ORGANIZATION_LABEL.to_owned(), v.organization_label.clone());
+    labels
+}
+
+/// The secrets a fleet's pods share: kept across reconciles, never regenerated.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretMaterial {
+    /// The OpenCode server password (HTTP Basic, user `opencode`).
+    pub password: String,
+    /// The bridge's callback signing key, `whsec_<base64>`.
+    pub callback_key: String,
+}
+
+impl std::fmt::Debug for SecretMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretMaterial([redacted])")
+    }
+}
+
+/// Every child of a sidecar, rendered.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// The pods' identity; its token is never mounted.
+    pub service_account: ServiceAccount,
+    /// Password and signing key.
+    pub secret: Secret,
+    /// The headless Service that names the pods.
+    pub service: Service,
+    /// Ingress from the operator only; egress to DNS, the callback API and `spec.egress`.
+    pub network_policy: NetworkPolicy,
+    /// The fleet.
+    pub stateful_set: StatefulSet,
+    /// At most one pod down at a time, where `policy/v1` is served.
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+}
+
+/// Renders every child.
+pub fn build(
+    v: &ValidSidecar,
+    settings: &Settings,
+    material: &SecretMaterial,
+    with_pod_disruption_budget: bool,
+) -> Children {
+    let config = opencode_config(v).to_string();
+    let config_hash = config_hash(&config, material);
+    Children {
+        service_account: service_account(v),
+        secret: secret(v, material),
+        service: service(v),
+        network_policy: network_policy(v, settings),
+        stateful_set: stateful_set(v, settings, &config, &config_hash),
+        pod_disruption_budget: with_pod_disruption_budget.then(|| pod_disruption_budget(v)),
+    }
+}
+
+fn metadata(v: &ValidSidecar, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(v.namespace.clone()),
+        labels: Some(labels(v)),
+        owner_references: Some(vec![v.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn service_account(v: &ValidSidecar) -> ServiceAccount {
+    ServiceAccount {
+        metadata: metadata(v, secret_name(&v.name)),
+        // OpenCode runs code an LLM writes: it gets no Kubernetes credentials.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+fn secret(v: &ValidSidecar, material: &SecretMaterial) -> Secret {
+    let mut metadata = metadata(v, secret_name(&v.name));
+    metadata.annotations = Some(
+        [(
+            ORGANIZATION_ANNOTATION.to_owned(),
+            v.identity.organization_id().as_str().to_owned(),
+        )]
+        .into(),
+    );
+    Secret {
+        metadata,
+        type_: Some("Opaque".to_owned()),
+        data: Some(
+            [
+                (
+                    PASSWORD_KEY.to_owned(),
+                    ByteString(material.password.clone().into_bytes()),
+                ),
+                (
+                    SIGNING_KEY.to_owned(),
+                    ByteString(material.callback_key.clone().into_bytes()),
+                ),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+fn service(v: &ValidSidecar) -> Service {
+    Service {
+        metadata: metadata(v, v.name.clone()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: Some(selector_labels(&v.name)),
+            ports: Some(vec![
+                service_port("opencode", OPENCODE_PORT),
+                service_port("bridge", BRIDGE_PORT),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
+    }
+}
+
+fn peer(namespace_labels: &Labels, pod_labels: &Labels) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(namespace_labels.clone()),
+            ..LabelSelector::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(pod_labels.clone()),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    }
+}
+
+fn tcp(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+fn network_policy(v: &ValidSidecar, settings: &Settings) -> NetworkPolicy {
+    let dns = NetworkPolicyEgressRule {
+        ports: Some(vec![
+            NetworkPolicyPort {
+                port: Some(IntOrString::Int(53)),
+                protocol: Some("UDP".to_owned()),
+                ..NetworkPolicyPort::default()
+            },
+            tcp(53),
+        ]),
+        to: None,
+    };
+    let callback_api = NetworkPolicyEgressRule {
+        ports: None,
+        to: Some(vec![peer(
+            &settings.operator_namespace_labels,
+            &settings.callback_api_pod_labels,
+        )]),
+    };
+    let allowed = v.egress.iter().map(|rule| NetworkPolicyEgressRule {
+        ports: (!rule.ports.is_empty()).then(|| rule.ports.iter().copied().map(tcp).collect()),
+        to: Some(vec![NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: rule.cidr.clone(),
+                except: (!rule.except.is_empty()).then(|| rule.except.clone()),
+            }),
+            ..NetworkPolicyPeer::default()
+        }]),
+    });
+    NetworkPolicy {
+        metadata: metadata(v, v.name.clone()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&v.name)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![peer(
+                    &settings.operator_namespace_labels,
+                    &settings.operator_pod_labels,
+                )]),
+                ports: Some(vec![tcp(OPENCODE_PORT), tcp(BRIDGE_PORT)]),
+            }]),
+            egress: Some([dns, callback_api].into_iter().chain(allowed).collect()),
+        }),
+    }
+}
+
+fn pod_disruption_budget(v: &ValidSidecar) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: metadata(v, v.name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&v.name)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// OpenCode's configuration, passed whole in `OPENCODE_CONFIG_CONTENT`. Each concern is one
+/// key of the map, so new ones (the MCP gateway) are one more insert.
+pub fn opencode_config(v: &ValidSidecar) -> Value {
+    let mut config = Map::new();
+    config.insert("model".into(), json!(v.model));
+    config.insert("small_model".into(), json!(v.small_model));
+    if let Some(provider) = provider_config(v) {
+        config.insert(
+            "provider".into(),
+            json!({ v.provider.id.clone(): provider }),
+        );
+    }
+    // Nobody answers OpenCode's questions in a pod: everything is allowed but asking.
+    config.insert(
+        "permission".into(),
+        json!({"*": "allow", "question": "deny"}),
+    );
+    config.insert("autoupdate".into(), json!(false));
+    config.insert("share".into(), json!("disabled"));
+    if !v.plugins.is_empty() {
+        config.insert("plugin".into(), json!(v.plugins));
+    }
+    Value::Object(config)
+}
+
+/// The provider entry: the API key by `{env:...}` substitution (OpenCode resolves it in
+/// `OPENCODE_CONFIG_CONTENT` too, so the key never appears in the pod spec) and, for an
+/// OpenAI-compatible endpoint, the adapter and the models used.
+fn provider_config(v: &ValidSidecar) -> Option<Value> {
+    let mut options = Map::new();
+    if v.provider.api_key.is_some() {
+        options.insert(
+            "apiKey".into(),
+            json!(format!("{{env:{PROVIDER_API_KEY_ENV}}}")),
+        );
+    }
+    let mut provider = Map::new();
+    if let Some(base_url) = &v.provider.base_url {
+        options.insert("baseURL".into(), json!(base_url));
+        provider.insert("npm".into(), json!("@ai-sdk/openai-compatible"));
+        let prefix = format!("{}/", v.provider.id);
+        let models: Map<String, Value> = [&v.model, &v.small_model]
+            .into_iter()
+            .filter_map(|model| model.strip_prefix(&prefix))
+            .map(|model| (model.to_owned(), json!({"tool_call": true})))
+            .collect();
+        provider.insert("models".into(), Value::Object(models));
+    }
+    if options.is_empty() && provider.is_empty() {
+        return None;
+    }
+    provider.insert("options".into(), Value::Object(options));
+    Some(Value::Object(provider))
+}
+
+/// A digest of what the pods read at start but the pod template does not show: the config
+/// and the Secret's values. It goes on the pod template, so any change rolls the pods.
+pub fn config_hash(config: &str, material: &SecretMaterial) -> String {
+    let mut hasher = Sha256::new();
+    for part in [config, &material.password, &material.callback_key] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn env_from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// `HOME` and the XDG directories, all on the data volume, so sessions, config OpenCode
+/// writes and caches survive a restart when the volume does.
+pub const STATE_DIRS: [(&str, &str); 5] = [
+    ("HOME", "/data/home"),
+    ("XDG_DATA_HOME", "/data/xdg/data"),
+    ("XDG_CONFIG_HOME", "/data/xdg/config"),
+    ("XDG_CACHE_HOME", "/data/xdg/cache"),
+    ("XDG_STATE_HOME", "/data/xdg/state"),
+];
+
+fn opencode_env(v: &ValidSidecar, config: &str) -> Vec<EnvVar> {
+    let secret = secret_name(&v.name);
+    let mut env_vars = vec![
+        env("OPENCODE_CONFIG_CONTENT", config),
+        env("OPENCODE_DISABLE_MODELS_FETCH", "1"),
+        env("OPENCODE_DISABLE_AUTOUPDATE", "1"),
+        env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1"),
+        env("OPENCODE_DISABLE_SHARE", "1"),
+        // Without it, a configured plugin stalls the first request about 71 s on npm retries.
+        env("npm_config_fetch_retries", "0"),
+        env_from_secret("OPENCODE_SERVER_PASSWORD", &secret, PASSWORD_KEY),
+    ];
+    env_vars.extend(STATE_DIRS.iter().map(|(name, path)| env(name, *path)));
+    if let Some(key) = &v.provider.api_key {
+        env_vars.push(env_from_secret(PROVIDER_API_KEY_ENV, &key.name, &key.key));
+    }
+    env_vars
+}
+
+fn bridge_env(v: &ValidSidecar, settings: &Settings) -> Vec<EnvVar> {
+    let secret = secret_name(&v.name);
+    vec![
+        env("OPENCODE_URL", format!("http://127.0.0.1:{OPENCODE_PORT}")),
+        env_from_secret("OPENCODE_SERVER_PASSWORD", &secret, PASSWORD_KEY),
+        env("NUBABEL_CALLBACK_URL", settings.callback_url.clone()),
+        env_from_secret("NUBABEL_CALLBACK_SIGNING_KEY", &secret, SIGNING_KEY),
+        env("NUBABEL_SIDECAR", format!("{}/{}", v.namespace, v.name)),
+        env(
+            "NUBABEL_ORGANIZATION_ID",
+            v.identity.organization_id().as_str(),
+        ),
+        env("NUBABEL_BRIDGE_ADDR", format!("0.0.0.0:{BRIDGE_PORT}")),
+        env_from_field("POD_NAME", "metadata.name"),
+        env_from_field("POD_IP", "status.podIP"),
+    ]
+}
+
+/// The restricted Pod Security profile, plus a read-only root filesystem.
+pub fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: None,
+        }),
+        privileged: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        ..VolumeMount::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn empty_dir(name: &str, size_limit: Option<&str>) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: size_limit.map(|s| Quantity(s.to_owned())),
+            medium: None,
+        }),
+        ..Volume::default()
+    }
+}
+
+fn containers(
+    v: &ValidSidecar,
+    settings: &Settings,
+    config: &str,
+) -> (Container, Container, Container) {
+    let mut directories = vec!["-p".to_owned(), WORKSPACE_DIR.to_owned()];
+    directories.extend(STATE_DIRS.iter().map(|(_, path)| (*path).to_owned()));
+    let prepare = Container {
+        name: PREPARE_CONTAINER.to_owned(),
+        image: Some(v.image.clone()),
+        // A fresh volume is empty: OpenCode needs its working directory and HOME to exist.
+        command: Some(
+            std::iter::once("mkdir".to_owned())
+                .chain(directories)
+                .collect(),
+        ),
+        volume_mounts: Some(vec![mount("data", DATA_MOUNT)]),
+        resources: Some(v.resources.prepare.clone()),
+        security_context: Some(restricted_security_context()),
+        ..Container::default()
+    };
+    let opencode = Container {
+        name: OPENCODE_CONTAINER.to_owned(),
+        image: Some(v.image.clone()),
+        command: Some(vec!["opencode".to_owned()]),
+        args: Some(
+            [
+                "serve",
+                "--port",
+                &OPENCODE_PORT.to_string(),
+                "--hostname",
+                "0.0.0.0",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ),
+        working_dir: Some(WORKSPACE_DIR.to_owned()),
+        ports: Some(vec![port("opencode", OPENCODE_PORT)]),
+        env: Some(opencode_env(v, config)),
+        volume_mounts: Some(vec![mount("data", DATA_MOUNT), mount("tmp", "/tmp")]),
+        resources: Some(v.resources.opencode.clone()),
+        security_context: Some(restricted_security_context()),
+        ..Container::default()
+    };
+    let bridge = Container {
+        name: BRIDGE_CONTAINER.to_owned(),
+        image: Some(settings.bridge_image.clone()),
+        ports: Some(vec![port("bridge", BRIDGE_PORT)]),
+        env: Some(bridge_env(v, settings)),
+        // The bridge is ready when OpenCode answers its health check and callbacks flow.
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".to_owned()),
+                port: IntOrString::Int(BRIDGE_PORT),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Probe::default()
+        }),
+        resources: Some(v.resources.bridge.clone()),
+        security_context: Some(restricted_security_context()),
+        ..Container::default()
+    };
+    (prepare, opencode, bridge)
+}
+
+fn stateful_set(
+    v: &ValidSidecar,
+    settings: &Settings,
+    config: &str,
+    config_hash: &str,
+) -> StatefulSet {
+    let (prepare, opencode, bridge) = containers(v, settings, config);
+    let mut volumes = vec![empty_dir("tmp", Some("1Gi"))];
+    let claims = match &v.storage {
+        Some(storage) => Some(vec![PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("data".to_owned()),
+                labels: Some(labels(v)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                storage_class_name: storage.storage_class_name.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some([("storage".to_owned(), storage.size.clone())].into()),
+                    limits: None,
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        }]),
+        None => {
+            volumes.insert(0, empty_dir("data", None));
+            None
+        }
+    };
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(v)),
+            annotations: Some([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())].into()),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(secret_name(&v.name)),
+            automount_service_account_token: Some(false),
+            // Service links would add a dozen env vars per Service in the namespace.
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                fs_group_change_policy: Some("OnRootMismatch".to_owned()),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    localhost_profile: None,
+                }),
+                ..PodSecurityContext::default()
+            }),
+            init_containers: Some(vec![prepare]),
+            containers: vec![opencode, bridge],
+            volumes: Some(volumes),
+            node_selector: (!v.node_selector.is_empty()).then(|| v.node_selector.clone()),
+            tolerations: (!v.tolerations.is_empty()).then(|| v.tolerations.clone()),
+            priority_class_name: v.priority_class_name.clone(),
+            // OpenCode exits about 2 s after SIGTERM.
+            termination_grace_period_seconds: Some(30),
+            ..PodSpec::default()
+        }),
+    };
+    StatefulSet {
+        metadata: metadata(v, v.name.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(v.replicas),
+            service_name: Some(v.name.clone()),
+            pod_management_policy: Some("Parallel".to_owned()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&v.name)),
+                ..LabelSelector::default()
+            },
+            template,
+            volume_claim_templates: claims,
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// All containers of a pod spec, init containers first.
+pub fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::sidecar::test_support::{material, settings, valid_sidecar};
+
+    fn built(spec: serde_json::Value) -> Children {
+        build(&valid_sidecar(spec), &settings(), &material(), true)
+    }
+
+    fn minimal() -> Children {
+        built(json!({"organizationId": "org-a", "model": "anthropic/claude-sonnet-4-5"}))
+    }
+
+    fn pod_spec(children: &Children) -> &PodSpec {
+        children
+            .stateful_set
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .unwrap()
+    }
+
+    fn container<'a>(children: &'a Children, name: &str) -> &'a Container {
+        all_containers(pod_spec(children))
+            .find(|c| c.name == name)
+            .unwrap()
+    }
+
+    fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a EnvVar> {
+        container.env.iter().flatten().find(|e| e.name == name)
+    }
+
+    #[test]
+    fn every_child_is_owned_by_the_sidecar_and_labelled() {
+        let c = minimal();
+        let metas = [
+            &c.service_account.metadata,
+            &c.secret.metadata,
+            &c.service.metadata,
+            &c.network_policy.metadata,
+            &c.stateful_set.metadata,
+            &c.pod_disruption_budget.as_ref().unwrap().metadata,
+        ];
+        for meta in metas {
+            let owners = meta.owner_references.as_ref().unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "OpencodeSidecar");
+            assert_eq!(owners[0].controller, Some(true));
+            let labels = meta.labels.as_ref().unwrap();
+            assert_eq!(labels["app.kubernetes.io/name"], "opencode-sidecar");
+            assert_eq!(labels["app.kubernetes.io/instance"], "tenant-a");
+            assert_eq!(labels["app.kubernetes.io/managed-by"], "nubabel-operator");
+            assert_eq!(labels["nubabel.io/organization"], "org-a");
+            assert_eq!(meta.namespace.as_deref(), Some("team-a"));
+        }
+    }
+
+    #[test]
+    fn the_selector_leaves_out_the_organization() {
+        let c = minimal();
+        let spec = c.stateful_set.spec.as_ref().unwrap();
+        let selector = spec.selector.match_labels.as_ref().unwrap();
+        assert!(!selector.contains_key(ORGANIZATION_LABEL));
+        assert_eq!(selector, &selector_labels("tenant-a"));
+        assert_eq!(
+            selector_string("tenant-a"),
+            "app.kubernetes.io/instance=tenant-a,app.kubernetes.io/name=opencode-sidecar"
+        );
+        assert_eq!(instance_of(selector), Some("tenant-a"));
+    }
+
+    #[test]
+    fn the_statefulset_runs_opencode_and_the_bridge_in_parallel() {
+        let c = minimal();
+        let spec = c.stateful_set.spec.as_ref().unwrap();
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(spec.service_name.as_deref(), Some("tenant-a"));
+        assert_eq!(spec.replicas, Some(1));
+        let names: Vec<_> = pod_spec(&c)
+            .containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["opencode", "bridge"]);
+        let opencode = container(&c, "opencode");
+        assert_eq!(
+            opencode.args.as_ref().unwrap().join(" "),
+            "serve --port 4096 --hostname 0.0.0.0"
+        );
+        assert_eq!(opencode.working_dir.as_deref(), Some(WORKSPACE_DIR));
+        assert_eq!(opencode.image.as_deref(), Some("example.org/opencode:test"));
+        assert_eq!(
+            container(&c, "bridge").image.as_deref(),
+            Some("example.org/bridge:test")
+        );
+    }
+
+    #[test]
+    fn every_container_has_requests_and_limits() {
+        let c = minimal();
+        for container in all_containers(pod_spec(&c)) {
+            let resources = container.resources.as_ref().unwrap();
+            for resource in ["cpu", "memory"] {
+                assert!(
+                    resources.requests.as_ref().unwrap().contains_key(resource),
+                    "{} has no {resource} request",
+                    container.name
+                );
+                assert!(
+                    resources.limits.as_ref().unwrap().contains_key(resource),
+                    "{} has no {resource} limit",
+                    container.name
+                );
+            }
+        }
+        let opencode = container(&c, "opencode").resources.as_ref().unwrap();
+        assert_eq!(opencode.limits.as_ref().unwrap()["memory"].0, "1536Mi");
+    }
+
+    #[test]
+    fn every_container_meets_the_restricted_pod_security_profile() {
+        let c = minimal();
+        let pod = pod_spec(&c);
+        let pod_security = pod.security_context.as_ref().unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(
+            pod_security.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        for container in all_containers(pod) {
+            let sc = container.security_context.as_ref().unwrap();
+            assert_eq!(
+                sc.allow_privilege_escalation,
+                Some(false),
+                "{}",
+                container.name
+            );
+            assert_eq!(sc.run_as_non_root, Some(true));
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_owned()][..])
+            );
+            assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        }
+        assert_eq!(
+            c.service_account.automount_service_account_token,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn opencode_is_configured_by_env_with_its_state_on_the_data_volume() {
+        let c = minimal();
+        let opencode = container(&c, "opencode");
+        for (name, value) in [
+            ("OPENCODE_DISABLE_MODELS_FETCH", "1"),
+            ("OPENCODE_DISABLE_AUTOUPDATE", "1"),
+            ("OPENCODE_DISABLE_LSP_DOWNLOAD", "1"),
+            ("OPENCODE_DISABLE_SHARE", "1"),
+            ("npm_config_fetch_retries", "0"),
+            ("HOME", "/data/home"),
+            ("XDG_DATA_HOME", "/data/xdg/data"),
+            ("XDG_CONFIG_HOME", "/data/xdg/config"),
+            ("XDG_CACHE_HOME", "/data/xdg/cache"),
+            ("XDG_STATE_HOME", "/data/xdg/state"),
+        ] {
+            assert_eq!(
+                env_value(opencode, name).and_then(|e| e.value.as_deref()),
+                Some(value),
+                "{name}"
+            );
+        }
+        let password = env_value(opencode, "OPENCODE_SERVER_PASSWORD").unwrap();
+        let reference = password
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!(reference.name, "tenant-a-sidecar");
+        assert_eq!(reference.key, PASSWORD_KEY);
+        assert!(password.value.is_none());
+        let mounts: Vec<_> = opencode
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(mounts, [("data", "/data"), ("tmp", "/tmp")]);
+
+        let config: Value = serde_json::from_str(
+            env_value(opencode, "OPENCODE_CONFIG_CONTENT")
+                .and_then(|e| e.value.as_deref())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config,
+            opencode_config(&valid_sidecar(json!({
+                "organizationId": "org-a", "model": "anthropic/claude-sonnet-4-5"
+            })))
+        );
+    }
+
+    #[test]
+    fn the_opencode_config_denies_questions_and_turns_off_updates_and_sharing() {
+        let config = opencode_config(&valid_sidecar(json!({
+            "organizationId": "o", "model": "anthropic/claude-sonnet-4-5",
+            "smallModel": "anthropic/claude-haiku-4-5", "plugins": ["oh-my-opencode"]
+        })));
+        assert_eq!(
+            config,
+            json!({
+                "model": "anthropic/claude-sonnet-4-5",
+                "small_model": "anthropic/claude-haiku-4-5",
+                "permission": {"*": "allow", "question": "deny"},
+                "autoupdate": false,
+                "share": "disabled",
+                "plugin": ["file:///opt/opencode/plugins/node_modules/oh-my-opencode"]
+            })
+        );
+    }
+
+    #[test]
+    fn an_openai_compatible_provider_gets_the_adapter_its_models_and_the_key_by_env() {
+        let v = valid_sidecar(json!({
+            "organizationId": "o", "model": "llm/big", "smallModel": "llm/small",
+            "provider": {"baseURL": "http://llm.internal/v1", "apiKeySecretRef": {"name": "llm", "key": "api-key"}}
+        }));
+        let config = opencode_config(&v);
+        assert_eq!(
+            config["provider"],
+            json!({"llm": {
+                "npm": "@ai-sdk/openai-compatible",
+                "models": {"big": {"tool_call": true}, "small": {"tool_call": true}},
+                "options": {"baseURL": "http://llm.internal/v1", "apiKey": "{env:NUBABEL_PROVIDER_API_KEY}"}
+            }})
+        );
+        let c = build(&v, &settings(), &material(), false);
+        let key = env_value(container(&c, "opencode"), PROVIDER_API_KEY_ENV).unwrap();
+        let reference = key
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!(
+            (reference.name.as_str(), reference.key.as_str()),
+            ("llm", "api-key")
+        );
+    }
+
+    #[test]
+    fn the_bridge_knows_its_sidecar_callback_url_and_pod_identity() {
+        let c = minimal();
+        let bridge = container(&c, "bridge");
+        let value = |name| env_value(bridge, name).and_then(|e| e.value.clone());
+        assert_eq!(
+            value("OPENCODE_URL").as_deref(),
+            Some("http://127.0.0.1:4096")
+        );
+        assert_eq!(value("NUBABEL_SIDECAR").as_deref(), Some("team-a/tenant-a"));
+        assert_eq!(value("NUBABEL_ORGANIZATION_ID").as_deref(), Some("org-a"));
+        assert_eq!(
+            value("NUBABEL_CALLBACK_URL").as_deref(),
+            Some("http://callback.test:8080")
+        );
+        let field = |name| {
+            env_value(bridge, name)
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|f| f.field_ref.as_ref())
+                .map(|f| f.field_path.clone())
+        };
+        assert_eq!(field("POD_NAME").as_deref(), Some("metadata.name"));
+        assert_eq!(field("POD_IP").as_deref(), Some("status.podIP"));
+        let key = env_value(bridge, "NUBABEL_CALLBACK_SIGNING_KEY")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!(key.key, SIGNING_KEY);
+        let probe = bridge
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
+        assert_eq!(probe.port, IntOrString::Int(BRIDGE_PORT));
+    }
+
+    #[test]
+    fn without_storage_the_data_volume_is_an_empty_dir() {
+        let c = minimal();
+        let spec = c.stateful_set.spec.as_ref().unwrap();
+        assert!(spec.volume_claim_templates.is_none());
+        let data = pod_spec(&c)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert!(data.empty_dir.is_some());
+    }
+
+    #[test]
+    fn storage_becomes_a_claim_template_named_like_the_data_volume() {
+        let c = built(json!({
+            "organizationId": "o", "model": "a/b",
+            "storage": {"size": "10Gi", "storageClassName": "fast"}
+        }));
+        let spec = c.stateful_set.spec.as_ref().unwrap();
+        let claims = spec.volume_claim_templates.as_ref().unwrap();
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
+        let claim = claims[0].spec.as_ref().unwrap();
+        assert_eq!(claim.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            claim.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+            "10Gi"
+        );
+        assert!(
+            !pod_spec(&c)
+                .volumes
+                .iter()
+                .flatten()
+                .any(|v| v.name == "data")
+        );
+    }
+
+    #[test]
+    fn the_secret_holds_the_password_the_key_and_the_organization() {
+        let c = minimal();
+        let data = c.secret.data.as_ref().unwrap();
+        assert_eq!(data[PASSWORD_KEY].0, b"opencode-password-1");
+        assert_eq!(data[SIGNING_KEY].0, material().callback_key.as_bytes());
+        assert_eq!(
+            c.secret.metadata.annotations.as_ref().unwrap()[ORGANIZATION_ANNOTATION],
+            "org-a"
+        );
+    }
+
+    #[test]
+    fn the_network_policy_admits_only_the_operator_and_allows_dns_callbacks_and_spec_egress() {
+        let c = built(json!({
+            "organizationId": "o", "model": "a/b",
+            "egress": [{"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"], "ports": [443]}]
+        }));
+        let spec = c.network_policy.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
+        );
+        let ingress = spec.ingress.as_ref().unwrap();
+        assert_eq!(ingress.len(), 1);
+        let from = &ingress[0].from.as_ref().unwrap()[0];
+        assert_eq!(
+            from.pod_selector.as_ref().unwrap().match_labels,
+            Some(settings().operator_pod_labels)
+        );
+        assert_eq!(
+            from.namespace_selector.as_ref().unwrap().match_labels,
+            Some(settings().operator_namespace_labels)
+        );
+        let egress = spec.egress.as_ref().unwrap();
+        assert_eq!(egress.len(), 3);
+        assert!(egress[0].to.is_none());
+        assert_eq!(egress[0].ports.as_ref().unwrap().len(), 2);
+        assert_eq!(
+            egress[1].to.as_ref().unwrap()[0]
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels,
+            Some(settings().callback_api_pod_labels)
+        );
+        let block = egress[2].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap();
+        assert_eq!(block.cidr, "0.0.0.0/0");
+        assert_eq!(
+            block.except.as_deref(),
+            Some(&["169.254.169.254/32".to_owned()][..])
+        );
+        assert_eq!(
+            egress[2].ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(443))
+        );
+    }
+
+    #[test]
+    fn the_pod_disruption_budget_is_left_out_where_policy_v1_is_not_served() {
+        let c = build(
+            &valid_sidecar(json!({"organizationId": "o", "model": "a/b"})),
+            &settings(),
+            &material(),
+            false,
+        );
+        assert!(c.pod_disruption_budget.is_none());
+        let with = minimal();
+        let pdb = with.pod_disruption_budget.unwrap().spec.unwrap();
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn a_config_change_changes_the_pod_template_hash_and_a_replica_change_does_not() {
+        let hash = |spec| {
+            built(spec)
+                .stateful_set
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let base = hash(json!({"organizationId": "o", "model": "a/b"}));
+        assert_eq!(base.len(), 32);
+        assert_ne!(base, hash(json!({"organizationId": "o", "model": "a/c"})));
+        assert_eq!(
+            base,
+            hash(json!({"organizationId": "o", "model": "a/b", "replicas": 3}))
+        );
+        let rotated = SecretMaterial {
+            password: "other".to_owned(),
+            ..material()
+        };
+        assert_ne!(config_hash("{}", &material()), config_hash("{}", &rotated));
+    }
+
+    #[test]
+    fn placement_comes_from_the_spec() {
+        let c = built(json!({
+            "organizationId": "o", "model": "a/b",
+            "nodeSelector": {"pool": "agents"},
+            "tolerations": [{"key": "agents", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "low"
+        }));
+        let pod = pod_spec(&c);
+        assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "agents");
+        assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("low"));
+    }
+}

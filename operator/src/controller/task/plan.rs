@@ -1,0 +1,733 @@
+//! The DelegatedTask state machine, pure: from what the reconciler observed (the task, its
+//! sidecar fleet, the pods' load, the session mapping, the clock) to the one next step.
+//!
+//! Everything that talks to the API server, Postgres or OpenCode happens in the driver; this
+//! module only decides, so every transition is a unit test.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+
+/// Sessions one pod works on at once when the sidecar does not say.
+pub const DEFAULT_MAX_SESSIONS_PER_POD: i32 = 4;
+
+/// How often a running task is checked even without a watch event (the callback API's
+/// progress writes normally wake it much sooner).
+pub const RUNNING_RECHECK: Duration = Duration::from_secs(5);
+
+/// How often a queued task looks for capacity again (pod and task changes also wake it).
+pub const QUEUED_RECHECK: Duration = Duration::from_secs(10);
+
+/// Reasons of the conditions and events of a task.
+pub mod reasons {
+    /// The task names a sidecar that does not exist, or no sidecar serves its organization.
+    pub const SIDECAR_NOT_FOUND: &str = "SidecarNotFound";
+    /// The named sidecar serves another organization.
+    pub const ORGANIZATION_MISMATCH: &str = "OrganizationMismatch";
+    /// Several sidecars serve the organization and the task names none.
+    pub const AMBIGUOUS_SIDECAR: &str = "AmbiguousSidecar";
+    /// No ready pod has a free session slot.
+    pub const NO_CAPACITY: &str = "NoCapacity";
+    /// An older task of the same fleet waits for capacity first.
+    pub const WAITING_FOR_OLDER_TASKS: &str = "WaitingForOlderTasks";
+    /// Another task of the same session is still running.
+    pub const SESSION_BUSY: &str = "SessionBusy";
+    /// The prompt is being sent.
+    pub const DISPATCHING: &str = "Dispatching";
+    /// OpenCode accepted the prompt.
+    pub const PROMPT_ACCEPTED: &str = "PromptAccepted";
+    /// The agent finished.
+    pub const COMPLETED: &str = "Completed";
+    /// The task ran past `timeoutSeconds`.
+    pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+    /// The task waited for capacity past `pendingTimeoutSeconds`.
+    pub const PENDING_DEADLINE_EXCEEDED: &str = "PendingDeadlineExceeded";
+    /// `spec.cancel` was set.
+    pub const CANCELLED: &str = "Cancelled";
+    /// The pod that ran the task is gone, and with it the turn.
+    pub const SIDECAR_POD_LOST: &str = "SidecarPodLost";
+}
+
+/// A pod of the task's fleet as the planner sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodLoad {
+    /// The pod's name.
+    pub name: String,
+    /// Whether it is ready to take work.
+    pub ready: bool,
+    /// Tasks it is running now.
+    pub running_tasks: i32,
+}
+
+/// Where a Nubabel session lives, from the data layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionLocation {
+    /// The OpenCode session id.
+    pub opencode_session_id: String,
+    /// The pod that holds it.
+    pub pod: String,
+}
+
+/// How the fleet was resolved for the task.
+#[derive(Clone, Copy, Debug)]
+pub enum Resolved<'a> {
+    /// The sidecar the task runs on.
+    Sidecar(&'a OpencodeSidecar),
+    /// The task names no existing sidecar and none serves its organization.
+    NotFound,
+    /// Several sidecars serve the organization; the task must name one.
+    Ambiguous,
+}
+
+/// Everything the planner looks at.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    /// The task.
+    pub task: &'a DelegatedTask,
+    /// Its fleet.
+    pub sidecar: Resolved<'a>,
+    /// The fleet's pods with their load.
+    pub pods: &'a [PodLoad],
+    /// Where the task's session lives, when it has lived anywhere.
+    pub session: Option<&'a SessionLocation>,
+    /// Whether an older unfinished task of the same fleet waits for capacity (first come,
+    /// first served per tenant).
+    pub older_task_waiting: bool,
+    /// Whether another task of the same session is running.
+    pub session_busy: bool,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// Where a task's prompt goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Continue an existing OpenCode session on the pod that holds it.
+    Existing(SessionLocation),
+    /// Start a new OpenCode session on this pod.
+    NewSession {
+        /// The pod.
+        pod: String,
+    },
+}
+
+/// The next step for a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do; look again after the delay (`None`: only when something changes).
+    Wait(Option<Duration>),
+    /// Wait for capacity, in phase Queued.
+    Queue {
+        /// Why.
+        reason: &'static str,
+        /// In words.
+        message: String,
+    },
+    /// Send the prompt (or finish sending it after an interruption).
+    Dispatch(Target),
+    /// The prompt was sent: see what OpenCode says.
+    Check,
+    /// Stop the running agent, then end in `phase`.
+    Abort {
+        /// The phase to end in.
+        phase: TaskPhase,
+        /// Why.
+        reason: &'static str,
+        /// In words.
+        message: String,
+    },
+    /// End now, with nothing to abort.
+    Finish {
+        /// The phase to end in.
+        phase: TaskPhase,
+        /// Why.
+        reason: &'static str,
+        /// In words.
+        message: String,
+    },
+    /// The task finished long enough ago: delete it.
+    Delete,
+}
+
+fn phase_of(task: &DelegatedTask) -> TaskPhase {
+    task.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .unwrap_or(TaskPhase::Pending)
+}
+
+/// Whether the prompt may already be with OpenCode: a session and pod were chosen, so a
+/// prompt may have been sent even if the reconciler stopped before recording it.
+pub fn prompt_may_be_sent(task: &DelegatedTask) -> bool {
+    task.status.as_ref().is_some_and(|s| {
+        s.dispatch_time.is_some() || (s.opencode_session_id.is_some() && s.sidecar_pod.is_some())
+    })
+}
+
+fn seconds_since(
+    then: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    now: Timestamp,
+) -> i64 {
+    now.as_second() - then.0.as_second()
+}
+
+/// Decides the next step.
+pub fn plan(observed: &Observed<'_>) -> Step {
+    let task = observed.task;
+    let status = task.status.clone().unwrap_or_default();
+    let phase = phase_of(task);
+    let now = observed.now;
+
+    if phase.is_finished() {
+        return match (
+            task.spec.ttl_seconds_after_finished,
+            &status.completion_time,
+        ) {
+            (Some(ttl), Some(done)) => {
+                let left = ttl - seconds_since(done, now);
+                if left <= 0 {
+                    Step::Delete
+                } else {
+                    Step::Wait(Some(Duration::from_secs(left.unsigned_abs())))
+                }
+            }
+            _ => Step::Wait(None),
+        };
+    }
+
+    let sent = prompt_may_be_sent(task);
+    if task.spec.cancel {
+        let message = "spec.cancel was set".to_owned();
+        return if sent {
+            Step::Abort {
+                phase: TaskPhase::Cancelled,
+                reason: reasons::CANCELLED,
+                message,
+            }
+        } else {
+            Step::Finish {
+                phase: TaskPhase::Cancelled,
+                reason: reasons::CANCELLED,
+                message,
+            }
+        };
+    }
+
+    if let Some(dispatched) = &status.dispatch_time {
+        let elapsed = seconds_since(dispatched, now);
+        let left = task.spec.timeout_seconds - elapsed;
+        if left <= 0 {
+            return Step::Abort {
+                phase: TaskPhase::TimedOut,
+                reason: reasons::DEADLINE_EXCEEDED,
+                message: format!(
+                    "the task ran longer than its timeoutSeconds ({} s)",
+                    task.spec.timeout_seconds
+                ),
+            };
+        }
+        let pod_alive = status
+            .sidecar_pod
+            .as_ref()
+            .is_some_and(|pod| observed.pods.iter().any(|p| &p.name == pod));
+        if !pod_alive {
+            return Step::Finish {
+                phase: TaskPhase::Failed,
+                reason: reasons::SIDECAR_POD_LOST,
+                message: format!(
+                    "sidecar pod {} is gone; the turn was lost with it",
+                    status.sidecar_pod.as_deref().unwrap_or("?")
+                ),
+            };
+        }
+        return Step::Check;
+    }
+
+    // Not dispatched yet (or interrupted while dispatching).
+    let sidecar = match observed.sidecar {
+        Resolved::Sidecar(sidecar) => sidecar,
+        Resolved::NotFound => {
+            let message = match &task.spec.sidecar_ref {
+                Some(r) => format!(
+                    "OpencodeSidecar {} does not exist in this namespace",
+                    r.name
+                ),
+                None => format!(
+                    "no OpencodeSidecar in this namespace serves organization {}",
+                    task.spec.organization_id
+                ),
+            };
+            return Step::Finish {
+                phase: TaskPhase::Failed,
+                reason: reasons::SIDECAR_NOT_FOUND,
+                message,
+            };
+        }
+        Resolved::Ambiguous => {
+            return Step::Finish {
+                phase: TaskPhase::Failed,
+                reason: reasons::AMBIGUOUS_SIDECAR,
+                message: format!(
+                    "several OpencodeSidecars serve organization {}; set spec.sidecarRef",
+                    task.spec.organization_id
+                ),
+            };
+        }
+    };
+    if sidecar.spec.organization_id != task.spec.organization_id {
+        return Step::Finish {
+            phase: TaskPhase::Failed,
+            reason: reasons::ORGANIZATION_MISMATCH,
+            message: format!(
+                "OpencodeSidecar serves organization {}, the task belongs to {}",
+                sidecar.spec.organization_id, task.spec.organization_id
+            ),
+        };
+    }
+
+    if sent {
+        // Interrupted between choosing a session and recording the dispatch: finish it on the
+        // same session and pod, where the prompt may already be.
+        if let (Some(session), Some(pod)) = (&status.opencode_session_id, &status.sidecar_pod) {
+            return Step::Dispatch(Target::Existing(SessionLocation {
+                opencode_session_id: session.clone(),
+                pod: pod.clone(),
+            }));
+        }
+    }
+
+    if let Some(pending_timeout) = task.spec.pending_timeout_seconds {
+        let created = task.metadata.creation_timestamp.as_ref();
+        if created.is_some_and(|c| seconds_since(c, now) >= pending_timeout) {
+            return Step::Finish {
+                phase: TaskPhase::TimedOut,
+                reason: reasons::PENDING_DEADLINE_EXCEEDED,
+                message: format!("no capacity within pendingTimeoutSeconds ({pending_timeout} s)"),
+            };
+        }
+    }
+
+    if observed.session_busy {
+        return Step::Queue {
+            reason: reasons::SESSION_BUSY,
+            message: "another task of this session is still running".to_owned(),
+        };
+    }
+    if observed.older_task_waiting {
+        return Step::Queue {
+            reason: reasons::WAITING_FOR_OLDER_TASKS,
+            message: "older tasks of this organization wait for capacity first".to_owned(),
+        };
+    }
+
+    // Continuity: the session's own pod, when it still serves.
+    if let Some(location) = observed.session
+        && observed
+            .pods
+            .iter()
+            .any(|p| p.name == location.pod && p.ready)
+    {
+        return Step::Dispatch(Target::Existing(location.clone()));
+    }
+
+    let capacity = sidecar
+        .spec
+        .max_sessions_per_pod
+        .unwrap_or(DEFAULT_MAX_SESSIONS_PER_POD);
+    let least_loaded = observed
+        .pods
+        .iter()
+        .filter(|p| p.ready && p.running_tasks < capacity)
+        .min_by(|a, b| {
+            a.running_tasks
+                .cmp(&b.running_tasks)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+    match least_loaded {
+        Some(pod) => Step::Dispatch(Target::NewSession {
+            pod: pod.name.clone(),
+        }),
+        None => {
+            let ready = observed.pods.iter().filter(|p| p.ready).count();
+            Step::Queue {
+                reason: reasons::NO_CAPACITY,
+                message: format!(
+                    "{ready} ready pod(s), each running {capacity} task(s) at most, none free"
+                ),
+            }
+        }
+    }
+}
+
+/// When a task in `step` should be looked at again at the latest.
+pub fn requeue_after(task: &DelegatedTask, step: &Step, now: Timestamp) -> Option<Duration> {
+    match step {
+        Step::Wait(delay) => *delay,
+        Step::Queue { .. } => {
+            let pending_left = task.spec.pending_timeout_seconds.and_then(|limit| {
+                let created = task.metadata.creation_timestamp.as_ref()?;
+                Some(Duration::from_secs(
+                    (limit - seconds_since(created, now)).max(1).unsigned_abs(),
+                ))
+            });
+            Some(pending_left.map_or(QUEUED_RECHECK, |left| left.min(QUEUED_RECHECK)))
+        }
+        Step::Check | Step::Dispatch(_) => {
+            let deadline_left = task
+                .status
+                .as_ref()
+                .and_then(|s| s.dispatch_time.as_ref())
+                .map(|d| {
+                    Duration::from_secs(
+                        (task.spec.timeout_seconds - seconds_since(d, now))
+                            .max(1)
+                            .unsigned_abs(),
+                    )
+                });
+            Some(deadline_left.map_or(RUNNING_RECHECK, |left| left.min(RUNNING_RECHECK)))
+        }
+        Step::Abort { .. } | Step::Finish { .. } | Step::Delete => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use nubabel_crds::v1alpha1::{
+        DelegatedTaskSpec, DelegatedTaskStatus, OpencodeSidecarSpec, SidecarRef,
+    };
+
+    use super::*;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + second).unwrap()
+    }
+
+    fn time(second: i64) -> Time {
+        Time(at(second))
+    }
+
+    fn task() -> DelegatedTask {
+        let mut task = DelegatedTask::new(
+            "t",
+            serde_json::from_value::<DelegatedTaskSpec>(serde_json::json!({
+                "organizationId": "org-a",
+                "prompt": "hi",
+                "sessionId": "s-1",
+                "sidecarRef": {"name": "fleet"}
+            }))
+            .unwrap(),
+        );
+        task.metadata.creation_timestamp = Some(time(0));
+        task
+    }
+
+    fn sidecar(org: &str) -> OpencodeSidecar {
+        OpencodeSidecar::new(
+            "fleet",
+            serde_json::from_value::<OpencodeSidecarSpec>(serde_json::json!({
+                "organizationId": org,
+                "model": "fake/fake-model",
+                "maxSessionsPerPod": 2
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod(name: &str, ready: bool, running: i32) -> PodLoad {
+        PodLoad {
+            name: name.to_owned(),
+            ready,
+            running_tasks: running,
+        }
+    }
+
+    fn observe<'a>(
+        task: &'a DelegatedTask,
+        sidecar: &'a OpencodeSidecar,
+        pods: &'a [PodLoad],
+    ) -> Observed<'a> {
+        Observed {
+            task,
+            sidecar: Resolved::Sidecar(sidecar),
+            pods,
+            session: None,
+            older_task_waiting: false,
+            session_busy: false,
+            now: at(10),
+        }
+    }
+
+    fn running(mut task: DelegatedTask, dispatched: i64) -> DelegatedTask {
+        task.status = Some(DelegatedTaskStatus {
+            phase: Some(TaskPhase::Running),
+            sidecar_pod: Some("fleet-0".to_owned()),
+            opencode_session_id: Some("ses_1".to_owned()),
+            dispatch_time: Some(time(dispatched)),
+            ..DelegatedTaskStatus::default()
+        });
+        task
+    }
+
+    #[test]
+    fn a_new_task_goes_to_the_least_loaded_ready_pod() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let pods = [
+            pod("fleet-0", true, 1),
+            pod("fleet-1", true, 0),
+            pod("fleet-2", false, 0),
+        ];
+        assert_eq!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Dispatch(Target::NewSession {
+                pod: "fleet-1".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn a_task_with_a_known_session_reuses_the_same_opencode_session_and_pod() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let pods = [pod("fleet-0", true, 1), pod("fleet-1", true, 0)];
+        let location = SessionLocation {
+            opencode_session_id: "ses_1".to_owned(),
+            pod: "fleet-0".to_owned(),
+        };
+        let observed = Observed {
+            session: Some(&location),
+            ..observe(&task, &fleet, &pods)
+        };
+        assert_eq!(
+            plan(&observed),
+            Step::Dispatch(Target::Existing(location.clone()))
+        );
+    }
+
+    #[test]
+    fn a_known_session_on_a_pod_that_is_gone_starts_anew_elsewhere() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let pods = [pod("fleet-1", true, 0)];
+        let location = SessionLocation {
+            opencode_session_id: "ses_1".to_owned(),
+            pod: "fleet-0".to_owned(),
+        };
+        let observed = Observed {
+            session: Some(&location),
+            ..observe(&task, &fleet, &pods)
+        };
+        assert_eq!(
+            plan(&observed),
+            Step::Dispatch(Target::NewSession {
+                pod: "fleet-1".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn a_full_fleet_queues_the_task() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let pods = [pod("fleet-0", true, 2), pod("fleet-1", false, 0)];
+        assert!(matches!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Queue {
+                reason: reasons::NO_CAPACITY,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_younger_task_waits_behind_an_older_queued_one() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let pods = [pod("fleet-0", true, 0)];
+        let observed = Observed {
+            older_task_waiting: true,
+            ..observe(&task, &fleet, &pods)
+        };
+        assert!(matches!(
+            plan(&observed),
+            Step::Queue {
+                reason: reasons::WAITING_FOR_OLDER_TASKS,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_second_turn_waits_while_the_first_turn_of_its_session_runs() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let pods = [pod("fleet-0", true, 0)];
+        let observed = Observed {
+            session_busy: true,
+            ..observe(&task, &fleet, &pods)
+        };
+        assert!(matches!(
+            plan(&observed),
+            Step::Queue {
+                reason: reasons::SESSION_BUSY,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_task_for_another_organizations_sidecar_fails() {
+        let (task, fleet) = (task(), sidecar("org-b"));
+        let pods = [pod("fleet-0", true, 0)];
+        assert!(matches!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Finish {
+                phase: TaskPhase::Failed,
+                reason: reasons::ORGANIZATION_MISMATCH,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_task_without_a_sidecar_fails_naming_it() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let observed = Observed {
+            sidecar: Resolved::NotFound,
+            ..observe(&task, &fleet, &[])
+        };
+        match plan(&observed) {
+            Step::Finish {
+                phase: TaskPhase::Failed,
+                reason,
+                message,
+            } => {
+                assert_eq!(reason, reasons::SIDECAR_NOT_FOUND);
+                assert!(message.contains("fleet"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_running_task_past_its_deadline_is_aborted_as_timed_out() {
+        let mut task = running(task(), 0);
+        task.spec.timeout_seconds = 5;
+        let fleet = sidecar("org-a");
+        let pods = [pod("fleet-0", true, 1)];
+        assert!(matches!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Abort {
+                phase: TaskPhase::TimedOut,
+                reason: reasons::DEADLINE_EXCEEDED,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_running_task_within_its_deadline_is_checked_again_before_the_deadline() {
+        let mut task = running(task(), 8);
+        task.spec.timeout_seconds = 4;
+        let fleet = sidecar("org-a");
+        let pods = [pod("fleet-0", true, 1)];
+        let step = plan(&observe(&task, &fleet, &pods));
+        assert_eq!(step, Step::Check);
+        assert_eq!(
+            requeue_after(&task, &step, at(10)),
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn cancelling_a_running_task_aborts_it_and_a_queued_one_just_ends() {
+        let fleet = sidecar("org-a");
+        let pods = [pod("fleet-0", true, 1)];
+        let mut task_running = running(task(), 5);
+        task_running.spec.cancel = true;
+        assert!(matches!(
+            plan(&observe(&task_running, &fleet, &pods)),
+            Step::Abort {
+                phase: TaskPhase::Cancelled,
+                ..
+            }
+        ));
+        let mut queued = task();
+        queued.spec.cancel = true;
+        assert!(matches!(
+            plan(&observe(&queued, &fleet, &pods)),
+            Step::Finish {
+                phase: TaskPhase::Cancelled,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_running_task_whose_pod_disappeared_fails_saying_so() {
+        let task = running(task(), 5);
+        let fleet = sidecar("org-a");
+        let pods = [pod("fleet-1", true, 0)];
+        assert!(matches!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Finish {
+                phase: TaskPhase::Failed,
+                reason: reasons::SIDECAR_POD_LOST,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_interrupted_dispatch_resumes_on_the_recorded_session_never_a_new_one() {
+        let mut task = task();
+        task.status = Some(DelegatedTaskStatus {
+            sidecar_pod: Some("fleet-0".to_owned()),
+            opencode_session_id: Some("ses_9".to_owned()),
+            ..DelegatedTaskStatus::default()
+        });
+        let fleet = sidecar("org-a");
+        let pods = [pod("fleet-0", true, 2), pod("fleet-1", true, 0)];
+        assert_eq!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Dispatch(Target::Existing(SessionLocation {
+                opencode_session_id: "ses_9".to_owned(),
+                pod: "fleet-0".to_owned()
+            }))
+        );
+    }
+
+    #[test]
+    fn a_finished_task_is_deleted_after_its_ttl() {
+        let mut task = task();
+        task.spec.ttl_seconds_after_finished = Some(30);
+        task.status = Some(DelegatedTaskStatus {
+            phase: Some(TaskPhase::Succeeded),
+            completion_time: Some(time(0)),
+            ..DelegatedTaskStatus::default()
+        });
+        let fleet = sidecar("org-a");
+        let step = plan(&observe(&task, &fleet, &[]));
+        assert_eq!(step, Step::Wait(Some(Duration::from_secs(20))));
+        let later = Observed {
+            now: at(31),
+            ..observe(&task, &fleet, &[])
+        };
+        assert_eq!(plan(&later), Step::Delete);
+    }
+
+    #[test]
+    fn a_queued_task_times_out_after_its_pending_timeout() {
+        let mut task = task();
+        task.spec.pending_timeout_seconds = Some(10);
+        task.spec.sidecar_ref = Some(SidecarRef {
+            name: "fleet".to_owned(),
+        });
+        let fleet = sidecar("org-a");
+        let pods = [pod("fleet-0", true, 2)];
+        assert!(matches!(
+            plan(&observe(&task, &fleet, &pods)),
+            Step::Finish {
+                phase: TaskPhase::TimedOut,
+                reason: reasons::PENDING_DEADLINE_EXCEEDED,
+                ..
+            }
+        ));
+    }
+}
