@@ -1,0 +1,236 @@
+//! The bridge: the second container of every sidecar pod. It reads the pod's own OpenCode
+//! event stream (`GET /event` on loopback), turns the events that matter into signed callbacks
+//! to the callback API (see [`mapping`]), buffers and retries them while the API is away (see
+//! [`outbox`] and [`delivery`]), and serves the pod's readiness probe (see [`health`]).
+//!
+//! OpenCode does not replay events, so after every (re)connection the bridge reads
+//! `GET /session/status` and posts what changed while it was not listening.
+
+pub mod config;
+pub mod delivery;
+pub mod health;
+pub mod mapping;
+pub mod metrics;
+pub mod outbox;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use nubabel_opencode::{Event, OpencodeClient};
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::delivery::{Backoff, CallbackSender};
+use crate::health::{HealthState, Liveness};
+use crate::mapping::{Mapper, MapperSettings};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+
+/// Why the bridge could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The OpenCode client could not be built.
+    #[error("configuring the OpenCode client")]
+    Opencode(#[from] nubabel_opencode::Error),
+    /// The HTTP client for callbacks could not be built.
+    #[error("configuring the callback client")]
+    Callback(#[from] reqwest::Error),
+    /// The probe port could not be bound.
+    #[error("binding {address}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving the probes failed.
+    #[error("serving the probes")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A bridge bound to its probe port, ready to run.
+pub struct Bridge {
+    settings: Settings,
+    listener: TcpListener,
+    opencode: OpencodeClient,
+    sender: CallbackSender,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
+}
+
+impl Bridge {
+    /// Builds the clients and binds the probe port (port 0 picks a free one).
+    pub async fn bind(settings: Settings) -> Result<Self, BridgeError> {
+        let opencode = OpencodeClient::new(settings.opencode.clone())?;
+        let sender = CallbackSender::new(
+            &settings.callback_url,
+            settings.signing_key.clone(),
+            settings.identity.clone(),
+            settings.callback_timeout,
+        )?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| BridgeError::Bind {
+                    address: settings.listen,
+                    source,
+                })?;
+        let metrics = Arc::new(Metrics::new());
+        Ok(Self {
+            outbox: Arc::new(Outbox::new(settings.buffer_capacity, Arc::clone(&metrics))),
+            settings,
+            listener,
+            opencode,
+            sender,
+            metrics,
+            liveness: Arc::new(Liveness::default()),
+        })
+    }
+
+    /// The probe address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The metrics (tests read them).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Runs until `shutdown` completes, then delivers what is buffered for up to the drain
+    /// timeout and returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BridgeError> {
+        let Self {
+            settings,
+            listener,
+            opencode,
+            sender,
+            outbox,
+            metrics,
+            liveness,
+        } = self;
+        let probes = health::router(HealthState {
+            opencode: opencode.clone(),
+            sender: sender.clone(),
+            liveness: Arc::clone(&liveness),
+            metrics: Arc::clone(&metrics),
+        });
+        let (stop_probes, probes_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, probes)
+                .with_graceful_shutdown(async {
+                    let _ = probes_stopped.await;
+                })
+                .await
+        });
+        let delivery = tokio::spawn(delivery::deliver(
+            Arc::clone(&outbox),
+            sender,
+            settings.delivery_backoff,
+            Arc::clone(&metrics),
+            liveness,
+        ));
+        let mapper = Mapper::new(
+            MapperSettings {
+                text_interval: settings.text_interval,
+                pod_name: settings.pod_name.clone(),
+                pod_ip: settings.pod_ip.clone(),
+            },
+            unix_millis(),
+        );
+        tokio::select! {
+            () = follow_events(opencode, mapper, Arc::clone(&outbox), Arc::clone(&metrics), settings.reconnect_backoff) => {}
+            () = shutdown => {}
+        }
+        tracing::info!(
+            buffered = outbox.len(),
+            "stopping; delivering what is buffered"
+        );
+        if tokio::time::timeout(settings.drain_timeout, outbox.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(lost = outbox.len(), "stopped with callbacks still buffered");
+        }
+        delivery.abort();
+        let _ = stop_probes.send(());
+        match server.await {
+            Ok(result) => result.map_err(BridgeError::Serve),
+            // The server task never panics; a join error means it was cancelled.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Reads the event stream forever, reconnecting with backoff, and buffers the callbacks.
+async fn follow_events(
+    opencode: OpencodeClient,
+    mut mapper: Mapper,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    backoff: Backoff,
+) {
+    let mut pause = backoff.initial;
+    let mut connected_before = false;
+    loop {
+        match opencode.events().await {
+            Ok(mut events) => {
+                if connected_before {
+                    metrics.reconnects.inc();
+                }
+                connected_before = true;
+                tracing::info!(
+                    url = opencode.base_url(),
+                    "following the OpenCode event stream"
+                );
+                // Subscribed first, then read the status: nothing that happens in between is
+                // missed, and events already queued are applied on top of it.
+                match opencode.session_status().await {
+                    Ok(statuses) => {
+                        for callback in mapper.resync(&statuses, unix_millis()) {
+                            outbox.push(callback);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!("reading session status after connecting: {error}")
+                    }
+                }
+                while let Some(item) = events.next().await {
+                    match item {
+                        Ok(envelope) => {
+                            metrics.events.inc();
+                            if envelope.event == Event::ServerConnected {
+                                pause = backoff.initial;
+                            }
+                            for callback in mapper.handle(&envelope, Instant::now()) {
+                                outbox.push(callback);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!("the OpenCode event stream broke: {error}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!("connecting to the OpenCode event stream: {error}"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = backoff.next(pause);
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
