@@ -12,6 +12,9 @@ pub enum Error {
     /// A Redis command failed.
     #[error("redis command failed")]
     Redis(#[from] redis::RedisError),
+    /// An id or name handed to the data layer is invalid.
+    #[error(transparent)]
+    Invalid(#[from] crate::identity::InvalidIdentity),
     /// The session does not exist (for this tenant).
     #[error("session not found")]
     SessionNotFound,

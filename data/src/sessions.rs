@@ -120,6 +120,9 @@ impl SessionMappings {
     /// Fails with [`Error::MappingConflict`] when the OpenCode session already serves another
     /// Nubabel session of the tenant.
     pub async fn record(&self, mapping: &NewMapping<'_>) -> Result<SessionMapping> {
+        validate_session_id("sessionId", mapping.session_id)?;
+        validate_session_id("opencodeSessionId", mapping.opencode_session_id)?;
+        validate_object_name("podName", mapping.pod_name)?;
         let organization_id = mapping.sidecar.organization_id().as_str();
         let (task_namespace, task_name) = match mapping.task {
             Some(task) => (Some(task.namespace.as_str()), Some(task.name.as_str())),

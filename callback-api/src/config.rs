@@ -1,0 +1,130 @@
+//! Configuration, from flags and environment variables (`--help` lists them all).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use secrecy::SecretString;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line, for log collectors.
+    Json,
+    /// Compact human-readable text.
+    Text,
+}
+
+/// The callback API's configuration.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "nubabel-callback-api",
+    version,
+    about = "Receives signed sidecar callbacks, persists them and streams them to clients"
+)]
+pub struct Config {
+    /// Address to serve the API, health, metrics and OpenAPI document on.
+    #[arg(
+        long,
+        env = "NUBABEL_CALLBACK_API_HTTP_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub http_addr: SocketAddr,
+
+    /// Postgres URL (`postgres://user:password@host/db`).
+    #[arg(long, env = "NUBABEL_DATABASE_URL", hide_env_values = true)]
+    pub database_url: SecretString,
+
+    /// Largest number of Postgres connections this replica opens.
+    #[arg(long, env = "NUBABEL_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// Redis URL (`redis://host:6379/0`).
+    #[arg(long, env = "NUBABEL_REDIS_URL", hide_env_values = true)]
+    pub redis_url: SecretString,
+
+    /// The master key sidecar signing keys are derived from (at least 32 bytes), shared with
+    /// the operator.
+    #[arg(long, env = "NUBABEL_SIGNING_MASTER_KEY", hide_env_values = true)]
+    pub signing_master_key: SecretString,
+
+    /// The key stream tokens are signed with (at least 32 bytes), shared with the token issuer.
+    #[arg(long, env = "NUBABEL_STREAM_TOKEN_KEY", hide_env_values = true)]
+    pub stream_token_key: SecretString,
+
+    /// Largest callback body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "NUBABEL_CALLBACK_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// How far a callback's `webhook-timestamp` may be from this server's clock, in seconds.
+    #[arg(
+        long,
+        env = "NUBABEL_SIGNATURE_TOLERANCE_SECONDS",
+        default_value_t = 300
+    )]
+    pub signature_tolerance_seconds: u64,
+
+    /// Approximate number of events kept per session in Redis; older ones replay from Postgres.
+    #[arg(long, env = "NUBABEL_STREAM_MAX_LEN", default_value_t = 1000)]
+    pub stream_max_len: usize,
+
+    /// Seconds between SSE keep-alive comments.
+    #[arg(long, env = "NUBABEL_SSE_KEEP_ALIVE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_keep_alive_seconds: u64,
+
+    /// Mirror progress into `DelegatedTask.status.progress` (needs Kubernetes credentials).
+    #[arg(long, env = "NUBABEL_STATUS_MIRROR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub status_mirror: bool,
+
+    /// Milliseconds between two status writes of one task.
+    #[arg(
+        long,
+        env = "NUBABEL_STATUS_MIRROR_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub status_mirror_interval_ms: u64,
+
+    /// Log format.
+    #[arg(long, env = "NUBABEL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The SSE keep-alive interval.
+    pub fn sse_keep_alive(&self) -> Duration {
+        Duration::from_secs(self.sse_keep_alive_seconds)
+    }
+
+    /// The minimum time between two status writes of one task.
+    pub fn status_mirror_interval(&self) -> Duration {
+        Duration::from_millis(self.status_mirror_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn required_settings_come_from_flags_and_defaults_fill_the_rest() {
+        let config = Config::try_parse_from([
+            "nubabel-callback-api",
+            "--database-url=postgres://localhost/db",
+            "--redis-url=redis://localhost",
+            "--signing-master-key=0123456789abcdef0123456789abcdef",
+            "--stream-token-key=fedcba9876543210fedcba9876543210",
+            "--status-mirror=false",
+        ])
+        .unwrap();
+        assert_eq!(config.max_body_bytes, 65536);
+        assert_eq!(config.signature_tolerance_seconds, 300);
+        assert!(!config.status_mirror);
+        assert_eq!(config.sse_keep_alive(), Duration::from_secs(15));
+    }
+
+    #[test]
+    fn a_missing_database_url_is_an_error() {
+        let error =
+            Config::try_parse_from(["nubabel-callback-api", "--redis-url=redis://x"]).unwrap_err();
+        assert!(error.to_string().contains("--database-url"));
+    }
+}

@@ -1,0 +1,16 @@
+//! The callback API: where everything that happens inside the sidecar pods arrives.
+//!
+//! Sidecars post signed callbacks (session state, progress events); each is committed to
+//! Postgres exactly once before it is acknowledged, fanned out through Redis streams to the
+//! SSE streams of every replica, and summarised into the task's `status.progress`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod fanout;
+pub mod metrics;
+pub mod mirror;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,216 @@
+//! Prometheus metrics, with bounded labels only (method, matched route, status; never ids).
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{error::ErrorReport, state::AppState};
+
+/// Labels of an HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// HTTP method.
+    pub method: String,
+    /// The route template, e.g. `/api/sidecar/sessions/{session_id}/progress`.
+    pub matched_path: String,
+    /// Response status code.
+    pub status: u16,
+}
+
+/// Labels of the request-duration histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// HTTP method.
+    pub method: String,
+    /// The route template.
+    pub matched_path: String,
+}
+
+/// What happened to a callback.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// Committed for the first time.
+    New,
+    /// A retry of a committed event; nothing changed.
+    Duplicate,
+    /// An event id reused for another body; refused.
+    IdReused,
+}
+
+/// Labels of the callback counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallbackLabels {
+    /// `progress` or `state`.
+    pub kind: &'static str,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Labels of the status-mirror counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// `written`, `task_gone` or `failed`.
+    pub result: &'static str,
+}
+
+/// Every metric the API exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by method, route and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Time to the response head, by method and route.
+    pub http_request_duration: Family<RouteLabels, Histogram>,
+    /// Callbacks by kind and outcome.
+    pub callbacks: Family<CallbackLabels, Counter>,
+    /// Committed events whose Redis append failed (they replay from Postgres).
+    pub redis_append_failures: Counter,
+    /// Open SSE streams on this replica.
+    pub sse_streams: Gauge,
+    /// 1 while the fan-out reads Postgres because Redis is unreachable.
+    pub fanout_degraded: Gauge,
+    /// Status-mirror writes by result.
+    pub status_writes: Family<MirrorLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `nubabel_callback_api` prefix.
+    pub fn new() -> Self {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("nubabel_callback_api");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+        });
+        let callbacks = Family::<CallbackLabels, Counter>::default();
+        let redis_append_failures = Counter::default();
+        let sse_streams = Gauge::default();
+        let fanout_degraded = Gauge::default();
+        let status_writes = Family::<MirrorLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests", http_requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request to response head",
+            http_request_duration.clone(),
+        );
+        registry.register(
+            "callbacks",
+            "Sidecar callbacks by outcome",
+            callbacks.clone(),
+        );
+        registry.register(
+            "redis_append_failures",
+            "Committed events not appended to Redis (replayed from Postgres)",
+            redis_append_failures.clone(),
+        );
+        registry.register("sse_streams", "Open SSE streams", sse_streams.clone());
+        registry.register(
+            "fanout_degraded",
+            "1 while fan-out polls Postgres because Redis is unreachable",
+            fanout_degraded.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "DelegatedTask status writes",
+            status_writes.clone(),
+        );
+        Self {
+            registry: root,
+            http_requests,
+            http_request_duration,
+            callbacks,
+            redis_append_failures,
+            sse_streams,
+            fanout_degraded,
+            status_writes,
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Middleware: counts and times every matched request, and logs the cause of 5xx answers.
+pub async fn track_requests(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let start = Instant::now();
+    let method = request.method().to_string();
+    let matched_path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    if let Some(ErrorReport(cause)) = response.extensions().get::<ErrorReport>() {
+        tracing::error!(%method, %matched_path, status = status.as_u16(), %cause, "request failed");
+    }
+    metrics
+        .http_request_duration
+        .get_or_create(&RouteLabels {
+            method: method.clone(),
+            matched_path: matched_path.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            matched_path,
+            status: status.as_u16(),
+        })
+        .inc();
+    response
+}
+
+/// `GET /metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
+)]
+pub async fn get_metrics(State(state): State<AppState>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}

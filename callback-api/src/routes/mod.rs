@@ -1,0 +1,114 @@
+//! The routes, and the OpenAPI document built from the same registrations.
+//!
+//! Every route is registered through `utoipa_axum::routes!`, which takes the path and method
+//! from the handler's `#[utoipa::path]`, so the document cannot list a route the router does
+//! not serve or miss one it does. `docs/openapi.json` is a committed copy, checked by a test.
+
+pub mod health;
+pub mod sessions;
+pub mod stream;
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request},
+    middleware,
+};
+use tower_http::trace::TraceLayer;
+use utoipa::{
+    Modify, OpenApi,
+    openapi::{
+        self,
+        security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
+    },
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{metrics, state::AppState};
+
+/// The document's fixed parts; paths come from the routers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Nubabel callback API",
+        description = "Signed sidecar callbacks, session event streams and operations endpoints.",
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "callbacks", description = "Sidecar callbacks, signed in the Standard Webhooks style"),
+        (name = "stream", description = "Session events over Server-Sent Events"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "sidecar_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "webhook-signature",
+                "`v1,<base64 HMAC-SHA256(key, webhook-id.webhook-timestamp.body)>` with headers \
+                 `webhook-id`, `webhook-timestamp`, `x-nubabel-organization` and \
+                 `x-nubabel-sidecar: <namespace>/<name>`; the key is derived from the master key \
+                 and the sidecar's identity (docs/callback-api.md).",
+            ))),
+        );
+        components.add_security_scheme(
+            "stream_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "HS256 JWT with `aud: nubabel-session-stream`, `org`, optional `sid`, \
+                         `exp` at most one hour ahead.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// `GET /openapi.json`.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "This document", content_type = "application/json")))]
+async fn get_openapi() -> Json<openapi::OpenApi> {
+    Json(openapi())
+}
+
+fn api_router(max_body_bytes: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(sessions::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(stream::router())
+        .merge(health::router())
+        .routes(routes!(metrics::get_metrics))
+        .routes(routes!(get_openapi))
+}
+
+/// The OpenAPI document of every route.
+pub fn openapi() -> openapi::OpenApi {
+    api_router(0).into_openapi()
+}
+
+/// The whole application.
+pub fn router(state: AppState) -> Router {
+    let (router, _) = api_router(state.settings.max_body_bytes).split_for_parts();
+    router
+        .route_layer(middleware::from_fn_with_state(
+            std::sync::Arc::clone(&state.metrics),
+            metrics::track_requests,
+        ))
+        // Spans name the route template, never the URI: a stream token may sit in the query.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let matched_path = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str);
+                tracing::info_span!("http", method = %request.method(), matched_path)
+            }),
+        )
+        .with_state(state)
+}

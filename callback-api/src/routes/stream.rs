@@ -1,0 +1,332 @@
+//! `GET /api/sidecar/sessions/{sessionId}/stream`: a session's events over Server-Sent Events.
+//!
+//! Every event carries its sequence number as the SSE `id`. A client that reconnects with
+//! `Last-Event-ID: n` first gets every event after `n` (from Redis while the stream still holds
+//! them, from Postgres otherwise), in order, then live events; numbers the client already has
+//! are never sent again. The `id` and `event` fields are server-made (a number and
+//! `progress`/`state`); client strings only ever travel inside the JSON `data` line, where
+//! JSON escaping keeps newlines out of the framing.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use nubabel_data::{
+    Result as DataResult,
+    events::{self, StoredEvent},
+    sessions::{resolve_session, validate_session_id},
+};
+use serde_json::json;
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use crate::{
+    auth::StreamReader,
+    error::{ApiError, ErrorBody},
+    fanout::{PG_BATCH, Subscription},
+    state::AppState,
+};
+
+/// Events queued per connection before the pump waits for the client.
+const CONNECTION_BUFFER: usize = 64;
+/// The reconnection delay suggested to clients.
+const RETRY_HINT: Duration = Duration::from_secs(2);
+
+/// The stream route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(stream_session))
+}
+
+/// Streams a session's events.
+#[utoipa::path(
+    get,
+    path = "/api/sidecar/sessions/{sessionId}/stream",
+    tag = "stream",
+    params(
+        ("sessionId" = String, Path, description = "The Nubabel session id, or an OpenCode session id (`ses_...`) the session is mapped to"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id"),
+        ("access_token" = Option<String>, Query, description = "Stream token, for clients that cannot send an Authorization header"),
+    ),
+    security(("stream_token" = [])),
+    responses(
+        (status = 200, description = "`text/event-stream`: events `progress` and `state`, each with `id` = sequence number and JSON `data`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Last-Event-ID is not a number", body = ErrorBody),
+        (status = 401, description = "Missing, expired or invalid stream token", body = ErrorBody),
+        (status = 404, description = "No such session for this token", body = ErrorBody),
+        (status = 503, description = "Postgres unavailable", body = ErrorBody),
+    )
+)]
+async fn stream_session(
+    State(state): State<AppState>,
+    StreamReader(grant): StreamReader,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = last_event_id(&headers)?;
+    if validate_session_id("sessionId", &session_id).is_err() {
+        return Err(ApiError::SessionNotFound);
+    }
+    let session = resolve_session(&state.db, &grant.organization_id, &session_id)
+        .await?
+        .ok_or(ApiError::SessionNotFound)?;
+    // A token limited to one session reads only that one (404, like any other session).
+    if grant
+        .session_id
+        .as_ref()
+        .is_some_and(|sid| *sid != session.session_id)
+    {
+        return Err(ApiError::SessionNotFound);
+    }
+    // Subscribe before replaying, so nothing committed in between is missed.
+    let subscription = state.fanout.subscribe(session.pk).await?;
+    let (sender, receiver) = mpsc::channel(CONNECTION_BUFFER);
+    tokio::spawn(pump(state.clone(), session.pk, after, subscription, sender));
+
+    let mut response = Sse::new(ReceiverStream::new(receiver))
+        .keep_alive(KeepAlive::new().interval(state.settings.sse_keep_alive))
+        .into_response();
+    // nginx (and ingress-nginx) would otherwise buffer the stream.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The `Last-Event-ID` header as a sequence number (0 when absent: replay from the start).
+fn last_event_id(headers: &HeaderMap) -> Result<i64, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(0);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be a non-negative integer".into()))
+}
+
+/// Renders one event. Only the JSON `data` carries client-supplied text.
+pub fn sse_event(event: &StoredEvent) -> Event {
+    let data = json!({
+        "seq": event.seq,
+        "eventId": event.event_id,
+        "kind": event.kind,
+        "type": event.event_type,
+        "receivedAt": event.received_at,
+        "data": event.body,
+    });
+    Event::default()
+        .id(event.seq.to_string())
+        .event(event.kind.as_str())
+        .data(data.to_string())
+}
+
+type Sender = mpsc::Sender<Result<Event, Infallible>>;
+
+/// One connection: replay, then live events, each number once and in order.
+struct Pump {
+    state: AppState,
+    session_pk: Uuid,
+    sender: Sender,
+    /// The next number the client needs.
+    next: i64,
+}
+
+/// Why the pump stopped early.
+enum Stop {
+    /// The client went away.
+    Disconnected,
+    /// Reading events failed; the client reconnects with its last id.
+    Failed(nubabel_data::Error),
+}
+
+impl From<nubabel_data::Error> for Stop {
+    fn from(error: nubabel_data::Error) -> Self {
+        Self::Failed(error)
+    }
+}
+
+async fn pump(
+    state: AppState,
+    session_pk: Uuid,
+    after: i64,
+    subscription: Subscription,
+    sender: Sender,
+) {
+    state.metrics.sse_streams.inc();
+    let metrics = Arc::clone(&state.metrics);
+    let mut pump = Pump {
+        state,
+        session_pk,
+        sender,
+        next: after + 1,
+    };
+    if let Err(Stop::Failed(error)) = pump.run(subscription).await {
+        tracing::warn!(%session_pk, error = %error, "closing an event stream after a read failure");
+    }
+    metrics.sse_streams.dec();
+}
+
+impl Pump {
+    async fn run(&mut self, subscription: Subscription) -> Result<(), Stop> {
+        let Subscription {
+            mut receiver,
+            live_after,
+        } = subscription;
+        self.send(Event::default().retry(RETRY_HINT)).await?;
+        while self.next <= live_after {
+            let batch = self.replay_batch(self.next - 1).await?;
+            if batch.is_empty() {
+                break;
+            }
+            self.send_all(batch).await?;
+        }
+        loop {
+            tokio::select! {
+                () = self.sender.closed() => return Err(Stop::Disconnected),
+                received = receiver.recv() => match received {
+                    Ok(event) => {
+                        if event.seq > self.next {
+                            // A number went missing on the way: take it from Postgres.
+                            self.catch_up(Some(event.seq - 1)).await?;
+                        }
+                        if event.seq == self.next {
+                            self.send_stored(&event).await?;
+                        }
+                    }
+                    // This client fell behind the channel: everything it missed is in Postgres.
+                    Err(RecvError::Lagged(_)) => self.catch_up(None).await?,
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+            }
+        }
+    }
+
+    /// Events after `after`: from the Redis stream when it holds the very next one, otherwise
+    /// (trimmed, expired or Redis down) from Postgres.
+    async fn replay_batch(&self, after: i64) -> DataResult<Vec<StoredEvent>> {
+        if let Ok(from_redis) = self
+            .state
+            .redis
+            .range_after(self.session_pk, after, 500)
+            .await
+        {
+            let contiguous: Vec<StoredEvent> = from_redis
+                .into_iter()
+                .enumerate()
+                .take_while(|(i, e)| i64::try_from(*i).is_ok_and(|i| e.seq == after + 1 + i))
+                .map(|(_, e)| e)
+                .collect();
+            if !contiguous.is_empty() {
+                return Ok(contiguous);
+            }
+        }
+        events::list_after(&self.state.db, self.session_pk, after, PG_BATCH).await
+    }
+
+    /// Sends everything Postgres has from `next` up to `up_to` (or to the end).
+    async fn catch_up(&mut self, up_to: Option<i64>) -> Result<(), Stop> {
+        loop {
+            let limit = up_to.map_or(PG_BATCH, |last| (last - self.next + 1).clamp(0, PG_BATCH));
+            if limit == 0 {
+                return Ok(());
+            }
+            let batch =
+                events::list_after(&self.state.db, self.session_pk, self.next - 1, limit).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.send_all(batch).await?;
+        }
+    }
+
+    async fn send_all(&mut self, batch: Vec<StoredEvent>) -> Result<(), Stop> {
+        for event in batch {
+            if event.seq == self.next {
+                self.send_stored(&event).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_stored(&mut self, event: &StoredEvent) -> Result<(), Stop> {
+        self.send(sse_event(event)).await?;
+        self.next = event.seq + 1;
+        Ok(())
+    }
+
+    async fn send(&self, event: Event) -> Result<(), Stop> {
+        self.sender
+            .send(Ok(event))
+            .await
+            .map_err(|_| Stop::Disconnected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+    use futures::stream;
+    use http_body_util::BodyExt;
+    use nubabel_data::events::EventKind;
+
+    use super::*;
+
+    fn event(body: serde_json::Value) -> StoredEvent {
+        StoredEvent {
+            seq: 42,
+            event_id: "msg_1".into(),
+            kind: EventKind::Progress,
+            event_type: "message_part".into(),
+            body,
+            received_at: jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+        }
+    }
+
+    async fn render(event: Event) -> String {
+        let response = Sse::new(stream::iter([Ok::<_, Infallible>(event)])).into_response();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn client_text_with_newlines_stays_inside_one_data_line() {
+        let hostile = "line\n\nid: 999\nevent: state\r\ndata: forged\r\rretry: 1";
+        let text = render(sse_event(&event(
+            json!({ "text": hostile, "type": "message_part" }),
+        )))
+        .await;
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert_eq!(lines[0], "id: 42");
+        assert_eq!(lines[1], "event: progress");
+        assert!(lines[2].starts_with("data: {"));
+        // One event: three fields, then the blank line that ends it.
+        assert_eq!(lines[3], "");
+        assert_eq!(lines[4], "");
+        assert_eq!(lines.len(), 5, "{text:?}");
+        assert!(!text.contains('\r'));
+        let data: serde_json::Value = serde_json::from_str(&lines[2]["data: ".len()..]).unwrap();
+        assert_eq!(data["data"]["text"], hostile);
+        assert_eq!(data["seq"], 42);
+    }
+
+    #[test]
+    fn last_event_id_must_be_a_non_negative_integer() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(last_event_id(&headers).unwrap(), 0);
+        headers.insert("last-event-id", HeaderValue::from_static("17"));
+        assert_eq!(last_event_id(&headers).unwrap(), 17);
+        for bad in ["-1", "1-0", "abc", ""] {
+            headers.insert("last-event-id", HeaderValue::from_static(bad));
+            assert!(last_event_id(&headers).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Building the application from its configuration, and running it until a shutdown signal.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use nubabel_data::{
+    db::{self, PoolSettings},
+    signing::MasterKey,
+    stream_token::StreamTokenKey,
+    streams::{RedisSettings, RedisStore},
+};
+use secrecy::ExposeSecret;
+use sqlx::postgres::PgConnectOptions;
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::{
+    config::Config,
+    fanout::Fanout,
+    metrics::Metrics,
+    mirror::{KubeStatusWriter, StatusMirror},
+    routes,
+    state::{AppState, Keys, Settings},
+};
+
+/// Plain requests taking longer than this are answered 408 (SSE streams are long-lived
+/// responses, so the limit applies to producing their head only).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A built application, bound to its port and ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects to Postgres and Redis, applies migrations and binds the port (port 0 picks a
+    /// free one; see [`Application::port`]).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let keys = Keys {
+            master: MasterKey::new(config.signing_master_key.expose_secret().as_bytes())?,
+            stream_token: StreamTokenKey::new(config.stream_token_key.expose_secret().as_bytes())?,
+        };
+        let options: PgConnectOptions = config
+            .database_url
+            .expose_secret()
+            .parse()
+            .context("parsing the database URL")?;
+        let db = db::connect_lazy(
+            options,
+            &PoolSettings {
+                max_connections: config.database_max_connections,
+                ..PoolSettings::default()
+            },
+        );
+        db::migrate(&db)
+            .await
+            .context("applying database migrations")?;
+        let redis = RedisStore::new(
+            config.redis_url.expose_secret(),
+            RedisSettings {
+                stream_max_len: config.stream_max_len,
+                ..RedisSettings::default()
+            },
+        )
+        .context("configuring redis")?;
+        let metrics = Arc::new(Metrics::new());
+        let mirror = if config.status_mirror {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes for the status mirror (disable with --status-mirror=false)")?;
+            Some(StatusMirror::start(
+                db.clone(),
+                KubeStatusWriter::new(client),
+                Arc::clone(&metrics),
+                config.status_mirror_interval(),
+            ))
+        } else {
+            None
+        };
+        let state = AppState {
+            fanout: Fanout::start(db.clone(), redis.clone(), Arc::clone(&metrics)),
+            db,
+            redis,
+            keys: Arc::new(keys),
+            settings: Arc::new(Settings {
+                max_body_bytes: config.max_body_bytes,
+                signature_tolerance_seconds: config.signature_tolerance_seconds,
+                sse_keep_alive: config.sse_keep_alive(),
+            }),
+            mirror,
+            metrics,
+            sessions: Arc::default(),
+        };
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            listener,
+            port,
+            state,
+        })
+    }
+
+    /// The port the application listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address the application listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state (tests use its pool and stores).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let app = routes::router(self.state).layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ));
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving http")
+    }
+
+    /// Serves until SIGTERM or Ctrl-C.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

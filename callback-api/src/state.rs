@@ -1,0 +1,123 @@
+//! What every handler shares.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::FromRef;
+use nubabel_data::{signing::MasterKey, stream_token::StreamTokenKey, streams::RedisStore};
+use sqlx::PgPool;
+
+use crate::{
+    fanout::Fanout,
+    metrics::Metrics,
+    mirror::{KubeStatusWriter, StatusMirror},
+};
+
+/// Key material, never logged.
+#[derive(Debug)]
+pub struct Keys {
+    /// Sidecar signing keys are derived from this.
+    pub master: MasterKey,
+    /// Stream tokens are signed with this.
+    pub stream_token: StreamTokenKey,
+}
+
+/// Limits and intervals handlers apply.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest callback body, in bytes.
+    pub max_body_bytes: usize,
+    /// Accepted clock difference for `webhook-timestamp`, in seconds.
+    pub signature_tolerance_seconds: u64,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keep_alive: Duration,
+}
+
+/// Sessions already resolved, by tenant and path id. A resolution never changes (sessions and
+/// mappings are only added), so entries need no expiry; a session deleted later is evicted
+/// when an append finds it gone. Only found sessions are kept, and the map is bounded.
+#[derive(Debug, Default)]
+pub struct SessionCache(
+    std::sync::Mutex<
+        std::collections::HashMap<(String, String), nubabel_data::sessions::SessionRef>,
+    >,
+);
+
+/// Entries kept before the cache starts over.
+const SESSION_CACHE_CAPACITY: usize = 100_000;
+
+impl SessionCache {
+    /// The cached resolution of `id` for `organization_id`.
+    pub fn get(
+        &self,
+        organization_id: &str,
+        id: &str,
+    ) -> Option<nubabel_data::sessions::SessionRef> {
+        self.lock()
+            .get(&(organization_id.to_owned(), id.to_owned()))
+            .cloned()
+    }
+
+    /// Remembers a resolution.
+    pub fn insert(
+        &self,
+        organization_id: &str,
+        id: &str,
+        session: nubabel_data::sessions::SessionRef,
+    ) {
+        let mut map = self.lock();
+        if map.len() >= SESSION_CACHE_CAPACITY {
+            map.clear();
+        }
+        map.insert((organization_id.to_owned(), id.to_owned()), session);
+    }
+
+    /// Forgets every resolution to the session `pk`.
+    pub fn evict(&self, pk: uuid::Uuid) {
+        self.lock().retain(|_, session| session.pk != pk);
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<(String, String), nubabel_data::sessions::SessionRef>,
+    > {
+        // Every update is a single map operation, so a poisoned map is still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The application state, cloned into every request.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Postgres, the record.
+    pub db: PgPool,
+    /// Redis, hot state and streams.
+    pub redis: RedisStore,
+    /// Signing and token keys.
+    pub keys: Arc<Keys>,
+    /// Limits and intervals.
+    pub settings: Arc<Settings>,
+    /// Fan-out to SSE streams across replicas.
+    pub fanout: Fanout,
+    /// The status mirror, when enabled.
+    pub mirror: Option<StatusMirror<KubeStatusWriter>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Sessions resolved before.
+    pub sessions: Arc<SessionCache>,
+}
+
+impl FromRef<AppState> for Arc<Metrics> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.metrics)
+    }
+}
+
+impl FromRef<AppState> for PgPool {
+    fn from_ref(state: &AppState) -> Self {
+        state.db.clone()
+    }
+}

@@ -1,0 +1,335 @@
+//! Spawning the application and talking to it like a sidecar or a stream reader would.
+
+use std::{collections::VecDeque, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use nubabel_callback_api::{
+    config::{Config, LogFormat},
+    startup::Application,
+};
+use nubabel_data::{
+    identity::{OrganizationId, SidecarIdentity},
+    sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef},
+    signing::{self, MasterKey, derive_sidecar_key},
+    stream_token::{self, StreamTokenKey},
+};
+use reqwest::{Response, header::HeaderMap};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+
+pub const MASTER_KEY: &str = "test-master-key-0123456789abcdefghij";
+pub const STREAM_KEY: &str = "test-stream-key-0123456789abcdefghij";
+
+/// A running application and what a test needs to reach it.
+pub struct TestApp {
+    pub address: String,
+    pub db: PgPool,
+    pub database_url: String,
+    pub redis_url: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// A config for tests: port 0, no Kubernetes, fixed keys, a short keep-alive.
+pub fn test_config(database_url: &str, redis_url: &str) -> Config {
+    Config {
+        http_addr: "127.0.0.1:0".parse().expect("address"),
+        database_url: database_url.into(),
+        database_max_connections: 8,
+        redis_url: redis_url.into(),
+        signing_master_key: MASTER_KEY.into(),
+        stream_token_key: STREAM_KEY.into(),
+        max_body_bytes: 16 * 1024,
+        signature_tolerance_seconds: 300,
+        stream_max_len: 1000,
+        sse_keep_alive_seconds: 1,
+        status_mirror: false,
+        status_mirror_interval_ms: 1000,
+        log_format: LogFormat::Text,
+    }
+}
+
+/// The application on a fresh database and the shared test Redis.
+pub async fn spawn_app() -> Result<TestApp> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    spawn_app_on(&database_url, &redis_url).await
+}
+
+/// The application on the given database and Redis (several apps may share them).
+pub async fn spawn_app_on(database_url: &str, redis_url: &str) -> Result<TestApp> {
+    if std::env::var_os("TEST_LOG").is_some() {
+        nubabel_callback_api::telemetry::init(LogFormat::Text);
+    }
+    let application = Application::build(test_config(database_url, redis_url)).await?;
+    let address = format!("http://127.0.0.1:{}", application.port());
+    let db = application.state().db.clone();
+    let (shutdown, stopped) = oneshot::channel();
+    tokio::spawn(application.run_until(async {
+        let _ = stopped.await;
+    }));
+    Ok(TestApp {
+        address,
+        db,
+        database_url: database_url.to_owned(),
+        redis_url: redis_url.to_owned(),
+        client: reqwest::Client::new(),
+        shutdown: Some(shutdown),
+    })
+}
+
+pub fn sidecar(org: &str) -> SidecarIdentity {
+    SidecarIdentity::new(org, &format!("ns-{org}"), "fleet").expect("valid identity")
+}
+
+pub fn now() -> i64 {
+    nubabel_callback_api::auth::unix_now()
+}
+
+/// Unique ids per test, so tests sharing Redis never share keys.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl TestApp {
+    /// Registers a session the way the operator does before it sends a prompt.
+    pub async fn register(
+        &self,
+        sidecar: &SidecarIdentity,
+        session_id: &str,
+        opencode_session_id: &str,
+    ) -> Result<SessionMapping> {
+        let task = TaskRef::new(
+            sidecar.namespace(),
+            &format!("task-{}", session_id.to_lowercase().replace('_', "-")),
+        )?;
+        Ok(SessionMappings::new(self.db.clone())
+            .record(&NewMapping {
+                sidecar,
+                session_id,
+                opencode_session_id,
+                pod_name: "fleet-0",
+                task: Some(&task),
+            })
+            .await?)
+    }
+
+    /// Signed headers for `body`, as `sidecar` would send them.
+    pub fn signed_headers(
+        &self,
+        sidecar: &SidecarIdentity,
+        webhook_id: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> HeaderMap {
+        let master = MasterKey::new(MASTER_KEY.as_bytes()).expect("master key");
+        let key = derive_sidecar_key(&master, sidecar);
+        let mut headers = HeaderMap::new();
+        let mut set = |name: &'static str, value: String| {
+            headers.insert(name, value.parse().expect("header value"));
+        };
+        set("content-type", "application/json".into());
+        set("webhook-id", webhook_id.into());
+        set("webhook-timestamp", timestamp.to_string());
+        set(
+            "webhook-signature",
+            signing::sign(&key, webhook_id, timestamp, body),
+        );
+        set(
+            "x-nubabel-organization",
+            sidecar.organization_id().to_string(),
+        );
+        set(
+            "x-nubabel-sidecar",
+            format!("{}/{}", sidecar.namespace(), sidecar.name()),
+        );
+        headers
+    }
+
+    /// Posts a raw body with the given headers.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        headers: HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<Response> {
+        Ok(self
+            .client
+            .post(format!("{}{path}", self.address))
+            .headers(headers)
+            .body(body)
+            .send()
+            .await?)
+    }
+
+    /// Posts a signed callback to `/api/sidecar/sessions/{session}/{action}`.
+    pub async fn callback(
+        &self,
+        sidecar: &SidecarIdentity,
+        session: &str,
+        action: &str,
+        webhook_id: &str,
+        body: &Value,
+    ) -> Result<Response> {
+        let body = serde_json::to_vec(body)?;
+        let headers = self.signed_headers(sidecar, webhook_id, now(), &body);
+        self.post_raw(
+            &format!("/api/sidecar/sessions/{session}/{action}"),
+            headers,
+            body,
+        )
+        .await
+    }
+
+    /// A stream token for `org` (optionally limited to one session), valid ten minutes.
+    pub fn stream_token(&self, org: &str, session_id: Option<&str>) -> String {
+        let key = StreamTokenKey::new(STREAM_KEY.as_bytes()).expect("stream key");
+        stream_token::issue(
+            &key,
+            &OrganizationId::parse(org).expect("org"),
+            session_id,
+            now() + 600,
+        )
+    }
+
+    /// Opens the SSE stream of `session`.
+    pub async fn open_stream(
+        &self,
+        session: &str,
+        token: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<Response> {
+        let mut request = self
+            .client
+            .get(format!(
+                "{}/api/sidecar/sessions/{session}/stream",
+                self.address
+            ))
+            .bearer_auth(token);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        Ok(request.send().await?)
+    }
+
+    /// Number of rows in `table`.
+    pub async fn count(&self, table: &str) -> Result<i64> {
+        let sql = match table {
+            "sessions" => "select count(*) from sessions",
+            "session_events" => "select count(*) from session_events",
+            "session_mappings" => "select count(*) from session_mappings",
+            other => bail!("unknown table {other}"),
+        };
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.db).await?)
+    }
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn seq(&self) -> i64 {
+        self.id
+            .as_deref()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(-1)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// Reads SSE events off a streaming response.
+pub struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+    ready: VecDeque<SseEvent>,
+    /// Comment lines seen (keep-alives).
+    pub comments: usize,
+}
+
+impl SseReader {
+    pub fn new(response: Response) -> Self {
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+            ready: VecDeque::new(),
+            comments: 0,
+        }
+    }
+
+    /// The next event that carries data, waiting at most `limit`.
+    pub async fn next(&mut self, limit: Duration) -> Result<SseEvent> {
+        tokio::time::timeout(limit, async {
+            loop {
+                if let Some(event) = self.ready.pop_front() {
+                    return Ok(event);
+                }
+                let chunk = self.body.next().await.context("stream ended")??;
+                self.buffer.push_str(std::str::from_utf8(&chunk)?);
+                while let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    self.parse_block(&block);
+                }
+            }
+        })
+        .await
+        .context("no SSE event in time")?
+    }
+
+    /// Waits for `n` events.
+    pub async fn take(&mut self, n: usize, limit: Duration) -> Result<Vec<SseEvent>> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next(limit).await?);
+        }
+        Ok(out)
+    }
+
+    fn parse_block(&mut self, block: &str) {
+        let mut event = SseEvent {
+            id: None,
+            event: None,
+            data: String::new(),
+        };
+        let mut has_data = false;
+        for line in block.lines() {
+            if line.starts_with(':') {
+                self.comments += 1;
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                event.id = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                event.event = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                if has_data {
+                    event.data.push('\n');
+                }
+                event.data.push_str(v);
+                has_data = true;
+            }
+        }
+        if has_data {
+            self.ready.push_back(event);
+        }
+    }
+}
+
+pub fn progress(i: usize) -> Value {
+    serde_json::json!({ "progress": { "type": "tool_execute_start", "tool": format!("tool-{i}") } })
+}

@@ -1,0 +1,14 @@
+//! Full-application tests: the API on port 0 against real Postgres (a fresh database per test)
+//! and real Redis, through HTTP.
+
+// Test support code: clippy.toml allows these inside `#[test]` functions only, and the helpers
+// shared by the tests live outside them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod callbacks;
+mod helpers;
+mod mappings;
+mod mirror;
+mod openapi;
+mod resilience;
+mod stream;

@@ -1,0 +1,296 @@
+//! SSE: live events, resuming with Last-Event-ID, readers' tokens, several replicas.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nubabel_data::streams::stream_key;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{SseReader, progress, sidecar, spawn_app, spawn_app_on, unique};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_reader_gets_each_event_live_with_its_sequence_as_id_and_keep_alives() -> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let response = app
+        .open_stream(&mapping.session_id, &app.stream_token(&org, None), None)
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(headers["x-accel-buffering"], "no");
+    assert_eq!(headers["cache-control"], "no-cache");
+    let mut reader = SseReader::new(response);
+
+    app.callback(
+        &tenant,
+        &mapping.session_id,
+        "update",
+        &unique("msg"),
+        &serde_json::json!({"state": "busy"}),
+    )
+    .await?;
+    for i in 0..3 {
+        app.callback(
+            &tenant,
+            &mapping.opencode_session_id,
+            "progress",
+            &unique("msg"),
+            &progress(i),
+        )
+        .await?;
+    }
+
+    let events = reader.take(4, WAIT).await?;
+    let ids: Vec<i64> = events.iter().map(|e| e.seq()).collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    assert_eq!(events[0].event.as_deref(), Some("state"));
+    assert_eq!(events[0].json()["data"]["state"], "busy");
+    assert_eq!(events[1].event.as_deref(), Some("progress"));
+    assert_eq!(events[3].json()["data"]["tool"], "tool-2");
+    // With a one-second keep-alive, an idle stream shows comments.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    app.callback(
+        &tenant,
+        &mapping.session_id,
+        "progress",
+        &unique("msg"),
+        &progress(3),
+    )
+    .await?;
+    assert_eq!(reader.next(WAIT).await?.seq(), 5);
+    assert!(reader.comments >= 1, "no keep-alive comment seen");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reader_that_reconnects_gets_exactly_what_it_missed_in_order_then_live_events()
+-> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let token = app.stream_token(&org, None);
+    for i in 0..5 {
+        app.callback(
+            &tenant,
+            &mapping.session_id,
+            "progress",
+            &unique("msg"),
+            &progress(i),
+        )
+        .await?;
+    }
+    let mut first = SseReader::new(app.open_stream(&mapping.session_id, &token, None).await?);
+    let seen: Vec<i64> = first.take(3, WAIT).await?.iter().map(|e| e.seq()).collect();
+    assert_eq!(seen, [1, 2, 3]);
+    drop(first);
+
+    for i in 5..12 {
+        app.callback(
+            &tenant,
+            &mapping.session_id,
+            "progress",
+            &unique("msg"),
+            &progress(i),
+        )
+        .await?;
+    }
+    let mut resumed = SseReader::new(
+        app.open_stream(&mapping.session_id, &token, Some(3))
+            .await?,
+    );
+    let replayed: Vec<i64> = resumed
+        .take(9, WAIT)
+        .await?
+        .iter()
+        .map(|e| e.seq())
+        .collect();
+    assert_eq!(replayed, (4..=12).collect::<Vec<_>>());
+    app.callback(
+        &tenant,
+        &mapping.session_id,
+        "progress",
+        &unique("msg"),
+        &progress(12),
+    )
+    .await?;
+    let live = resumed.next(WAIT).await?;
+    assert_eq!(live.seq(), 13);
+    assert_eq!(live.json()["data"]["tool"], "tool-12");
+    // Nothing more: every event came exactly once.
+    assert!(resumed.next(Duration::from_millis(500)).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resume_older_than_the_redis_stream_replays_from_postgres() -> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    for i in 0..20 {
+        app.callback(
+            &tenant,
+            &mapping.session_id,
+            "progress",
+            &unique("msg"),
+            &progress(i),
+        )
+        .await?;
+    }
+    // As if the stream had expired or been trimmed: only the newest five are in Redis.
+    let client = redis::Client::open(app.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(stream_key(mapping.session_pk))
+        .arg("MAXLEN")
+        .arg(5)
+        .query_async(&mut conn)
+        .await?;
+
+    let mut reader = SseReader::new(
+        app.open_stream(&mapping.session_id, &app.stream_token(&org, None), Some(2))
+            .await?,
+    );
+    let replayed: Vec<i64> = reader
+        .take(18, WAIT)
+        .await?
+        .iter()
+        .map(|e| e.seq())
+        .collect();
+    assert_eq!(replayed, (3..=20).collect::<Vec<_>>());
+    assert!(reader.next(Duration::from_millis(300)).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn readers_need_a_valid_token_for_the_sessions_tenant() -> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let other = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let url = format!(
+        "{}/api/sidecar/sessions/{}/stream",
+        app.address, mapping.session_id
+    );
+
+    let no_token = app.client.get(&url).send().await?;
+    assert_eq!(no_token.status(), StatusCode::UNAUTHORIZED);
+    let garbage = app
+        .client
+        .get(&url)
+        .bearer_auth("not-a-token")
+        .send()
+        .await?;
+    assert_eq!(garbage.status(), StatusCode::UNAUTHORIZED);
+    let other_tenant = app
+        .open_stream(
+            &mapping.session_id,
+            &app.stream_token(&unique("org"), None),
+            None,
+        )
+        .await?;
+    assert_eq!(other_tenant.status(), StatusCode::NOT_FOUND);
+    let other_session = app
+        .open_stream(
+            &mapping.session_id,
+            &app.stream_token(&org, Some(&other.session_id)),
+            None,
+        )
+        .await?;
+    assert_eq!(other_session.status(), StatusCode::NOT_FOUND);
+    let expired = {
+        let key =
+            nubabel_data::stream_token::StreamTokenKey::new(crate::helpers::STREAM_KEY.as_bytes())?;
+        let org_id = nubabel_data::identity::OrganizationId::parse(&org)?;
+        nubabel_data::stream_token::issue(&key, &org_id, None, crate::helpers::now() - 1)
+    };
+    assert_eq!(
+        app.open_stream(&mapping.session_id, &expired, None)
+            .await?
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    let scoped = app
+        .open_stream(
+            &mapping.opencode_session_id,
+            &app.stream_token(&org, Some(&mapping.session_id)),
+            None,
+        )
+        .await?;
+    assert_eq!(scoped.status(), StatusCode::OK);
+    let by_query = app
+        .client
+        .get(format!(
+            "{url}?access_token={}",
+            app.stream_token(&org, None)
+        ))
+        .send()
+        .await?;
+    assert_eq!(by_query.status(), StatusCode::OK);
+    let not_a_number = app
+        .client
+        .get(&url)
+        .bearer_auth(app.stream_token(&org, None))
+        .header("last-event-id", "x")
+        .send()
+        .await?;
+    assert_eq!(not_a_number.status(), StatusCode::BAD_REQUEST);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reader_on_one_replica_sees_events_posted_to_another_within_milliseconds() -> Result<()> {
+    let replica_a = spawn_app().await?;
+    let replica_b = spawn_app_on(&replica_a.database_url, &replica_a.redis_url).await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = replica_a
+        .register(&tenant, &unique("s"), &unique("ses"))
+        .await?;
+    let mut reader = SseReader::new(
+        replica_b
+            .open_stream(
+                &mapping.session_id,
+                &replica_b.stream_token(&org, None),
+                None,
+            )
+            .await?,
+    );
+    // Let replica B's reader join the Redis read.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let sent = Instant::now();
+        let response = replica_a
+            .callback(
+                &tenant,
+                &mapping.session_id,
+                "progress",
+                &unique("msg"),
+                &progress(i),
+            )
+            .await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let event = reader.next(WAIT).await?;
+        worst = worst.max(sent.elapsed());
+        assert_eq!(event.seq(), i64::try_from(i)? + 1);
+        let data: Value = event.json();
+        assert_eq!(data["data"]["tool"], format!("tool-{i}"));
+    }
+    // Generous for a shared 2-core test machine; typical figures are a few milliseconds.
+    assert!(
+        worst < Duration::from_millis(500),
+        "slowest cross-replica delivery took {worst:?}"
+    );
+    Ok(())
+}
