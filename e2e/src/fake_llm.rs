@@ -253,7 +253,7 @@ struct Shared {
     counter: AtomicU64,
 }
 
-/// A running fake LLM on `127.0.0.1:<random port>`, served from a thread of its own (so it
+/// A running fake LLM on `127.0.0.1:<random port>` (or another address), served from a thread of its own (so it
 /// outlives the runtime of any one test). Dropping it stops the server.
 pub struct FakeLlm {
     address: SocketAddr,
@@ -273,8 +273,14 @@ impl std::fmt::Debug for FakeLlm {
 impl FakeLlm {
     /// Binds a free loopback port and starts serving.
     pub fn start() -> Result<Self> {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .context("binding the fake LLM to a loopback port")?;
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Binds a free port on `ip` and starts serving (pods on the node shim reach host
+    /// services on `node_shim::HOST_IP`, never on 127.0.0.1, which is their own address).
+    pub fn start_on(ip: std::net::IpAddr) -> Result<Self> {
+        let listener = std::net::TcpListener::bind((ip, 0))
+            .with_context(|| format!("binding the fake LLM to a port on {ip}"))?;
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
@@ -312,7 +318,7 @@ impl FakeLlm {
         })
     }
 
-    /// The OpenAI-compatible base URL, `http://127.0.0.1:PORT/v1`.
+    /// The OpenAI-compatible base URL, `http://ADDRESS:PORT/v1`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.address)
     }

@@ -11,6 +11,7 @@ pub mod pki;
 pub mod process;
 pub mod services;
 pub mod stack;
+pub mod system;
 pub mod testing;
 pub mod tools;
 

@@ -77,6 +77,11 @@ impl ImageMap {
 
     /// The program for `image`, if any.
     pub fn resolve(&self, image: &str) -> Option<&Path> {
+        self.resolve_entry(image).map(|(_, program)| program)
+    }
+
+    /// The key and program of the entry that runs `image`, if any.
+    pub fn resolve_entry(&self, image: &str) -> Option<(&str, &Path)> {
         let repository = image.split('@').next().unwrap_or(image);
         let last = repository.rsplit('/').next().unwrap_or(repository);
         let name = last.split(':').next().unwrap_or(last);
@@ -88,8 +93,52 @@ impl ImageMap {
                     .iter()
                     .find(|(key, _)| name.contains(key.as_str()))
             })
-            .map(|(_, program)| program.as_path())
+            .map(|(key, program)| (key.as_str(), program.as_path()))
     }
+}
+
+/// How the shim runs a container: the program, and the arguments that come before the
+/// container's `args`.
+///
+/// Without `command`, the image's mapped program runs (the image's entrypoint). With one, the
+/// mapped program runs when `command[0]`'s file name is the program's file name or the image
+/// map's key (`opencode` for an image mapped to `.../bin/opencode`); any other `command[0]`
+/// is a tool the image carries (`mkdir`, `sh`), run from the host: an absolute path that
+/// exists on the host as is, anything else by its file name on the host's `PATH`.
+pub fn resolve_command(
+    images: &ImageMap,
+    image: &str,
+    command: &[String],
+    find_on_path: impl Fn(&str) -> Option<PathBuf>,
+) -> Result<(PathBuf, Vec<String>)> {
+    let mapped = images.resolve_entry(image);
+    let Some((first, rest)) = command.split_first() else {
+        let (_, program) = mapped.with_context(|| {
+            format!("no local program for image {image:?} and the container has no command")
+        })?;
+        return Ok((program.to_owned(), Vec::new()));
+    };
+    let rest = rest.to_vec();
+    let base = Path::new(first)
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some((key, program)) = mapped {
+        let program_name = program.file_name().map(|n| n.to_string_lossy());
+        if base == key || program_name.as_deref() == Some(base.as_str()) {
+            return Ok((program.to_owned(), rest));
+        }
+    }
+    if first.starts_with('/') && Path::new(first).is_file() {
+        return Ok((PathBuf::from(first), rest));
+    }
+    let program = find_on_path(&base).with_context(|| {
+        format!(
+            "command {first:?} of image {image:?} is neither the image's mapped program nor \
+             found on the host's PATH"
+        )
+    })?;
+    Ok((program, rest))
 }
 
 /// A running node shim. Stop it with [`NodeShim::shutdown`]; dropping it aborts its tasks and
@@ -447,8 +496,123 @@ struct ContainerRuntime {
     ready: bool,
     last_probe: Option<Instant>,
     restart_at: Option<Instant>,
-    started_at: Time,
+    started_at: Option<Time>,
     last_exit: Option<String>,
+    /// Exit code and end time of the last run, once one ended.
+    last_termination: Option<(i32, Time)>,
+    /// An init container that ran to completion.
+    completed: bool,
+}
+
+impl ContainerRuntime {
+    fn new(container: &Container, spec: ProcessSpec, pod_dir: &Path, start: bool) -> Self {
+        Self {
+            container: container.clone(),
+            process: None,
+            log_path: pod_dir.join(format!("{}.log", container.name)),
+            spec,
+            restarts: 0,
+            ready: false,
+            last_probe: None,
+            restart_at: start.then(Instant::now),
+            started_at: None,
+            last_exit: None,
+            last_termination: None,
+            completed: false,
+        }
+    }
+
+    /// Reaps the process if it exited; returns whether it succeeded.
+    fn reap(&mut self) -> Option<bool> {
+        let process = self.process.as_mut()?;
+        let status = process.poll_exit().ok()??;
+        let message = crate::process::describe_exit(status);
+        tracing::info!(container = %self.container.name, %message, "container exited");
+        let code = status
+            .code()
+            .or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s))
+            .unwrap_or(-1);
+        self.last_exit = Some(message);
+        self.last_termination = Some((code, now()));
+        self.process = None;
+        self.ready = false;
+        Some(status.success())
+    }
+
+    /// Schedules the next start after a failure, with the kubelet's doubling backoff.
+    fn back_off(&mut self) {
+        self.restarts += 1;
+        let backoff = Duration::from_secs(1 << self.restarts.clamp(0, 4) as u32);
+        self.restart_at = Some(Instant::now() + backoff.min(MAX_RESTART_BACKOFF));
+    }
+
+    /// Starts the process when a start is due.
+    async fn start_if_due(&mut self) {
+        if self.process.is_some() || self.restart_at.is_none_or(|at| at > Instant::now()) {
+            return;
+        }
+        match SupervisedProcess::spawn(self.spec.clone(), self.log_path.clone()).await {
+            Ok(process) => {
+                self.process = Some(process);
+                self.started_at = Some(now());
+                self.restart_at = None;
+                self.last_probe = None;
+            }
+            Err(e) => {
+                self.last_exit = Some(format!("{e:#}"));
+                self.last_termination = Some((128, now()));
+                self.restarts += 1;
+                self.restart_at = Some(Instant::now() + MAX_RESTART_BACKOFF);
+            }
+        }
+    }
+
+    /// The container's entry in `containerStatuses` or `initContainerStatuses`.
+    fn status(&self, uid: &str, waiting_reason: &str) -> serde_json::Value {
+        let terminated = |reason: &str| {
+            let (code, finished) = self.last_termination.clone().unwrap_or((0, now()));
+            json!({
+                "exitCode": code,
+                "reason": reason,
+                "message": self.last_exit.clone().unwrap_or_default(),
+                "startedAt": self.started_at,
+                "finishedAt": finished,
+            })
+        };
+        let mut last_state = json!({});
+        let state = if self.completed {
+            json!({"terminated": terminated("Completed")})
+        } else if let Some(started) = &self.started_at
+            && self.process.is_some()
+        {
+            if self.last_termination.is_some() {
+                last_state = json!({"terminated": terminated("Error")});
+            }
+            json!({"running": {"startedAt": started}})
+        } else if self.last_termination.is_some() && self.restarts <= 1 {
+            // Just failed: kubectl shows Error (Init:Error for an init container).
+            json!({"terminated": terminated("Error")})
+        } else if self.last_termination.is_some() {
+            last_state = json!({"terminated": terminated("Error")});
+            json!({"waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": self.last_exit.clone().unwrap_or_default()
+            }})
+        } else {
+            json!({"waiting": {"reason": waiting_reason}})
+        };
+        json!({
+            "name": self.container.name,
+            "image": self.container.image.clone().unwrap_or_default(),
+            "imageID": "",
+            "containerID": format!("shim://{uid}/{}", self.container.name),
+            "ready": self.ready || self.completed,
+            "started": self.process.is_some(),
+            "restartCount": self.restarts,
+            "state": state,
+            "lastState": last_state,
+        })
+    }
 }
 
 async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Pod>) {
@@ -492,7 +656,13 @@ struct PodRuntime {
     uid: String,
     ip: Ipv4Addr,
     start_time: Time,
+    /// Run in order, each to completion, before `containers` start.
+    init_containers: Vec<ContainerRuntime>,
     containers: Vec<ContainerRuntime>,
+    /// `restartPolicy: Never`: a failed init container fails the pod.
+    never_restart: bool,
+    /// The pod failed for good (only with `restartPolicy: Never`).
+    failed: bool,
     last_reported: Option<serde_json::Value>,
 }
 
@@ -510,23 +680,29 @@ impl PodRuntime {
         let spec = pod.spec.clone().context("pod without spec")?;
         let mounts = VolumeDirs::prepare(shared, pod, &pod_dir).await?;
 
+        let mut init_containers = Vec::new();
+        for (index, container) in spec.init_containers.iter().flatten().enumerate() {
+            let process_spec = container_process(shared, pod, container, ip, &mounts, &pod_dir)
+                .await
+                .with_context(|| format!("preparing init container {}", container.name))?;
+            init_containers.push(ContainerRuntime::new(
+                container,
+                process_spec,
+                &pod_dir,
+                index == 0,
+            ));
+        }
         let mut containers = Vec::new();
         for container in &spec.containers {
             let process_spec = container_process(shared, pod, container, ip, &mounts, &pod_dir)
                 .await
                 .with_context(|| format!("preparing container {}", container.name))?;
-            containers.push(ContainerRuntime {
-                container: container.clone(),
-                process: None,
-                log_path: pod_dir.join(format!("{}.log", container.name)),
-                spec: process_spec,
-                restarts: 0,
-                ready: false,
-                last_probe: None,
-                restart_at: Some(Instant::now()),
-                started_at: now(),
-                last_exit: None,
-            });
+            containers.push(ContainerRuntime::new(
+                container,
+                process_spec,
+                &pod_dir,
+                init_containers.is_empty(),
+            ));
         }
         tracing::info!(pod = %format!("{namespace}/{name}"), %ip, "starting pod");
         Ok(Self {
@@ -535,7 +711,10 @@ impl PodRuntime {
             uid,
             ip,
             start_time: now(),
+            init_containers,
             containers,
+            never_restart: spec.restart_policy.as_deref() == Some("Never"),
+            failed: false,
             last_reported: None,
         })
     }
@@ -566,84 +745,121 @@ impl PodRuntime {
         }
     }
 
-    /// Starts what should run, restarts what crashed (with backoff), runs due probes.
+    fn initialized(&self) -> bool {
+        self.init_containers.iter().all(|c| c.completed)
+    }
+
+    /// Runs the init containers in order, then starts what should run, restarts what crashed
+    /// (with backoff) and runs due probes.
     async fn supervise(&mut self) {
+        if self.failed {
+            return;
+        }
+        if !self.initialized() {
+            self.supervise_init().await;
+            if !self.initialized() {
+                return;
+            }
+            for runtime in &mut self.containers {
+                runtime.restart_at = Some(Instant::now());
+            }
+        }
         let ip = self.ip;
         for runtime in &mut self.containers {
-            if let Some(process) = runtime.process.as_mut()
-                && let Ok(Some(status)) = process.poll_exit()
-            {
-                let message = crate::process::describe_exit(status);
-                tracing::info!(container = %runtime.container.name, %message, "container exited");
-                runtime.last_exit = Some(message);
-                runtime.process = None;
-                runtime.ready = false;
-                runtime.restarts += 1;
-                let backoff = Duration::from_secs(1 << runtime.restarts.clamp(0, 4) as u32);
-                runtime.restart_at = Some(Instant::now() + backoff.min(MAX_RESTART_BACKOFF));
+            if runtime.reap().is_some() {
+                runtime.back_off();
             }
-            if runtime.process.is_none()
-                && runtime.restart_at.is_some_and(|at| at <= Instant::now())
-            {
-                match SupervisedProcess::spawn(runtime.spec.clone(), runtime.log_path.clone()).await
-                {
-                    Ok(process) => {
-                        runtime.process = Some(process);
-                        runtime.started_at = now();
-                        runtime.restart_at = None;
-                        runtime.last_probe = None;
-                    }
-                    Err(e) => {
-                        runtime.last_exit = Some(format!("{e:#}"));
-                        runtime.restart_at = Some(Instant::now() + MAX_RESTART_BACKOFF);
-                    }
-                }
-            }
+            runtime.start_if_due().await;
             if runtime.process.is_some() {
                 runtime.probe(ip).await;
             }
         }
     }
 
+    /// Advances the init containers: the first incomplete one runs; when it succeeds the next
+    /// starts at once, when it fails it is retried with backoff (or the pod fails, with
+    /// `restartPolicy: Never`).
+    async fn supervise_init(&mut self) {
+        while let Some(index) = self.init_containers.iter().position(|c| !c.completed) {
+            let runtime = &mut self.init_containers[index];
+            match runtime.reap() {
+                Some(true) => {
+                    runtime.completed = true;
+                    if let Some(next) = self.init_containers.get_mut(index + 1) {
+                        next.restart_at = Some(Instant::now());
+                    }
+                    continue;
+                }
+                Some(false) if self.never_restart => {
+                    self.failed = true;
+                    return;
+                }
+                Some(false) => runtime.back_off(),
+                None => {}
+            }
+            if runtime.restart_at.is_none() && runtime.process.is_none() {
+                runtime.restart_at = Some(Instant::now());
+            }
+            runtime.start_if_due().await;
+            return;
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
-        let all_ready = self.containers.iter().all(|c| c.ready);
+        let initialized = self.initialized();
+        let all_ready = initialized && self.containers.iter().all(|c| c.ready);
         let ready = if all_ready { "True" } else { "False" };
+        let waiting = if initialized {
+            "ContainerCreating"
+        } else {
+            "PodInitializing"
+        };
         let statuses: Vec<serde_json::Value> = self
             .containers
             .iter()
-            .map(|c| {
-                let state = if c.process.is_some() {
-                    json!({"running": {"startedAt": c.started_at}})
-                } else {
-                    json!({"waiting": {
-                        "reason": "CrashLoopBackOff",
-                        "message": c.last_exit.clone().unwrap_or_default()
-                    }})
-                };
-                json!({
-                    "name": c.container.name,
-                    "image": c.container.image.clone().unwrap_or_default(),
-                    "imageID": "",
-                    "containerID": format!("shim://{}/{}", self.uid, c.container.name),
-                    "ready": c.ready,
-                    "started": c.process.is_some(),
-                    "restartCount": c.restarts,
-                    "state": state,
-                })
-            })
+            .map(|c| c.status(&self.uid, waiting))
             .collect();
+        let init_statuses: Vec<serde_json::Value> = self
+            .init_containers
+            .iter()
+            .map(|c| c.status(&self.uid, "PodInitializing"))
+            .collect();
+        let phase = if self.failed {
+            "Failed"
+        } else if initialized {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let initialized_condition = if initialized {
+            json!({"type": "Initialized", "status": "True"})
+        } else {
+            let pending: Vec<&str> = self
+                .init_containers
+                .iter()
+                .filter(|c| !c.completed)
+                .map(|c| c.container.name.as_str())
+                .collect();
+            json!({
+                "type": "Initialized", "status": "False",
+                "reason": "ContainersNotInitialized",
+                "message": format!("containers with incomplete status: [{}]", pending.join(" "))
+            })
+        };
+        let [a, b, c, _] = self.ip.octets();
         json!({"status": {
-            "phase": "Running",
-            "hostIP": format!("{}.{}.{}.1", self.ip.octets()[0], self.ip.octets()[1], self.ip.octets()[2]),
+            "phase": phase,
+            "hostIP": format!("{a}.{b}.{c}.1"),
             "podIP": self.ip.to_string(),
             "podIPs": [{"ip": self.ip.to_string()}],
             "startTime": self.start_time,
             "conditions": [
-                {"type": "Initialized", "status": "True"},
+                initialized_condition,
                 {"type": "ContainersReady", "status": ready},
                 {"type": "Ready", "status": ready},
                 {"type": "PodScheduled", "status": "True"}
             ],
+            "initContainerStatuses": init_statuses,
             "containerStatuses": statuses,
         }})
     }
@@ -662,7 +878,7 @@ impl PodRuntime {
     }
 
     async fn stop_all(&mut self) {
-        for runtime in &mut self.containers {
+        for runtime in self.init_containers.iter_mut().chain(&mut self.containers) {
             if let Some(mut process) = runtime.process.take() {
                 let _ = process.stop().await;
             }
@@ -834,11 +1050,6 @@ async fn container_process(
     pod_dir: &Path,
 ) -> Result<ProcessSpec> {
     let image = container.image.clone().unwrap_or_default();
-    let program = shared
-        .images
-        .resolve(&image)
-        .with_context(|| format!("no local program for image {image:?}"))?
-        .to_owned();
 
     // Longest mount path first, so /data/xdg wins over /data.
     let mut mounts: Vec<(String, PathBuf)> = container
@@ -851,7 +1062,8 @@ async fn container_process(
                 Some(sub) if !sub.is_empty() => dir.join(sub),
                 _ => dir.clone(),
             };
-            Some((m.mount_path.trim_end_matches('/').to_owned(), dir))
+            let path = m.mount_path.trim_end_matches('/');
+            (!path.is_empty()).then(|| (path.to_owned(), dir))
         })
         .collect();
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
@@ -861,23 +1073,34 @@ async fn container_process(
     let rewrite = |value: &str| rewrite_value(value, ip, &mounts);
 
     let env = resolve_env(shared, pod, container, ip).await?;
-    let mut spec = ProcessSpec::new(container.name.clone(), program)
-        .stop_grace(pod_grace(pod))
-        .env("NUBABEL_NODE_SHIM", "1");
     let mut expanded_env: Vec<(String, String)> = Vec::new();
     for (key, value) in env {
         let value = rewrite(&expand(&value, &expanded_env));
         expanded_env.push((key, value));
     }
-    let argv: Vec<String> = container
+    let command: Vec<String> = container
         .command
         .iter()
         .flatten()
-        .skip(1)
-        .chain(container.args.iter().flatten())
-        .map(|arg| rewrite(&expand(arg, &expanded_env)))
+        .map(|part| expand(part, &expanded_env))
         .collect();
-    spec = spec.args(argv.into_iter().map(OsString::from));
+    let (program, leading) =
+        resolve_command(&shared.images, &image, &command, crate::tools::find_on_path)?;
+    let argv: Vec<String> = leading
+        .iter()
+        .map(|arg| rewrite(arg))
+        .chain(
+            container
+                .args
+                .iter()
+                .flatten()
+                .map(|arg| rewrite(&expand(arg, &expanded_env))),
+        )
+        .collect();
+    let mut spec = ProcessSpec::new(container.name.clone(), program)
+        .stop_grace(pod_grace(pod))
+        .env("NUBABEL_NODE_SHIM", "1")
+        .args(argv.into_iter().map(OsString::from));
     for (key, value) in expanded_env {
         spec = spec.env(key, value);
     }
@@ -1047,33 +1270,37 @@ fn expand(value: &str, defined: &[(String, String)]) -> String {
 /// Rewrites pod-local addresses to the pod IP and mount paths to host directories.
 fn rewrite_value(value: &str, ip: Ipv4Addr, mounts: &[(String, PathBuf)]) -> String {
     let ip = ip.to_string();
-    let mut out = value
+    let out = value
         .replace("0.0.0.0", &ip)
         .replace("127.0.0.1", &ip)
         .replace("localhost", &ip);
-    for (mount_path, dir) in mounts {
-        out = replace_path_prefix(&out, mount_path, &dir.to_string_lossy());
-    }
-    out
+    replace_path_prefixes(&out, mounts)
 }
 
-/// Replaces `prefix` where it starts a path (at the start of the value or after `=`, `:`,
-/// whitespace or a quote) and is followed by `/`, the end, or a non-path character.
-fn replace_path_prefix(value: &str, prefix: &str, replacement: &str) -> String {
+/// Replaces each mount path (`mounts` is sorted longest first) with its host directory where
+/// it starts a path (at the start of the value or after `=`, `:`, whitespace or a quote) and
+/// is followed by `/`, the end, or a non-path character. One pass: a host directory that was
+/// put in is never rewritten again (a run directory under `/tmp` next to a `/tmp` mount).
+fn replace_path_prefixes(value: &str, mounts: &[(String, PathBuf)]) -> String {
     let mut out = String::with_capacity(value.len());
     let mut i = 0;
     let bytes = value.as_bytes();
-    while i < value.len() {
+    'scan: while i < value.len() {
         let starts_path =
             i == 0 || matches!(bytes[i - 1], b'=' | b':' | b' ' | b'"' | b'\'' | b',');
-        if starts_path && value[i..].starts_with(prefix) {
-            let after = value[i + prefix.len()..].chars().next();
-            if after.is_none_or(|c| {
-                c == '/' || !(c.is_alphanumeric() || c == '-' || c == '_' || c == '.')
-            }) {
-                out.push_str(replacement);
-                i += prefix.len();
-                continue;
+        if starts_path {
+            for (prefix, dir) in mounts {
+                if !value[i..].starts_with(prefix.as_str()) {
+                    continue;
+                }
+                let after = value[i + prefix.len()..].chars().next();
+                if after.is_none_or(|c| {
+                    c == '/' || !(c.is_alphanumeric() || c == '-' || c == '_' || c == '.')
+                }) {
+                    out.push_str(&dir.to_string_lossy());
+                    i += prefix.len();
+                    continue 'scan;
+                }
             }
         }
         let ch = value[i..].chars().next().unwrap_or(' ');
@@ -1126,6 +1353,77 @@ mod tests {
             Some(Path::new("/bin/opencode"))
         );
         assert_eq!(map.resolve("busybox"), None);
+    }
+
+    #[test]
+    fn commands_run_the_mapped_program_or_a_host_tool() {
+        let map = ImageMap::new()
+            .with("opencode", "/opt/oc/bin/opencode")
+            .with("nubabel-bridge", "/work/target/debug/nubabel-bridge");
+        let on_path = |name: &str| Some(PathBuf::from(format!("/usr/bin/{name}")));
+        let strings = |parts: &[&str]| parts.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
+        let image = "ghcr.io/nubabel/opencode:1.18.33";
+
+        // command[0] names the mapped program by its file name, or by the map's key.
+        let (program, leading) =
+            resolve_command(&map, image, &strings(&["opencode", "x"]), on_path).unwrap();
+        assert_eq!(program, Path::new("/opt/oc/bin/opencode"));
+        assert_eq!(leading, strings(&["x"]));
+        let (program, _) =
+            resolve_command(&map, image, &strings(&["/usr/local/bin/opencode"]), on_path).unwrap();
+        assert_eq!(program, Path::new("/opt/oc/bin/opencode"));
+        let bridge = "e2e.local/nubabel-bridge:dev";
+        let (program, _) =
+            resolve_command(&map, bridge, &strings(&["nubabel-bridge"]), on_path).unwrap();
+        assert_eq!(program, Path::new("/work/target/debug/nubabel-bridge"));
+
+        // Any other command is a tool of the image, taken from the host's PATH.
+        let (program, leading) =
+            resolve_command(&map, image, &strings(&["mkdir", "-p", "/data/a"]), on_path).unwrap();
+        assert_eq!(program, Path::new("/usr/bin/mkdir"));
+        assert_eq!(leading, strings(&["-p", "/data/a"]));
+        let (program, _) = resolve_command(
+            &map,
+            "busybox:1.36",
+            &strings(&["sh", "-c", "true"]),
+            on_path,
+        )
+        .unwrap();
+        assert_eq!(program, Path::new("/usr/bin/sh"));
+        let nowhere = |_: &str| None;
+        assert!(resolve_command(&map, image, &strings(&["no-such-tool"]), nowhere).is_err());
+
+        // Without a command the image's program runs, and an unmapped image has none.
+        let (program, leading) = resolve_command(&map, bridge, &[], on_path).unwrap();
+        assert_eq!(program, Path::new("/work/target/debug/nubabel-bridge"));
+        assert!(leading.is_empty());
+        assert!(resolve_command(&map, "busybox:1.36", &[], on_path).is_err());
+    }
+
+    #[test]
+    fn mount_paths_are_rewritten_once() {
+        let ip = Ipv4Addr::new(127, 20, 1, 5);
+        let mounts = vec![
+            (
+                "/data".to_owned(),
+                PathBuf::from("/tmp/run/pod/volumes/data"),
+            ),
+            ("/tmp".to_owned(), PathBuf::from("/tmp/run/pod/volumes/tmp")),
+        ];
+        assert_eq!(
+            rewrite_value("/data/home", ip, &mounts),
+            "/tmp/run/pod/volumes/data/home"
+        );
+        // An emptyDir at /tmp is a directory of its own; TMPDIR changes only where the
+        // container sets it.
+        assert_eq!(
+            rewrite_value("/tmp", ip, &mounts),
+            "/tmp/run/pod/volumes/tmp"
+        );
+        assert_eq!(
+            rewrite_value("/tmp/x:/data", ip, &mounts),
+            "/tmp/run/pod/volumes/tmp/x:/tmp/run/pod/volumes/data"
+        );
     }
 
     #[test]

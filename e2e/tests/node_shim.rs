@@ -196,3 +196,116 @@ async fn a_statefulset_is_scheduled_onto_the_shim_and_scaled_down_again() -> Res
     shim.shutdown().await?;
     namespace.delete().await
 }
+
+#[tokio::test]
+async fn init_containers_run_in_order_and_a_failing_one_is_retried_with_backoff() -> Result<()> {
+    let env = TestEnv::from_env().await?;
+    let namespace = TestNamespace::create(&env.client, "shim-init").await?;
+    let run_dir = tempfile::tempdir()?;
+    let shim = start_shim(&env, run_dir.path(), &format!("{}-node", namespace.name())).await?;
+    within(LIMIT, "running init containers on the shim", async {
+        // `sh` and `mkdir` come from the host's PATH (the image maps to no program). The
+        // second init container fails on its first run only: it counts its runs in the volume.
+        let flaky = "n=$(cat /work/runs 2>/dev/null || echo 0); echo $((n+1)) > /work/runs; \
+                     echo second >> /work/order; [ \"$n\" -ge 1 ]";
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web"},
+            "spec": {
+                "nodeName": shim.node_name(),
+                "automountServiceAccountToken": false,
+                "volumes": [{"name": "work", "emptyDir": {}}],
+                "initContainers": [
+                    {"name": "first", "image": "busybox:1.36",
+                     "command": ["mkdir", "-p", "/work/made/by/init"],
+                     "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+                    {"name": "second", "image": "busybox:1.36",
+                     "command": ["sh", "-c", flaky],
+                     "volumeMounts": [{"name": "work", "mountPath": "/work"}]}
+                ],
+                "containers": [web_container(json!({
+                    "command": ["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0",
+                                "--directory", "/work"],
+                    "volumeMounts": [{"name": "work", "mountPath": "/work"}]
+                }))]
+            }
+        }))?;
+        let pods = namespace.api::<Pod>();
+        create(&pods, &pod).await?;
+
+        // The failure shows in the pod's status while the pod waits, not yet initialized.
+        let failed = await_condition(
+            &pods,
+            "web",
+            "the second init container to have failed once",
+            |p: Option<&Pod>| {
+                p.and_then(|p| p.status.as_ref())
+                    .and_then(|s| s.init_container_statuses.as_ref())
+                    .and_then(|s| s.iter().find(|c| c.name == "second"))
+                    .is_some_and(|c| c.restart_count >= 1)
+            },
+            Duration::from_secs(30),
+        )
+        .await?
+        .context("the pod disappeared")?;
+        let status = failed.status.context("no status")?;
+        let init = status.init_container_statuses.unwrap_or_default();
+        let second = init.iter().find(|c| c.name == "second").unwrap();
+        let failure = second
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.clone())
+            .or_else(|| {
+                second
+                    .last_state
+                    .as_ref()
+                    .and_then(|s| s.terminated.clone())
+            });
+        assert_eq!(
+            failure.as_ref().map(|t| (t.exit_code, t.reason.as_deref())),
+            Some((1, Some("Error"))),
+            "{second:?}"
+        );
+        assert_eq!(status.phase.as_deref(), Some("Pending"));
+        let initialized = status.conditions.unwrap_or_default();
+        assert!(
+            initialized
+                .iter()
+                .any(|c| c.type_ == "Initialized" && c.status == "False"),
+            "{initialized:?}"
+        );
+        assert!(
+            init[0]
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_some_and(|t| t.exit_code == 0)
+        );
+
+        // After its backoff the retry succeeds and the app container starts.
+        let ready = await_pod_ready(&pods, "web", Duration::from_secs(60)).await?;
+        let status = ready.status.context("no status")?;
+        let init = status.init_container_statuses.unwrap_or_default();
+        assert!(
+            init.iter().all(|c| {
+                c.state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+                    .is_some_and(|t| t.exit_code == 0 && t.reason.as_deref() == Some("Completed"))
+            }),
+            "{init:?}"
+        );
+        let ip = status.pod_ip.context("no pod IP")?;
+        assert_eq!(
+            http_get(&format!("http://{ip}:8000/order")).await?,
+            "second\nsecond\n"
+        );
+        assert_eq!(http_get(&format!("http://{ip}:8000/runs")).await?, "2\n");
+        // The first init container's directory exists in the volume the app serves.
+        http_get(&format!("http://{ip}:8000/made/by/init/")).await?;
+        Ok(())
+    })
+    .await?;
+    shim.shutdown().await?;
+    namespace.delete().await
+}

@@ -1,0 +1,562 @@
+//! The whole system for one test namespace, on the local control plane: what sidecar fleets
+//! need to run for real.
+//!
+//! [`System::start`] brings up, for one namespace:
+//!
+//! * the scripted fake LLM and the callback API (in process, on a fresh database and the test
+//!   Redis), both listening on [`HOST_IP`], the address pods reach host services on;
+//! * a [`NodeShim`] whose image map runs the sidecar image as the real `opencode` binary and
+//!   the bridge image as the workspace's `nubabel-bridge`;
+//! * the operator binary, with its own ServiceAccount and the RBAC of `operator/rbac.yaml`,
+//!   watching only that namespace, with the callback API's URL, the shared signing master key
+//!   and those images.
+//!
+//! [`System::sidecar_manifest`] then gives an `OpencodeSidecar` whose pods land on the shim
+//! and talk to the fake LLM, so a test applies it and drives real pods: OpenCode answers
+//! prompts, the bridge turns its events into signed callbacks, the callback API commits them
+//! and streams them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser as _;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subject};
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use nubabel_crds::v1alpha1::OpencodeSidecar;
+use nubabel_data::identity::OrganizationId;
+use nubabel_data::stream_token::{self, StreamTokenKey};
+use serde_json::json;
+use sqlx::PgPool;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::control_plane::write_kubeconfig;
+use crate::fake_llm::FakeLlm;
+use crate::node_shim::{HOST_IP, ImageMap, NodeShim};
+use crate::opencode_server::{FAKE_MODEL, opencode_bin};
+use crate::pki::random_token;
+use crate::process::{ProcessSpec, SupervisedProcess};
+use crate::testing::{TestEnv, TestNamespace, create, delete, kubectl};
+
+/// The image the operator gives sidecar pods; the shim runs it as the `opencode` binary (and
+/// its `mkdir` init container from the host).
+pub const SIDECAR_IMAGE: &str = "e2e.local/opencode:1.18.33";
+/// The bridge image; the shim runs it as `target/debug/nubabel-bridge`.
+pub const BRIDGE_IMAGE: &str = "e2e.local/nubabel-bridge:dev";
+/// The provider id the fake LLM is configured under.
+pub const FAKE_PROVIDER: &str = "fake";
+/// Names a prebuilt bridge binary instead of the workspace's debug build.
+pub const BRIDGE_BIN_ENV: &str = "NUBABEL_BRIDGE_BIN";
+/// Names a prebuilt operator binary instead of the workspace's debug build.
+pub const OPERATOR_BIN_ENV: &str = "NUBABEL_OPERATOR_BIN";
+/// The operator's ServiceAccount in the test namespace.
+const OPERATOR_ACCOUNT: &str = "nubabel-operator";
+/// Lines of the operator's log [`System::operator_log_tail`] returns by default.
+const LOG_LINES: usize = 60;
+
+/// The workspace's root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A binary of the workspace's debug build (`$CARGO_TARGET_DIR/debug` or `target/debug`), or
+/// the one `override_env` names. Tests run after `cargo build --workspace`, so a missing one
+/// is an error that says so.
+pub fn workspace_binary(name: &str, override_env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(override_env).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let path = target.join("debug").join(name);
+    ensure!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` before the e2e tests (or set {override_env})",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Everything a namespace's sidecar fleets need, running. Stop it with [`System::shutdown`];
+/// dropping it stops the processes too (without waiting for the Node and RBAC cleanup).
+pub struct System {
+    env: TestEnv,
+    namespace: String,
+    fake_llm: FakeLlm,
+    callback_addr: SocketAddr,
+    callback_stop: Option<oneshot::Sender<()>>,
+    callback_task: Option<JoinHandle<Result<()>>>,
+    database_url: String,
+    db: PgPool,
+    master_key: String,
+    stream_token_key: String,
+    shim: Option<NodeShim>,
+    operator: Option<SupervisedProcess>,
+    operator_http: SocketAddr,
+    binding: String,
+    run_dir: TempDir,
+}
+
+impl System {
+    /// Starts the fake LLM, the callback API, a node shim and the operator for `namespace`.
+    pub async fn start(env: &TestEnv, namespace: &TestNamespace) -> Result<Self> {
+        let ns = namespace.name().to_owned();
+        let opencode = opencode_bin()?;
+        let bridge = workspace_binary("nubabel-bridge", BRIDGE_BIN_ENV)?;
+        let operator_bin = workspace_binary("nubabel-operator", OPERATOR_BIN_ENV)?;
+        crate::crds::install_crds(&env.client).await?;
+
+        let run_dir = tempfile::Builder::new()
+            .prefix(&format!("nubabel-system-{ns}-"))
+            .tempdir()
+            .context("creating the system's run directory")?;
+        let fake_llm = FakeLlm::start_on(IpAddr::V4(HOST_IP))?;
+
+        // The callback API, in process.
+        let master_key = format!("{}{}", random_token()?, random_token()?);
+        let stream_token_key = format!("{}{}", random_token()?, random_token()?);
+        let database_url = crate::fresh_database().await?;
+        let redis_url = crate::test_redis_url().await?;
+        let config = nubabel_callback_api::config::Config::try_parse_from([
+            "nubabel-callback-api".to_owned(),
+            format!("--http-addr={HOST_IP}:0"),
+            format!("--database-url={database_url}"),
+            format!("--redis-url={redis_url}"),
+            format!("--signing-master-key={master_key}"),
+            format!("--stream-token-key={stream_token_key}"),
+            "--sse-keep-alive-seconds=5".to_owned(),
+        ])
+        .context("configuring the callback API")?;
+        let application = nubabel_callback_api::startup::Application::build(config)
+            .await
+            .context("building the callback API")?;
+        let callback_addr = application.local_addr()?;
+        let db = application.state().db.clone();
+        let (callback_stop, stopped) = oneshot::channel::<()>();
+        let callback_task = tokio::spawn(application.run_until(async {
+            let _ = stopped.await;
+        }));
+
+        let shim = NodeShim::start(
+            env.client.clone(),
+            &format!("{ns}-node"),
+            ImageMap::new()
+                .with("nubabel-bridge", bridge)
+                .with("opencode", opencode),
+            run_dir.path(),
+        )
+        .await?;
+
+        let mut system = Self {
+            env: env.clone(),
+            namespace: ns.clone(),
+            fake_llm,
+            callback_addr,
+            callback_stop: Some(callback_stop),
+            callback_task: Some(callback_task),
+            database_url,
+            db,
+            master_key,
+            stream_token_key,
+            shim: Some(shim),
+            operator: None,
+            operator_http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            binding: format!("nubabel-operator-{ns}"),
+            run_dir,
+        };
+        let kubeconfig = system.operator_identity().await?;
+        system.start_operator(&operator_bin, &kubeconfig).await?;
+        Ok(system)
+    }
+
+    /// Gives the operator its ServiceAccount, bound to exactly the RBAC of
+    /// `operator/rbac.yaml`, and writes a kubeconfig with its token.
+    async fn operator_identity(&self) -> Result<PathBuf> {
+        let ns = &self.namespace;
+        let rbac = workspace_root().join("operator/rbac.yaml");
+        let rbac = rbac.to_string_lossy();
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let applied = kubectl([
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=nubabel-e2e",
+                "-n",
+                ns,
+                "-f",
+                &rbac,
+            ])
+            .await?;
+            if applied.status.success() {
+                last_error.clear();
+                break;
+            }
+            last_error = String::from_utf8_lossy(&applied.stderr).into_owned();
+        }
+        ensure!(
+            last_error.is_empty(),
+            "applying operator/rbac.yaml: {last_error}"
+        );
+
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.env.client.clone(), ns);
+        create(
+            &accounts,
+            &ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some(OPERATOR_ACCOUNT.into()),
+                    ..ObjectMeta::default()
+                },
+                ..ServiceAccount::default()
+            },
+        )
+        .await?;
+        let subject = Subject {
+            kind: "ServiceAccount".into(),
+            name: OPERATOR_ACCOUNT.into(),
+            namespace: Some(ns.clone()),
+            api_group: None,
+        };
+        let role_ref = |kind: &str, name: &str| RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: kind.into(),
+            name: name.into(),
+        };
+        create(
+            &Api::<ClusterRoleBinding>::all(self.env.client.clone()),
+            &ClusterRoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(self.binding.clone()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: role_ref("ClusterRole", "nubabel-operator"),
+                subjects: Some(vec![subject.clone()]),
+            },
+        )
+        .await?;
+        create(
+            &Api::<RoleBinding>::namespaced(self.env.client.clone(), ns),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some("nubabel-operator-leader-election".into()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: role_ref("Role", "nubabel-operator-leader-election"),
+                subjects: Some(vec![subject]),
+            },
+        )
+        .await?;
+        let token = accounts
+            .create_token_request(
+                OPERATOR_ACCOUNT,
+                &PostParams::default(),
+                &TokenRequest {
+                    metadata: ObjectMeta::default(),
+                    spec: TokenRequestSpec {
+                        audiences: vec![],
+                        expiration_seconds: Some(3600),
+                        bound_object_ref: None,
+                    },
+                    status: None,
+                },
+            )
+            .await
+            .context("requesting the operator's token")?
+            .status
+            .context("the token request has no status")?
+            .token;
+
+        let admin = kube::config::Kubeconfig::read_from(&self.env.kubeconfig)?;
+        let cluster = admin
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref())
+            .context("no cluster in the kubeconfig")?;
+        let ca = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            cluster
+                .certificate_authority_data
+                .as_deref()
+                .context("no CA data in the kubeconfig")?,
+        )?;
+        let kubeconfig = self.run_dir.path().join("operator.kubeconfig");
+        write_kubeconfig(
+            &kubeconfig,
+            cluster
+                .server
+                .as_deref()
+                .context("no server in the kubeconfig")?,
+            &ca,
+            OPERATOR_ACCOUNT,
+            &token,
+        )?;
+        Ok(kubeconfig)
+    }
+
+    async fn start_operator(&mut self, binary: &Path, kubeconfig: &Path) -> Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        self.operator_http = SocketAddr::from(([127, 0, 0, 1], port));
+        let ns = self.namespace.clone();
+        let spec = ProcessSpec::new("nubabel-operator", binary)
+            .args([
+                "--http-addr",
+                &self.operator_http.to_string(),
+                "--watch-namespace",
+                &ns,
+                "--operator-namespace",
+                &ns,
+                "--leader-elect",
+                "false",
+                "--sidecar-image",
+                SIDECAR_IMAGE,
+                "--bridge-image",
+                BRIDGE_IMAGE,
+                "--callback-url",
+                &self.callback_url(),
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("NUBABEL_SIGNING_MASTER_KEY", &self.master_key)
+            .env("NUBABEL_DATABASE_URL", &self.database_url)
+            .env("POD_NAME", format!("operator-{ns}"))
+            .env("RUST_LOG", "info,nubabel_operator=debug")
+            .stop_grace(Duration::from_secs(5));
+        let log = self.run_dir.path().join("operator.log");
+        let mut operator = SupervisedProcess::spawn(spec, log).await?;
+        // Ready once it found the CRDs and the API server's capabilities; an operator that
+        // dies at start fails here, with its log, instead of as pods that never appear.
+        let readyz = format!("http://{}/readyz", self.operator_http);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        operator
+            .wait_until_ready(
+                "the operator's /readyz",
+                Duration::from_secs(60),
+                async || {
+                    let status = http.get(&readyz).send().await?.status();
+                    ensure!(status.is_success(), "/readyz answered {status}");
+                    Ok(())
+                },
+            )
+            .await?;
+        self.operator = Some(operator);
+        Ok(())
+    }
+
+    /// The test namespace the system serves.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The fake LLM the sidecars' provider points at.
+    pub fn fake_llm(&self) -> &FakeLlm {
+        &self.fake_llm
+    }
+
+    /// The callback API's base URL, `http://127.0.2.1:<port>`, as bridges reach it.
+    pub fn callback_url(&self) -> String {
+        format!("http://{}", self.callback_addr)
+    }
+
+    /// The callback API's database.
+    pub fn db(&self) -> &PgPool {
+        &self.db
+    }
+
+    /// The callback API's database URL.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// The master key sidecar signing keys derive from (shared by the operator and the API).
+    pub fn master_key(&self) -> &str {
+        &self.master_key
+    }
+
+    /// A stream token for `organization_id` (limited to `session_id` when given), valid for
+    /// ten minutes, as the callback API's SSE route expects.
+    pub fn stream_token(&self, organization_id: &str, session_id: Option<&str>) -> Result<String> {
+        let key = StreamTokenKey::new(self.stream_token_key.as_bytes())
+            .map_err(|e| anyhow::anyhow!("stream token key: {e:?}"))?;
+        let organization = OrganizationId::parse(organization_id)?;
+        let expires = jiff::Timestamp::now().as_second() + 600;
+        Ok(stream_token::issue(
+            &key,
+            &organization,
+            session_id,
+            expires,
+        ))
+    }
+
+    /// The shim's node selector: sidecar pods with it run on the shim.
+    pub fn node_selector(&self) -> std::collections::BTreeMap<String, String> {
+        self.shim
+            .as_ref()
+            .map(NodeShim::node_selector)
+            .unwrap_or_default()
+    }
+
+    /// The shim's run directory (pod volumes and container logs live under `pods/`).
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    /// The operator's health and metrics address.
+    pub fn operator_http_addr(&self) -> SocketAddr {
+        self.operator_http
+    }
+
+    /// The last lines of the operator's log, for failure messages.
+    pub fn operator_log_tail(&self) -> String {
+        self.operator
+            .as_ref()
+            .map_or_else(String::new, |p| p.log_tail(LOG_LINES))
+    }
+
+    /// The last lines of every container log of the namespace's pods, for failure messages.
+    pub fn pod_log_tails(&self, lines: usize) -> String {
+        let pods = self.run_dir.path().join("pods");
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(&pods) else {
+            return out;
+        };
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let Ok(files) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut logs: Vec<PathBuf> = files
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            logs.sort();
+            for log in logs {
+                out.push_str(&format!(
+                    "--- {} ---\n{}\n",
+                    log.strip_prefix(&pods).unwrap_or(&log).display(),
+                    crate::process::log_tail(&log, lines)
+                ));
+            }
+        }
+        out
+    }
+
+    /// Everything worth reading when a test fails: the operator's log and the pods' logs.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- operator ---\n{}\n{}",
+            self.operator_log_tail(),
+            self.pod_log_tails(20)
+        )
+    }
+
+    /// An `OpencodeSidecar` named `name` for tenant `organization_id` with `replicas` pods on
+    /// the shim, its provider pointed at the fake LLM.
+    pub fn sidecar_manifest(
+        &self,
+        name: &str,
+        organization_id: &str,
+        replicas: i32,
+    ) -> Result<OpencodeSidecar> {
+        let address = self.fake_llm.address();
+        serde_json::from_value(json!({
+            "apiVersion": "nubabel.io/v1alpha1",
+            "kind": "OpencodeSidecar",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {
+                "organizationId": organization_id,
+                "replicas": replicas,
+                "model": FAKE_MODEL,
+                "provider": {
+                    "id": FAKE_PROVIDER,
+                    "baseURL": format!("http://{address}/v1"),
+                },
+                "nodeSelector": self.node_selector(),
+            }
+        }))
+        .context("building the OpencodeSidecar manifest")
+    }
+
+    /// The OpenCode server password of sidecar `name` (its Secret's `opencode-password`).
+    pub async fn opencode_password(&self, name: &str) -> Result<String> {
+        let secrets: Api<Secret> = Api::namespaced(self.env.client.clone(), &self.namespace);
+        let secret_name = format!("{name}-sidecar");
+        let secret = secrets
+            .get(&secret_name)
+            .await
+            .with_context(|| format!("reading Secret {secret_name}"))?;
+        let value = secret
+            .data
+            .and_then(|mut d| d.remove("opencode-password"))
+            .with_context(|| format!("Secret {secret_name} has no opencode-password"))?;
+        Ok(String::from_utf8(value.0)?)
+    }
+
+    /// Stops the operator, the shim (and with it every pod's processes), the callback API
+    /// and the fake LLM, and removes the operator's ClusterRoleBinding.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let mut errors = Vec::new();
+        if let Some(mut operator) = self.operator.take()
+            && let Err(e) = operator.stop().await
+        {
+            errors.push(format!("stopping the operator: {e:#}"));
+        }
+        if let Some(shim) = self.shim.take()
+            && let Err(e) = shim.shutdown().await
+        {
+            errors.push(format!("stopping the node shim: {e:#}"));
+        }
+        if let Some(stop) = self.callback_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.callback_task.take() {
+            // Open SSE streams hold a graceful shutdown; do not wait for them long.
+            match tokio::time::timeout(Duration::from_secs(5), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => errors.push(format!("the callback API failed: {e:#}")),
+                Ok(Err(e)) => errors.push(format!("the callback API task: {e}")),
+                Err(_) => {}
+            }
+        }
+        if let Err(e) = delete(
+            &Api::<ClusterRoleBinding>::all(self.env.client.clone()),
+            &self.binding,
+        )
+        .await
+        {
+            errors.push(format!("{e:#}"));
+        }
+        if !errors.is_empty() {
+            bail!("shutting the system down: {}", errors.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        // The operator and the shim's pods stop with their handles; the callback API with the
+        // runtime it was spawned on.
+        if let Some(mut operator) = self.operator.take() {
+            operator.stop_blocking();
+        }
+        drop(self.shim.take());
+        if let Some(stop) = self.callback_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.callback_task.take() {
+            task.abort();
+        }
+    }
+}
