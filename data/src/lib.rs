@@ -15,6 +15,8 @@ pub mod events;
 pub mod identity;
 pub mod progress;
 #[cfg(feature = "store")]
+pub mod results;
+#[cfg(feature = "store")]
 pub mod sessions;
 pub mod signing;
 pub mod stream_token;

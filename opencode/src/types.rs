@@ -161,6 +161,9 @@ pub struct MessageInfo {
     pub session_id: String,
     /// Who wrote it.
     pub role: Role,
+    /// The user message an assistant message answers.
+    #[serde(rename = "parentID", default)]
+    pub parent_id: Option<String>,
     /// `stop`, `tool-calls`, ... (assistant messages, once finished).
     #[serde(default)]
     pub finish: Option<String>,

@@ -155,6 +155,15 @@ pub struct Config {
     /// carry it. Defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+
+    /// Postgres URL of the data layer (session mappings, task results): the same database as
+    /// the callback API's. Without it only the OpencodeSidecar controller runs.
+    #[arg(long, env = "NUBABEL_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<SecretString>,
+
+    /// Most connections the operator opens to Postgres.
+    #[arg(long, env = "NUBABEL_DATABASE_MAX_CONNECTIONS", default_value_t = 4)]
+    pub database_max_connections: u32,
 }
 
 /// A set of Kubernetes labels, parsed from `key=value,key=value`.

@@ -149,17 +149,26 @@ impl Shared {
 pub async fn run(
     shared: Shared,
     sidecar_settings: sidecar::Settings,
+    database: Option<sqlx::PgPool>,
     concurrency: u16,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stop = futures::FutureExt::shared(Box::pin(stop) as BoxFuture<'static, ()>);
     let sidecars = sidecar::run(
-        sidecar::Context::new(shared, sidecar_settings),
+        sidecar::Context::new(shared.clone(), sidecar_settings),
         concurrency,
         stop.clone(),
     );
-    // The DelegatedTask controller joins here, on the same client and stop signal.
-    sidecars.await;
+    match database {
+        Some(pool) => {
+            let tasks = task::run(shared, pool, concurrency, stop);
+            futures::future::join(sidecars, tasks).await;
+        }
+        None => {
+            tracing::warn!("no database configured: DelegatedTasks are not reconciled");
+            sidecars.await;
+        }
+    }
 }
 
 #[cfg(test)]

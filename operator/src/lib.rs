@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
+use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -117,9 +118,23 @@ async fn operate(
     let shared = Shared::new(client.clone(), &identity, metrics.clone(), capabilities)
         .watching(config.watch_namespace.clone());
     let concurrency = config.reconcile_concurrency;
+    let database = match &config.database_url {
+        Some(url) => {
+            let options: sqlx::postgres::PgConnectOptions = url
+                .expose_secret()
+                .parse()
+                .context("NUBABEL_DATABASE_URL is not a valid Postgres URL")?;
+            let settings = nubabel_data::db::PoolSettings {
+                max_connections: config.database_max_connections,
+                ..nubabel_data::db::PoolSettings::default()
+            };
+            Some(nubabel_data::db::connect_lazy(options, &settings))
+        }
+        None => None,
+    };
     if !config.leader_elect {
         metrics.leader.set(1);
-        controller::run(shared, settings, concurrency, stopped.wait()).await;
+        controller::run(shared, settings, database, concurrency, stopped.wait()).await;
         return Ok(());
     }
 
@@ -141,7 +156,13 @@ async fn operate(
     metrics.leader.set(1);
 
     let (halt_tx, halt_rx) = watch::channel(false);
-    let controllers = controller::run(shared, settings, concurrency, Stopped(halt_rx).wait());
+    let controllers = controller::run(
+        shared,
+        settings,
+        database,
+        concurrency,
+        Stopped(halt_rx).wait(),
+    );
     tokio::pin!(controllers);
     let mut drained = false;
     let outcome = tokio::select! {

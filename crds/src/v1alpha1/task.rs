@@ -234,6 +234,11 @@ pub struct DelegatedTaskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opencode_session_id: Option<String>,
 
+    /// The OpenCode message id of the task's prompt, once OpenCode has it: the agent's answer
+    /// is what follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_message_id: Option<String>,
+
     /// How many times the operator tried to dispatch the prompt.
     #[serde(default)]
     pub attempts: i32,

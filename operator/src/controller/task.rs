@@ -1,4 +1,961 @@
 //! The DelegatedTask controller: sends each task's prompt to its tenant's OpenCode fleet,
 //! follows the agent until it finishes, and records the outcome in the task's status.
+//!
+//! One reconcile observes (the task, its fleet and pods, the session mapping, the other tasks
+//! in the controller's cache), asks the pure [`plan`] for the next step, and carries it out.
+//! A prompt is sent at most once per task: the chosen session and pod are recorded before
+//! sending, and after any doubt (an ambiguous HTTP failure, a restart mid-send) the session's
+//! messages are read to find the prompt before it is ever sent again.
 
 pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use nubabel_crds::conditions::{self, status as cstatus, types};
+use nubabel_crds::v1alpha1::{
+    DelegatedTask, DelegatedTaskStatus, MAX_OUTPUT_BYTES, OpencodeSidecar, TaskError, TaskPhase,
+};
+use nubabel_data::identity::SidecarIdentity;
+use nubabel_data::sessions::{NewMapping, SessionMappings, TaskRef};
+use nubabel_opencode::{ClientConfig, MessageWithParts, OpencodeClient, PromptRequest, Role};
+use plan::{Observed, PodLoad, Resolved, SessionLocation, Step, Target, reasons};
+use sqlx::PgPool;
+
+use crate::controller::sidecar::build::{
+    OPENCODE_PORT, PASSWORD_KEY, secret_name, selector_labels,
+};
+use crate::controller::{Backoff, FIELD_MANAGER, Shared};
+use crate::metrics::ControllerMetrics;
+
+/// The controller's name in metrics and logs.
+pub const CONTROLLER_NAME: &str = "delegatedtask";
+
+/// Guarantees a running task's agent is aborted before the task disappears.
+pub const FINALIZER: &str = "nubabel.io/abort-running-task";
+
+/// Action of the events this controller publishes.
+const EVENT_ACTION: &str = "Reconcile";
+
+/// Clock skew tolerated when matching a prompt found in OpenCode to a dispatch attempt.
+const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// Errors of one reconcile; each has a stable category for metrics and events.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The task lacks a namespace or uid.
+    #[error("task has no {0}")]
+    MissingMetadata(&'static str),
+    /// The Kubernetes API failed.
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[source] kube::Error),
+    /// The database failed.
+    #[error("database request failed: {0}")]
+    Data(#[source] nubabel_data::error::Error),
+    /// The sidecar's OpenCode server failed or could not be reached.
+    #[error("OpenCode request to pod {pod} failed: {source}")]
+    Opencode {
+        /// The pod.
+        pod: String,
+        /// What failed.
+        #[source]
+        source: nubabel_opencode::Error,
+    },
+    /// The sidecar's Secret lacks the OpenCode password (it is being created).
+    #[error("the OpenCode password of sidecar {0} is not there yet")]
+    NoPassword(String),
+    /// The pod has no IP yet.
+    #[error("pod {0} has no IP address")]
+    NoPodIp(String),
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer update failed: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A stable name for metrics and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::MissingMetadata(_) => "MissingMetadata",
+            Self::Kube(_) => "KubernetesApi",
+            Self::Data(_) => "Database",
+            Self::Opencode { .. } => "OpencodeUnreachable",
+            Self::NoPassword(_) => "SidecarNotProvisioned",
+            Self::NoPodIp(_) => "PodNotAddressable",
+            Self::Finalizer(_) => "Finalizer",
+        }
+    }
+}
+
+impl From<kube::Error> for Error {
+    fn from(error: kube::Error) -> Self {
+        Self::Kube(error)
+    }
+}
+
+impl From<nubabel_data::error::Error> for Error {
+    fn from(error: nubabel_data::error::Error) -> Self {
+        Self::Data(error)
+    }
+}
+
+/// What the task controller needs.
+pub struct Context {
+    /// Shared operator state.
+    shared: Shared,
+    /// Session mappings in Postgres.
+    mappings: SessionMappings,
+    /// The database, for task results.
+    pool: PgPool,
+    /// This controller's metrics.
+    metrics: ControllerMetrics,
+    /// Per-object error backoff.
+    backoff: Backoff,
+    /// Every task the controller sees, for load and queue order.
+    tasks: Store<DelegatedTask>,
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn phase(task: &DelegatedTask) -> TaskPhase {
+    task.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .unwrap_or(TaskPhase::Pending)
+}
+
+fn dispatched_condition_reason(task: &DelegatedTask) -> Option<String> {
+    let status = task.status.as_ref()?;
+    conditions::find(&status.conditions, types::DISPATCHED).map(|c| c.reason.clone())
+}
+
+/// Whether `task` holds (or may hold) a session slot on a pod.
+fn occupies_pod(task: &DelegatedTask) -> Option<&str> {
+    if phase(task).is_finished() || !plan::prompt_may_be_sent(task) {
+        return None;
+    }
+    task.status.as_ref()?.sidecar_pod.as_deref()
+}
+
+fn is_older(a: &DelegatedTask, b: &DelegatedTask) -> bool {
+    let key = |t: &DelegatedTask| {
+        (
+            t.metadata.creation_timestamp.clone().map(|t| t.0),
+            t.name_any(),
+        )
+    };
+    key(a) < key(b)
+}
+
+/// The Nubabel session of a task: its `sessionId`, or one of its own.
+fn session_id(task: &DelegatedTask) -> String {
+    task.spec
+        .session_id
+        .clone()
+        .unwrap_or_else(|| format!("task-{}", task.uid().unwrap_or_default()))
+}
+
+async fn resolve_sidecar(
+    api: &Api<OpencodeSidecar>,
+    task: &DelegatedTask,
+) -> Result<Option<Result<OpencodeSidecar, ()>>, Error> {
+    if let Some(reference) = &task.spec.sidecar_ref {
+        return Ok(api.get_opt(&reference.name).await?.map(Ok));
+    }
+    let mut serving: Vec<OpencodeSidecar> = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| s.spec.organization_id == task.spec.organization_id)
+        .collect();
+    Ok(match serving.len() {
+        0 => None,
+        1 => serving.pop().map(Ok),
+        _ => Some(Err(())),
+    })
+}
+
+/// Reconciles one task.
+pub async fn reconcile_task(task: Arc<DelegatedTask>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let namespace = task
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let api: Api<DelegatedTask> = Api::namespaced(ctx.shared.client.clone(), &namespace);
+    let outcome = finalizer(&api, FINALIZER, task, |event| async {
+        match event {
+            Finalizer::Apply(task) => apply(&task, &ctx).await,
+            Finalizer::Cleanup(task) => cleanup(&task, &ctx).await,
+        }
+    })
+    .await;
+    match outcome {
+        Ok(action) => Ok(action),
+        Err(
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e),
+        ) => Err(e),
+        Err(other) => Err(Error::Finalizer(Box::new(other))),
+    }
+}
+
+/// Backs off per task and reports the failure.
+pub fn error_policy(task: Arc<DelegatedTask>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error.category());
+    tracing::warn!(task = %task.name_any(), error = %error, "task reconcile failed");
+    let key = task.uid().unwrap_or_else(|| task.name_any());
+    Action::requeue(ctx.backoff.next_delay(&key))
+}
+
+async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
+    let namespace = task
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let client = &ctx.shared.client;
+    let sidecars: Api<OpencodeSidecar> = Api::namespaced(client.clone(), &namespace);
+    let now = Timestamp::now();
+
+    // Finished tasks need nothing else observed.
+    let finished = phase(task).is_finished();
+    let resolved = if finished {
+        None
+    } else {
+        resolve_sidecar(&sidecars, task).await?
+    };
+    let sidecar = match &resolved {
+        Some(Ok(sidecar)) => Resolved::Sidecar(sidecar),
+        Some(Err(())) => Resolved::Ambiguous,
+        None => Resolved::NotFound,
+    };
+    let pods: Vec<Pod> = match &resolved {
+        Some(Ok(sidecar)) => {
+            let selector = selector_labels(&sidecar.name_any())
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            Api::<Pod>::namespaced(client.clone(), &namespace)
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+        }
+        _ => Vec::new(),
+    };
+
+    let others: Vec<Arc<DelegatedTask>> = ctx
+        .tasks
+        .state()
+        .into_iter()
+        .filter(|t| t.namespace().as_deref() == Some(namespace.as_str()) && t.uid() != task.uid())
+        .collect();
+    let loads: Vec<PodLoad> = pods
+        .iter()
+        .map(|pod| PodLoad {
+            name: pod.name_any(),
+            ready: pod_ready(pod),
+            running_tasks: others
+                .iter()
+                .filter(|t| occupies_pod(t) == Some(pod.name_any().as_str()))
+                .count() as i32,
+        })
+        .collect();
+    let sidecar_name = resolved
+        .as_ref()
+        .and_then(|r| r.as_ref().ok())
+        .map(|s| s.name_any());
+    let same_fleet = |t: &DelegatedTask| {
+        t.status.as_ref().and_then(|s| s.sidecar.clone()) == sidecar_name
+            || t.spec.sidecar_ref.as_ref().map(|r| r.name.clone()) == sidecar_name
+    };
+    let older_task_waiting = others.iter().any(|t| {
+        phase(t) == TaskPhase::Queued
+            && same_fleet(t)
+            && is_older(t, task)
+            && matches!(
+                dispatched_condition_reason(t).as_deref(),
+                Some(reasons::NO_CAPACITY | reasons::WAITING_FOR_OLDER_TASKS)
+            )
+    });
+    let my_session = session_id(task);
+    let session_busy = task.spec.session_id.is_some()
+        && others.iter().any(|t| {
+            session_id(t) == my_session
+                && t.spec.organization_id == task.spec.organization_id
+                && occupies_pod(t).is_some()
+        });
+
+    let mapping = match (&sidecar, finished) {
+        (Resolved::Sidecar(_), false) => {
+            let organization =
+                nubabel_data::identity::OrganizationId::parse(&task.spec.organization_id)
+                    .map_err(|_| Error::MissingMetadata("valid organizationId"))?;
+            ctx.mappings.get(&organization, &my_session).await?
+        }
+        _ => None,
+    };
+    let location = mapping
+        .as_ref()
+        .filter(|m| Some(&m.sidecar_name) == sidecar_name.as_ref())
+        .map(|m| SessionLocation {
+            opencode_session_id: m.opencode_session_id.clone(),
+            pod: m.pod_name.clone(),
+        });
+
+    let observed = Observed {
+        task,
+        sidecar,
+        pods: &loads,
+        session: location.as_ref(),
+        older_task_waiting,
+        session_busy,
+        now,
+    };
+    let step = plan::plan(&observed);
+    let requeue = plan::requeue_after(task, &step, now);
+    tracing::debug!(task = %task.name_any(), ?step, "planned");
+
+    let outcome = match step {
+        Step::Wait(_) => Ok(()),
+        Step::Delete => {
+            Api::<DelegatedTask>::namespaced(client.clone(), &namespace)
+                .delete(&task.name_any(), &DeleteParams::background())
+                .await?;
+            return Ok(Action::await_change());
+        }
+        Step::Queue { reason, message } => {
+            queue(task, ctx, sidecar_name.as_deref(), reason, &message).await
+        }
+        Step::Finish {
+            phase,
+            reason,
+            message,
+        } => finish(task, ctx, phase, reason, &message, None).await,
+        Step::Abort {
+            phase,
+            reason,
+            message,
+        } => {
+            abort(task, ctx, &pods).await;
+            finish(task, ctx, phase, reason, &message, None).await
+        }
+        Step::Dispatch(target) => {
+            let sidecar = resolved
+                .and_then(Result::ok)
+                .ok_or(Error::MissingMetadata("sidecar"))?;
+            dispatch(task, ctx, &sidecar, &pods, target, &my_session).await
+        }
+        Step::Check => check(task, ctx, &pods).await,
+    };
+    outcome?;
+    ctx.backoff.reset(&task.uid().unwrap_or_default());
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Makes sure the agent of a deleted task stops.
+async fn cleanup(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
+    if !phase(task).is_finished() && plan::prompt_may_be_sent(task) {
+        let namespace = task.namespace().unwrap_or_default();
+        let pods = Api::<Pod>::namespaced(ctx.shared.client.clone(), &namespace)
+            .list(&ListParams::default())
+            .await?
+            .items;
+        abort(task, ctx, &pods).await;
+        publish(
+            ctx,
+            task,
+            EventType::Normal,
+            reasons::CANCELLED,
+            "aborted the agent of the deleted task".to_owned(),
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
+async fn opencode_for(
+    ctx: &Context,
+    task: &DelegatedTask,
+    pods: &[Pod],
+    pod_name: &str,
+) -> Result<OpencodeClient, Error> {
+    let namespace = task.namespace().unwrap_or_default();
+    let pod = pods
+        .iter()
+        .find(|p| p.name_any() == pod_name)
+        .ok_or_else(|| Error::NoPodIp(pod_name.to_owned()))?;
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| Error::NoPodIp(pod_name.to_owned()))?;
+    let sidecar = task
+        .status
+        .as_ref()
+        .and_then(|s| s.sidecar.clone())
+        .or_else(|| task.spec.sidecar_ref.as_ref().map(|r| r.name.clone()))
+        .ok_or(Error::MissingMetadata("sidecar"))?;
+    let secret = Api::<Secret>::namespaced(ctx.shared.client.clone(), &namespace)
+        .get_opt(&secret_name(&sidecar))
+        .await?;
+    let password = secret
+        .and_then(|s| s.data)
+        .and_then(|d| {
+            d.get(PASSWORD_KEY)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        })
+        .ok_or_else(|| Error::NoPassword(sidecar.clone()))?;
+    OpencodeClient::new(
+        ClientConfig::new(format!("http://{ip}:{OPENCODE_PORT}")).with_password(password),
+    )
+    .map_err(|source| Error::Opencode {
+        pod: pod_name.to_owned(),
+        source,
+    })
+}
+
+/// The user messages of a session that carry exactly `prompt`, with their creation time.
+fn prompt_messages<'a>(
+    messages: &'a [MessageWithParts],
+    prompt: &str,
+) -> Vec<&'a MessageWithParts> {
+    messages
+        .iter()
+        .filter(|m| m.info.role == Role::User)
+        .filter(|m| {
+            let text: Vec<&str> = m
+                .parts
+                .iter()
+                .filter_map(|p| match p {
+                    nubabel_opencode::Part::Text(t) => Some(t.text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            text.join("\n") == prompt
+        })
+        .collect()
+}
+
+async fn dispatch(
+    task: &DelegatedTask,
+    ctx: &Context,
+    sidecar: &OpencodeSidecar,
+    pods: &[Pod],
+    target: Target,
+    session: &str,
+) -> Result<(), Error> {
+    let namespace = task.namespace().unwrap_or_default();
+    let mut status = own_status(task);
+    status.sidecar = Some(sidecar.name_any());
+    let resuming = plan::prompt_may_be_sent(task);
+    let (pod, opencode_session) = match &target {
+        Target::Existing(location) => (
+            location.pod.clone(),
+            Some(location.opencode_session_id.clone()),
+        ),
+        Target::NewSession { pod } => (pod.clone(), None),
+    };
+    // The client needs the sidecar recorded in status; set it before resolving the password.
+    let mut with_sidecar = task.clone();
+    with_sidecar.status = Some(status.clone());
+    let opencode = opencode_for(ctx, &with_sidecar, pods, &pod).await?;
+    let fail = |source| Error::Opencode {
+        pod: pod.clone(),
+        source,
+    };
+
+    let opencode_session = match opencode_session {
+        Some(id) => id,
+        None => {
+            opencode
+                .create_session(Some(&task.name_any()))
+                .await
+                .map_err(fail)?
+                .id
+        }
+    };
+
+    // Record where the prompt goes, in Postgres and in status, before it is sent.
+    let identity = SidecarIdentity::new(
+        &sidecar.spec.organization_id,
+        &namespace,
+        &sidecar.name_any(),
+    )
+    .map_err(|_| Error::MissingMetadata("valid sidecar identity"))?;
+    let task_ref = TaskRef::new(&namespace, &task.name_any())
+        .map_err(|_| Error::MissingMetadata("valid task name"))?;
+    ctx.mappings
+        .record(&NewMapping {
+            sidecar: &identity,
+            session_id: session,
+            opencode_session_id: &opencode_session,
+            pod_name: &pod,
+            task: Some(&task_ref),
+        })
+        .await?;
+    let attempt_started = Timestamp::now();
+    if !resuming || status.opencode_session_id.as_deref() != Some(opencode_session.as_str()) {
+        status.attempts += 1;
+    }
+    status.phase = Some(TaskPhase::Pending);
+    status.sidecar_pod = Some(pod.clone());
+    status.opencode_session_id = Some(opencode_session.clone());
+    set(
+        &mut status,
+        task,
+        types::DISPATCHED,
+        cstatus::UNKNOWN,
+        reasons::DISPATCHING,
+        format!("sending the prompt to OpenCode session {opencode_session} on pod {pod}"),
+    );
+    write_status(task, ctx, status.clone()).await?;
+    let attempt_started_from_status = conditions::find(&status.conditions, types::DISPATCHED)
+        .map(|c| c.last_transition_time.0)
+        .unwrap_or(attempt_started);
+
+    // Was the prompt sent already (an earlier attempt that ended in doubt)?
+    let before = opencode
+        .messages(&opencode_session, None)
+        .await
+        .map_err(fail)?;
+    let since_ms = (attempt_started_from_status.as_millisecond()) - CLOCK_SKEW.as_millis() as i64;
+    let known: Vec<String> = prompt_messages(&before, &task.spec.prompt)
+        .iter()
+        .map(|m| m.info.id.clone())
+        .collect();
+    let already = if resuming {
+        prompt_messages(&before, &task.spec.prompt)
+            .into_iter()
+            .find(|m| m.info.time.created.is_some_and(|c| c >= since_ms))
+            .map(|m| m.info.id.clone())
+    } else {
+        None
+    };
+
+    let message_id = match already {
+        Some(id) => id,
+        None => {
+            let mut request = PromptRequest::text(task.spec.prompt.clone());
+            if let Some(agent) = &task.spec.agent {
+                request = request.with_agent(agent.clone());
+            }
+            let sent = opencode.prompt_async(&opencode_session, &request).await;
+            // Success or not, the session's messages say whether OpenCode has the prompt.
+            let after = opencode
+                .messages(&opencode_session, None)
+                .await
+                .map_err(fail)?;
+            let found = prompt_messages(&after, &task.spec.prompt)
+                .into_iter()
+                .find(|m| !known.contains(&m.info.id))
+                .map(|m| m.info.id.clone());
+            match (found, sent) {
+                (Some(id), _) => id,
+                (None, Err(source)) => return Err(fail(source)),
+                (None, Ok(())) => {
+                    // Accepted but not listed yet: the next reconcile resumes and finds it.
+                    return Ok(());
+                }
+            }
+        }
+    };
+
+    status.phase = Some(TaskPhase::Running);
+    status.prompt_message_id = Some(message_id);
+    status.dispatch_time = Some(Time(Timestamp::now()));
+    set(
+        &mut status,
+        task,
+        types::DISPATCHED,
+        cstatus::TRUE,
+        reasons::PROMPT_ACCEPTED,
+        format!("OpenCode session {opencode_session} on pod {pod} has the prompt"),
+    );
+    set(
+        &mut status,
+        task,
+        types::SUCCEEDED,
+        cstatus::UNKNOWN,
+        "Running",
+        "the agent is working".to_owned(),
+    );
+    write_status(task, ctx, status).await?;
+    publish(
+        ctx,
+        task,
+        EventType::Normal,
+        reasons::PROMPT_ACCEPTED,
+        format!("sent to OpenCode session {opencode_session} on pod {pod}"),
+    )
+    .await;
+    Ok(())
+}
+
+/// Looks at OpenCode: a finished turn ends the task.
+async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), Error> {
+    let status = task.status.clone().unwrap_or_default();
+    let (Some(pod), Some(session)) = (
+        status.sidecar_pod.clone(),
+        status.opencode_session_id.clone(),
+    ) else {
+        return Ok(());
+    };
+    let opencode = opencode_for(ctx, task, pods, &pod).await?;
+    let fail = |source| Error::Opencode {
+        pod: pod.clone(),
+        source,
+    };
+    let busy = opencode
+        .session_status()
+        .await
+        .map_err(fail)?
+        .contains_key(&session);
+    if busy {
+        return Ok(());
+    }
+    let messages = match opencode.messages(&session, None).await {
+        Ok(messages) => messages,
+        Err(e) if e.is_not_found() => {
+            return finish(
+                task,
+                ctx,
+                TaskPhase::Failed,
+                reasons::SIDECAR_POD_LOST,
+                &format!("OpenCode session {session} no longer exists on pod {pod}"),
+                None,
+            )
+            .await;
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    let Some(prompt_id) = status.prompt_message_id.as_deref() else {
+        return Ok(());
+    };
+    let Some(start) = messages.iter().position(|m| m.info.id == prompt_id) else {
+        return Ok(());
+    };
+    let answers: Vec<MessageWithParts> = messages[start + 1..]
+        .iter()
+        .filter(|m| m.info.role == Role::Assistant)
+        .cloned()
+        .collect();
+    let Some(last) = answers.last() else {
+        return Ok(());
+    };
+    if let Some(error) = &last.info.error {
+        let message = error.message().unwrap_or("the agent failed").to_owned();
+        return finish(
+            task,
+            ctx,
+            TaskPhase::Failed,
+            &error.name.clone(),
+            &message,
+            None,
+        )
+        .await;
+    }
+    let done =
+        last.info.time.completed.is_some() && last.info.finish.as_deref() != Some("tool-calls");
+    if !done {
+        return Ok(());
+    }
+    let output = nubabel_opencode::final_assistant_text(&answers).unwrap_or_default();
+    finish(
+        task,
+        ctx,
+        TaskPhase::Succeeded,
+        reasons::COMPLETED,
+        "the agent finished",
+        Some(output),
+    )
+    .await
+}
+
+async fn abort(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) {
+    let status = task.status.clone().unwrap_or_default();
+    let (Some(pod), Some(session)) = (status.sidecar_pod, status.opencode_session_id) else {
+        return;
+    };
+    match opencode_for(ctx, task, pods, &pod).await {
+        Ok(opencode) => {
+            if let Err(error) = opencode.abort(&session).await {
+                tracing::info!(task = %task.name_any(), %error, "abort did not reach OpenCode");
+            }
+        }
+        Err(error) => tracing::info!(task = %task.name_any(), %error, "no OpenCode to abort"),
+    }
+}
+
+async fn queue(
+    task: &DelegatedTask,
+    ctx: &Context,
+    sidecar: Option<&str>,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let mut status = own_status(task);
+    let was_queued = status.phase == Some(TaskPhase::Queued);
+    status.phase = Some(TaskPhase::Queued);
+    status.sidecar = sidecar.map(str::to_owned);
+    let changed = set(
+        &mut status,
+        task,
+        types::DISPATCHED,
+        cstatus::FALSE,
+        reason,
+        message.to_owned(),
+    );
+    if changed || !was_queued {
+        write_status(task, ctx, status).await?;
+        publish(ctx, task, EventType::Normal, reason, message.to_owned()).await;
+    }
+    Ok(())
+}
+
+async fn finish(
+    task: &DelegatedTask,
+    ctx: &Context,
+    phase: TaskPhase,
+    reason: &str,
+    message: &str,
+    output: Option<String>,
+) -> Result<(), Error> {
+    let mut status = own_status(task);
+    status.phase = Some(phase);
+    status.completion_time = Some(Time(Timestamp::now()));
+    let succeeded = phase == TaskPhase::Succeeded;
+    set(
+        &mut status,
+        task,
+        types::SUCCEEDED,
+        if succeeded {
+            cstatus::TRUE
+        } else {
+            cstatus::FALSE
+        },
+        reason,
+        message.to_owned(),
+    );
+    if status.dispatch_time.is_none() {
+        set(
+            &mut status,
+            task,
+            types::DISPATCHED,
+            cstatus::FALSE,
+            reason,
+            message.to_owned(),
+        );
+    }
+    status.error = (!succeeded).then(|| TaskError {
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+    });
+    status.output = output.as_deref().map(bounded_output);
+
+    if let Some(uid) = task.uid().and_then(|u| u.parse().ok()) {
+        let namespace = task.namespace().unwrap_or_default();
+        let name = task.name_any();
+        let phase_name = format!("{phase:?}");
+        nubabel_data::results::record(
+            &ctx.pool,
+            &nubabel_data::results::TaskResult {
+                task_uid: uid,
+                organization_id: &task.spec.organization_id,
+                task_namespace: &namespace,
+                task_name: &name,
+                session_id: task.spec.session_id.as_deref(),
+                phase: &phase_name,
+                output: output.as_deref(),
+                error_reason: (!succeeded).then_some(reason),
+                error_message: (!succeeded).then_some(message),
+            },
+        )
+        .await?;
+    }
+    write_status(task, ctx, status).await?;
+    let type_ = if matches!(phase, TaskPhase::Succeeded | TaskPhase::Cancelled) {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    publish(ctx, task, type_, reason, format!("{phase:?}: {message}")).await;
+    Ok(())
+}
+
+/// The final answer, cut at a character boundary to [`MAX_OUTPUT_BYTES`] with a note.
+pub fn bounded_output(text: &str) -> String {
+    const NOTE: &str = "\n[truncated; the whole answer is kept in the database]";
+    if text.len() <= MAX_OUTPUT_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_OUTPUT_BYTES - NOTE.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{NOTE}", &text[..end])
+}
+
+/// The fields of status this controller owns (everything but the callback API's progress).
+fn own_status(task: &DelegatedTask) -> DelegatedTaskStatus {
+    let mut status = task.status.clone().unwrap_or_default();
+    status.progress = None;
+    status
+}
+
+fn set(
+    status: &mut DelegatedTaskStatus,
+    task: &DelegatedTask,
+    type_: &str,
+    value: &str,
+    reason: &str,
+    message: String,
+) -> bool {
+    // The API server of Kubernetes 1.20 turns an empty message into null under server-side
+    // apply, which the schema refuses: never send one.
+    let message = if message.is_empty() {
+        reason.to_owned()
+    } else {
+        message
+    };
+    conditions::set_condition(
+        &mut status.conditions,
+        conditions::condition(
+            type_,
+            value,
+            reason,
+            message,
+            task.metadata.generation,
+            Time(Timestamp::now()),
+        ),
+    )
+}
+
+async fn write_status(
+    task: &DelegatedTask,
+    ctx: &Context,
+    mut status: DelegatedTaskStatus,
+) -> Result<(), Error> {
+    status.observed_generation = task.metadata.generation;
+    status.progress = None;
+    let patch = serde_json::json!({
+        "apiVersion": DelegatedTask::api_version(&()),
+        "kind": DelegatedTask::kind(&()),
+        "status": status,
+    });
+    Api::<DelegatedTask>::namespaced(
+        ctx.shared.client.clone(),
+        &task.namespace().unwrap_or_default(),
+    )
+    .patch_status(
+        &task.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    task: &DelegatedTask,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let reference: ObjectReference = task.object_ref(&());
+    let mut note = note;
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: EVENT_ACTION.to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.shared.recorder.publish(&event, &reference).await {
+        tracing::warn!(%error, reason, "failed to publish an event");
+    }
+}
+
+/// Runs the task controller until `stop` resolves.
+pub async fn run(
+    shared: Shared,
+    pool: PgPool,
+    concurrency: u16,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let tasks = shared.watched::<DelegatedTask>();
+    let controller = Controller::new(tasks, watcher::Config::default());
+    let store = controller.store();
+    // A pod that becomes ready (or goes away) matters to the queued and running tasks of its
+    // namespace; they are few, so wake them all.
+    let pod_store = store.clone();
+    let pods = watcher::Config::default().labels("app.kubernetes.io/managed-by=nubabel-operator");
+    let controller = controller.watches(shared.watched::<Pod>(), pods, move |pod| {
+        let namespace = pod.namespace();
+        pod_store
+            .state()
+            .iter()
+            .filter(|t| t.namespace() == namespace && !phase(t).is_finished())
+            .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .collect::<Vec<ObjectRef<DelegatedTask>>>()
+    });
+    let ctx = Arc::new(Context {
+        metrics: shared.metrics.controller(CONTROLLER_NAME),
+        mappings: SessionMappings::new(pool.clone()),
+        pool,
+        backoff: Backoff::default(),
+        tasks: store,
+        shared,
+    });
+    controller
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .graceful_shutdown_on(stop)
+        .run(reconcile_task, error_policy, ctx)
+        .for_each(|result| {
+            if let Err(error) = result {
+                tracing::debug!(%error, "task reconcile did not succeed");
+            }
+            std::future::ready(())
+        })
+        .await;
+    tracing::info!("the task controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_output_is_cut_at_a_character_boundary_with_a_note() {
+        let text = "é".repeat(MAX_OUTPUT_BYTES);
+        let bounded = bounded_output(&text);
+        assert!(bounded.len() <= MAX_OUTPUT_BYTES);
+        assert!(bounded.ends_with("kept in the database]"));
+        assert_eq!(bounded_output("short"), "short");
+    }
+}

@@ -1,0 +1,64 @@
+//! Finished tasks' full outcomes: the operator writes the whole final answer here, while the
+//! task's status keeps only a bounded excerpt.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// The outcome of one finished task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskResult<'a> {
+    /// The task's `metadata.uid`.
+    pub task_uid: Uuid,
+    /// The tenant.
+    pub organization_id: &'a str,
+    /// The task's namespace.
+    pub task_namespace: &'a str,
+    /// The task's name.
+    pub task_name: &'a str,
+    /// The Nubabel session, if the task had one.
+    pub session_id: Option<&'a str>,
+    /// The phase it ended in (Succeeded, Failed, Cancelled, TimedOut).
+    pub phase: &'a str,
+    /// The agent's whole final answer.
+    pub output: Option<&'a str>,
+    /// Why it did not succeed.
+    pub error_reason: Option<&'a str>,
+    /// In words.
+    pub error_message: Option<&'a str>,
+}
+
+/// Records (or, for a repeated write of the same task, replaces) a task's outcome.
+pub async fn record(pool: &PgPool, result: &TaskResult<'_>) -> Result<()> {
+    sqlx::query(
+        "insert into task_results (task_uid, organization_id, task_namespace, task_name,
+                                   session_id, phase, output, error_reason, error_message)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         on conflict (task_uid) do update
+         set phase = excluded.phase, output = excluded.output,
+             error_reason = excluded.error_reason, error_message = excluded.error_message",
+    )
+    .bind(result.task_uid)
+    .bind(result.organization_id)
+    .bind(result.task_namespace)
+    .bind(result.task_name)
+    .bind(result.session_id)
+    .bind(result.phase)
+    .bind(result.output)
+    .bind(result.error_reason)
+    .bind(result.error_message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The whole output of task `task_uid`, if it finished with one.
+pub async fn output(pool: &PgPool, task_uid: Uuid) -> Result<Option<String>> {
+    let output: Option<Option<String>> =
+        sqlx::query_scalar("select output from task_results where task_uid = $1")
+            .bind(task_uid)
+            .fetch_optional(pool)
+            .await?;
+    Ok(output.flatten())
+}
