@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quick start's main job on the local default: installs what it needs, starts the local
-# stack (Kubernetes v1.20.2 control plane, Postgres, Redis), installs the CRDs, applies the
-# example tenant and tasks, and shows them. The stack is torn down when it ends.
+# stack (Kubernetes v1.20.2 control plane, Postgres, Redis), then runs the callback API, the
+# operator and a tenant's OpenCode sidecar pod (the real OpenCode server, with a scripted fake
+# LLM) and prints a DelegatedTask's progress and answer. Everything is torn down at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,5 +10,5 @@ while IFS='=' read -r key value; do
   case "$key" in NUBABEL_*) export "$key=$value" ;; esac
 done < <(scripts/install-deps.sh)
 
-cargo build -q -p nubabel-e2e --bin nubabel-local
-exec target/debug/nubabel-local run -- scripts/demo-steps.sh
+cargo build -q --workspace --bins
+exec target/debug/nubabel-local run -- target/debug/nubabel-demo
