@@ -1,4 +1,5 @@
-//! `/healthz` (the process answers), `/readyz` (OpenCode answers and the callback API is
+//! `/healthz` (the process answers), `/readyz` (OpenCode answers, its event stream is followed,
+//! and the callback API is
 //! reachable) and `/metrics`, on the bridge's port; `/readyz` is the pod's readiness probe.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,9 +24,24 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct Liveness {
     api_answered: Mutex<Option<Instant>>,
+    // NB: a pod must not take work before its events are followed, or a fast turn finishes
+    // unseen while the stream is still reconnecting.
+    following_events: std::sync::atomic::AtomicBool,
 }
 
 impl Liveness {
+    /// Records whether the OpenCode event stream is connected.
+    pub fn following_events(&self, connected: bool) {
+        self.following_events
+            .store(connected, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the OpenCode event stream is connected.
+    pub fn is_following_events(&self) -> bool {
+        self.following_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Records an answer from the API (accepted or refused: either way it is up).
     pub fn api_answered(&self) {
         *self
@@ -76,6 +92,9 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
         Ok(Ok(_)) => return unready("OpenCode reports itself unhealthy"),
         Ok(Err(error)) => return unready(&format!("OpenCode does not answer: {error}")),
         Err(_) => return unready("OpenCode did not answer within 2 s"),
+    }
+    if !state.liveness.is_following_events() {
+        return unready("not following OpenCode's event stream yet");
     }
     if state.liveness.api_recent() {
         return (StatusCode::OK, "ready".to_owned());

@@ -137,7 +137,7 @@ impl Bridge {
             sender,
             settings.delivery_backoff,
             Arc::clone(&metrics),
-            liveness,
+            Arc::clone(&liveness),
         ));
         let mapper = Mapper::new(
             MapperSettings {
@@ -148,7 +148,7 @@ impl Bridge {
             unix_millis(),
         );
         tokio::select! {
-            () = follow_events(opencode, mapper, Arc::clone(&outbox), Arc::clone(&metrics), settings.reconnect_backoff) => {}
+            () = follow_events(opencode, mapper, Arc::clone(&outbox), Arc::clone(&metrics), liveness, settings.reconnect_backoff) => {}
             () = shutdown => {}
         }
         tracing::info!(
@@ -177,6 +177,7 @@ async fn follow_events(
     mut mapper: Mapper,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
     backoff: Backoff,
 ) {
     let mut pause = backoff.initial;
@@ -210,6 +211,7 @@ async fn follow_events(
                             metrics.events.inc();
                             if envelope.event == Event::ServerConnected {
                                 pause = backoff.initial;
+                                liveness.following_events(true);
                             }
                             for callback in mapper.handle(&envelope, Instant::now()) {
                                 outbox.push(callback);
@@ -221,6 +223,7 @@ async fn follow_events(
                         }
                     }
                 }
+                liveness.following_events(false);
             }
             Err(error) => tracing::warn!("connecting to the OpenCode event stream: {error}"),
         }
