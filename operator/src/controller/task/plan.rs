@@ -606,6 +606,23 @@ mod tests {
     }
 
     #[test]
+    fn a_task_naming_no_sidecar_fails_when_several_serve_its_organization() {
+        let (task, fleet) = (task(), sidecar("org-a"));
+        let observed = Observed {
+            sidecar: Resolved::Ambiguous,
+            ..observe(&task, &fleet, &[])
+        };
+        assert!(matches!(
+            plan(&observed),
+            Step::Finish {
+                phase: TaskPhase::Failed,
+                reason: reasons::AMBIGUOUS_SIDECAR,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn a_running_task_past_its_deadline_is_aborted_as_timed_out() {
         let mut task = running(task(), 0);
         task.spec.timeout_seconds = 5;
