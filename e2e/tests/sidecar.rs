@@ -494,8 +494,11 @@ async fn kubectl_scale_resizes_the_fleet_and_zero_suspends_it_keeping_its_storag
         ensure!(suspended.status.success());
         await_condition(&fleet.api::<StatefulSet>(), "tenant-b", "0 replicas", |s: Option<&StatefulSet>| sts_replicas(s) == Some(0), DEFAULT_WAIT).await?;
         eventually("no pods", DEFAULT_WAIT, || async { Ok(pod_count(fleet, "tenant-b").await? == 0) }).await?;
-        let status = await_condition(&fleet.sidecars(), "tenant-b", "Ready=False Suspended", |o: Option<&DynamicObject>| {
-            o.and_then(|o| condition(o, "Ready")).is_some_and(|c| c["reason"] == "Suspended")
+        // Suspended follows spec.replicas at once; status.replicas follows the pods going away.
+        let status = await_condition(&fleet.sidecars(), "tenant-b", "Ready=False Suspended with no replicas", |o: Option<&DynamicObject>| {
+            o.is_some_and(|o| {
+                condition(o, "Ready").is_some_and(|c| c["reason"] == "Suspended") && o.data["status"]["replicas"] == 0
+            })
         }, DEFAULT_WAIT).await?.unwrap();
         assert_eq!(status.data["status"]["replicas"], 0);
         let claims = fleet.api::<PersistentVolumeClaim>().list(&ListParams::default()).await?;
