@@ -28,6 +28,22 @@ pub const REPORTING_CONTROLLER: &str = "nubabel.io/operator";
 /// deleted Secret, the callback API's view) is checked at least this often.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
+/// Longest note of a Kubernetes event the controllers publish (the API allows 1 KiB).
+pub const MAX_EVENT_NOTE_BYTES: usize = 1024;
+
+/// Cuts `text` to at most `max` bytes at a character boundary, marking the cut with `...`.
+pub fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
 /// Per-object exponential backoff for reconcile errors: 5 s, doubling, at most 5 min, reset
 /// by the next successful reconcile. kube-runtime has no per-key backoff of its own.
 #[derive(Debug, Default)]

@@ -35,7 +35,7 @@ use secrecy::ExposeSecret;
 use tracing::{Instrument, field};
 
 use self::build::{MANAGED_SELECTOR, SecretMaterial, instance_of, selector_string};
-use super::{Backoff, Capabilities, RESYNC_INTERVAL, Shared};
+use super::{Backoff, Capabilities, MAX_EVENT_NOTE_BYTES, RESYNC_INTERVAL, Shared, truncate};
 use crate::config::{Config, Labels};
 use crate::metrics::ControllerMetrics;
 
@@ -382,25 +382,13 @@ async fn publish(
     let event = Event {
         type_,
         reason: reason.to_owned(),
-        note: Some(truncate(note, 1024)),
+        note: Some(truncate(note, MAX_EVENT_NOTE_BYTES)),
         action: EVENT_ACTION.to_owned(),
         secondary: None,
     };
     if let Err(error) = ctx.recorder.publish(&event, reference).await {
         tracing::warn!(%error, reason, "failed to publish an event");
     }
-}
-
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max.saturating_sub(3);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
-    }
-    text
 }
 
 /// 32 random bytes, URL-safe base64: the OpenCode server password.

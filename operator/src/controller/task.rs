@@ -36,7 +36,7 @@ use sqlx::PgPool;
 use crate::controller::sidecar::build::{
     OPENCODE_PORT, PASSWORD_KEY, secret_name, selector_labels,
 };
-use crate::controller::{Backoff, FIELD_MANAGER, Shared};
+use crate::controller::{Backoff, FIELD_MANAGER, MAX_EVENT_NOTE_BYTES, Shared, truncate};
 use crate::metrics::ControllerMetrics;
 
 /// The controller's name in metrics and logs.
@@ -881,18 +881,10 @@ async fn publish(
     note: String,
 ) {
     let reference: ObjectReference = task.object_ref(&());
-    let mut note = note;
-    if note.len() > 1000 {
-        let mut end = 1000;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-    }
     let event = Event {
         type_,
         reason: reason.to_owned(),
-        note: Some(note),
+        note: Some(truncate(note, MAX_EVENT_NOTE_BYTES)),
         action: EVENT_ACTION.to_owned(),
         secondary: None,
     };
