@@ -1,10 +1,11 @@
 //! The per-session event log: progress events and state updates, numbered 1, 2, 3, ... per
 //! session and deduplicated on the sender's event id.
 //!
-//! Appending is one transaction: bump the session's `last_seq` under its row lock (which also
-//! orders concurrent appends to one session), apply the state or the progress summary, insert
-//! the event. A retried delivery conflicts on `(organization_id, event_id)`; the transaction
-//! is rolled back, so a duplicate changes nothing, not even the sequence.
+//! Appending is one statement: insert the event numbered after the session's `last_seq`, read
+//! under the session's row lock (which also orders concurrent appends to one session), then
+//! bump `last_seq` and apply the state or the progress summary. A retried delivery conflicts on
+//! `(organization_id, event_id)`; then nothing is inserted and nothing else changes, not even
+//! the sequence.
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -169,23 +170,42 @@ pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
     let fingerprint = fingerprint(kind, event.session_pk, event.raw_body);
     let delta = delta.unwrap_or_default();
 
-    let mut tx = pool.begin().await?;
-    let session = sqlx::query(
-        "update sessions
-         set last_seq = last_seq + 1,
-             progress_events = progress_events + $2,
-             tools_started = tools_started + $3,
-             tools_completed = tools_completed + $4,
-             last_tool = coalesce($5, last_tool),
-             last_message = coalesce($6, last_message),
-             last_event_at = case when $2 = 1 then now() else last_event_at end,
-             state = coalesce($7, state),
-             state_metadata = coalesce($8, state_metadata),
-             state_updated_at = case when $7 is null then state_updated_at else now() end
-         where id = $1
-         returning last_seq, task_namespace, task_name, progress_events, tools_started,
-                   tools_completed, last_tool, last_message,
-                   (extract(epoch from last_event_at) * 1000000)::int8 as last_event_at_us",
+    // One statement, so one round trip and an implicit transaction. The insert reads the
+    // session's `last_seq` under its row lock (concurrent appends to one session queue there and
+    // read the number their predecessor wrote); the update applies the summary only when the
+    // insert happened, so a duplicate changes nothing, not even the sequence.
+    let row = sqlx::query(
+        "with inserted as (
+             insert into session_events
+                 (session_pk, seq, organization_id, event_id, kind, event_type, body, fingerprint)
+             select id, last_seq + 1, $9, $10, $11, $12, $13, $14
+             from sessions
+             where id = $1
+             for update
+             on conflict (organization_id, event_id) do nothing
+             returning seq, received_at
+         ),
+         bumped as (
+             update sessions
+             set last_seq = inserted.seq,
+                 progress_events = progress_events + $2,
+                 tools_started = tools_started + $3,
+                 tools_completed = tools_completed + $4,
+                 last_tool = coalesce($5, last_tool),
+                 last_message = coalesce($6, last_message),
+                 last_event_at = case when $2 = 1 then now() else last_event_at end,
+                 state = coalesce($7, state),
+                 state_metadata = coalesce($8, state_metadata),
+                 state_updated_at = case when $7 is null then state_updated_at else now() end
+             from inserted
+             where id = $1
+             returning last_seq, task_namespace, task_name, progress_events, tools_started,
+                       tools_completed, last_tool, last_message,
+                       (extract(epoch from last_event_at) * 1000000)::int8 as last_event_at_us,
+                       (extract(epoch from inserted.received_at) * 1000000)::int8
+                           as received_at_us
+         )
+         select * from bumped",
     )
     .bind(event.session_pk)
     .bind(i64::from(kind == EventKind::Progress))
@@ -195,35 +215,20 @@ pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
     .bind(delta.last_message.as_deref())
     .bind(state)
     .bind(metadata)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(Error::SessionNotFound)?;
-    let seq: i64 = session.try_get("last_seq")?;
-
-    let inserted = sqlx::query(
-        "insert into session_events
-             (session_pk, seq, organization_id, event_id, kind, event_type, body, fingerprint)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
-         on conflict (organization_id, event_id) do nothing
-         returning (extract(epoch from received_at) * 1000000)::int8 as received_at_us",
-    )
-    .bind(event.session_pk)
-    .bind(seq)
     .bind(event.organization_id.as_str())
     .bind(event.event_id)
     .bind(kind.as_str())
     .bind(event_type)
     .bind(&body)
     .bind(fingerprint.as_slice())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(pool)
     .await?;
 
-    let Some(inserted) = inserted else {
-        // A delivery with this id is committed: undo the sequence bump and the summary.
-        tx.rollback().await?;
+    let Some(session) = row else {
+        // Nothing inserted: the session is gone, or a delivery with this id is committed.
         return existing(pool, event, kind, &fingerprint).await;
     };
-    tx.commit().await?;
+    let seq: i64 = session.try_get("last_seq")?;
 
     Ok(Appended::New(Box::new(Committed {
         event: StoredEvent {
@@ -232,7 +237,7 @@ pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
             kind,
             event_type: event_type.to_owned(),
             body,
-            received_at: timestamp(inserted.try_get("received_at_us")?)?,
+            received_at: timestamp(session.try_get("received_at_us")?)?,
         },
         task: TaskRef::from_row(&session)?,
         summary: summary_from_row(&session)?,
@@ -252,8 +257,9 @@ async fn existing(
     )
     .bind(event.organization_id.as_str())
     .bind(event.event_id)
-    .fetch_one(pool)
-    .await?;
+    .fetch_optional(pool)
+    .await?
+    .ok_or(Error::SessionNotFound)?;
     let same = row.try_get::<Uuid, _>("session_pk")? == event.session_pk
         && row.try_get::<String, _>("kind")? == kind.as_str()
         && row.try_get::<Vec<u8>, _>("fingerprint")? == fingerprint.as_slice();

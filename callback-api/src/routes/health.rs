@@ -1,4 +1,9 @@
-//! `/healthz` (the process answers) and `/readyz` (Postgres and Redis answer).
+//! `/healthz` (the process answers) and `/readyz` (Postgres answers).
+//!
+//! Readiness follows Postgres alone: it is the record, and without it nothing can be
+//! acknowledged. Redis only carries the hot state and the fan-out, and the API keeps accepting
+//! and streaming events without it (from Postgres), so a replica whose Redis is down stays in
+//! its Service and reports `degraded` rather than being taken out of rotation with the others.
 
 use axum::{Json, extract::State, http::StatusCode};
 use serde::Serialize;
@@ -20,7 +25,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Result of a health check.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok` or `unavailable`.
+    /// `ok`; `degraded` (ready, but Redis is unreachable and streams run from Postgres); or
+    /// `unavailable` (Postgres is unreachable).
     pub status: &'static str,
     /// Postgres reachable (readiness only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,14 +46,14 @@ async fn healthz() -> Json<Health> {
     })
 }
 
-/// Readiness: Postgres and Redis both answer.
+/// Readiness: Postgres answers. Redis is reported, and its absence only degrades.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     responses(
-        (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Postgres or Redis unreachable", body = Health),
+        (status = 200, description = "Ready (`ok`, or `degraded` while Redis is unreachable)", body = Health),
+        (status = 503, description = "Postgres unreachable", body = Health),
     )
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
@@ -57,16 +63,15 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     );
     let postgres = matches!(postgres, Ok(Ok(())));
     let redis = matches!(redis, Ok(Ok(())));
-    let ready = postgres && redis;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (code, status) = match (postgres, redis) {
+        (true, true) => (StatusCode::OK, "ok"),
+        (true, false) => (StatusCode::OK, "degraded"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     (
-        status,
+        code,
         Json(Health {
-            status: if ready { "ok" } else { "unavailable" },
+            status,
             postgres: Some(postgres),
             redis: Some(redis),
         }),

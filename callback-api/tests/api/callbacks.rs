@@ -122,6 +122,59 @@ async fn a_repeated_delivery_is_answered_as_success_and_applied_once() -> Result
 }
 
 #[tokio::test]
+async fn concurrent_events_of_one_session_are_numbered_without_gaps_and_counted_once() -> Result<()>
+{
+    let app = spawn_app().await?;
+    let sidecar = sidecar(&unique("org"));
+    let mapping = app.register(&sidecar, &unique("s"), &unique("ses")).await?;
+    let path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
+
+    // 40 distinct events, each delivered twice at once: every pair races on the event id and
+    // every event races the others on the session's sequence.
+    let events: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| Ok((unique("msg"), serde_json::to_vec(&progress(i))?)))
+        .collect::<Result<_>>()?;
+    let deliveries = events.iter().flat_map(|(id, body)| {
+        [0, 1].map(|_| {
+            app.post_raw(
+                &path,
+                app.signed_headers(&sidecar, id, now(), body),
+                body.clone(),
+            )
+        })
+    });
+    let mut sequences = Vec::new();
+    let mut duplicates = 0;
+    for response in futures::future::join_all(deliveries).await {
+        let response = response?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer: Value = response.json().await?;
+        if answer["duplicate"] == true {
+            duplicates += 1;
+        } else {
+            sequences.push(answer["sequence"].as_i64().unwrap());
+        }
+    }
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=40).collect::<Vec<i64>>());
+    assert_eq!(duplicates, 40);
+
+    let stored: Vec<i64> =
+        sqlx::query_scalar("select seq from session_events where session_pk = $1 order by seq")
+            .bind(mapping.session_pk)
+            .fetch_all(&app.db)
+            .await?;
+    assert_eq!(stored, (1..=40).collect::<Vec<i64>>());
+    let (last_seq, counted): (i64, i64) =
+        sqlx::query_as("select last_seq, progress_events from sessions where id = $1")
+            .bind(mapping.session_pk)
+            .fetch_one(&app.db)
+            .await?;
+    assert_eq!((last_seq, counted), (40, 40));
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_event_id_reused_for_another_body_is_refused_and_changes_nothing() -> Result<()> {
     let app = spawn_app().await?;
     let sidecar = sidecar(&unique("org"));

@@ -55,6 +55,18 @@ async fn stopping_redis_mid_stream_loses_no_acknowledged_event() -> Result<()> {
     );
 
     redis.stop().await?;
+    // Readiness follows Postgres: the replica stays in rotation and says it is degraded.
+    let ready = replica_a
+        .client
+        .get(format!("{}/readyz", replica_a.address))
+        .send()
+        .await?;
+    assert_eq!(ready.status(), StatusCode::OK);
+    let health: Value = ready.json().await?;
+    assert_eq!(
+        health,
+        serde_json::json!({"status": "degraded", "postgres": true, "redis": false})
+    );
     for i in 10..20 {
         post(i).await?;
     }
