@@ -581,18 +581,25 @@ async fn rbac_has_no_wildcards_no_cluster_wide_secret_access_and_a_reason_per_ru
                 );
             }
         }
-        // The callback API only writes task status.
+        // The callback API writes task status, creates and watches tasks (/api/delegate, the
+        // Slack bot) and reads sidecars' models; nothing else.
         let api: BTreeSet<_> = rules_bound_to(&docs, "nubabel-callback-api")
             .iter()
             .flat_map(|(rules, _)| grants(rules))
             .collect();
+        let grant = |resource: &str, verb: &str| {
+            ("nubabel.io".to_owned(), resource.to_owned(), verb.to_owned())
+        };
         assert_eq!(
             api,
-            BTreeSet::from([(
-                "nubabel.io".to_owned(),
-                "delegatedtasks/status".to_owned(),
-                "patch".to_owned()
-            )])
+            BTreeSet::from([
+                grant("delegatedtasks/status", "patch"),
+                grant("delegatedtasks", "create"),
+                grant("delegatedtasks", "get"),
+                grant("delegatedtasks", "list"),
+                grant("delegatedtasks", "watch"),
+                grant("opencodesidecars", "get"),
+            ])
         );
         // Every rule says why, in the comment right above it.
         let lines: Vec<&str> = text.lines().collect();
