@@ -20,7 +20,7 @@ use crate::{
     mirror::{KubeStatusWriter, StatusMirror},
     routes,
     slack::{SlackBot, notifier::Notifier},
-    state::{AppState, KubeClient, Keys, Settings},
+    state::{AppState, Keys, KubeClient, Settings},
 };
 
 /// Plain requests taking longer than this are answered 408 (SSE streams are long-lived

@@ -18,7 +18,10 @@ use uuid::Uuid;
 
 /// `nubabel-callback-api token`: manage tenant API tokens.
 #[derive(Debug, Parser)]
-#[command(name = "nubabel-callback-api token", about = "Manage the tenant API tokens of /api/delegate")]
+#[command(
+    name = "nubabel-callback-api token",
+    about = "Manage the tenant API tokens of /api/delegate"
+)]
 pub struct TokenCli {
     /// Postgres URL (`postgres://user:password@host/db`).
     #[arg(long, env = "NUBABEL_DATABASE_URL", hide_env_values = true)]

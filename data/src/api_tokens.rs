@@ -73,7 +73,8 @@ pub async fn issue(
 ) -> Result<IssuedToken> {
     validate_namespace(namespace)?;
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| crate::Error::Corrupt(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut secret)
+        .map_err(|e| crate::Error::Corrupt(format!("no randomness: {e}")))?;
     let token = format!(
         "{TOKEN_PREFIX}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)

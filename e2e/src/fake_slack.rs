@@ -128,7 +128,9 @@ impl FakeSlack {
                 return Ok(calls);
             }
             if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!("fake slack: {what} did not happen within {limit:?}; calls: {calls:#?}");
+                anyhow::bail!(
+                    "fake slack: {what} did not happen within {limit:?}; calls: {calls:#?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -166,7 +168,10 @@ async fn call(
         )
             .into_response();
     } else if !authorized {
-        (StatusCode::OK, json!({"ok": false, "error": "invalid_auth"}))
+        (
+            StatusCode::OK,
+            json!({"ok": false, "error": "invalid_auth"}),
+        )
     } else {
         match method.as_str() {
             "chat.postMessage" => {
@@ -182,7 +187,10 @@ async fn call(
                 StatusCode::OK,
                 json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]}),
             ),
-            _ => (StatusCode::OK, json!({"ok": false, "error": "unknown_method"})),
+            _ => (
+                StatusCode::OK,
+                json!({"ok": false, "error": "unknown_method"}),
+            ),
         }
     };
     shared.calls.push(SlackCall {
@@ -219,14 +227,22 @@ pub fn message_event(
 
 /// Signs `body` as Slack does at `timestamp`: the `X-Slack-Request-Timestamp` and
 /// `X-Slack-Signature` headers.
-pub fn signed_headers(signing_secret: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+pub fn signed_headers(
+    signing_secret: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Vec<(&'static str, String)> {
     let timestamp = timestamp.to_string();
     vec![
         ("content-type", "application/json".to_owned()),
         ("x-slack-request-timestamp", timestamp.clone()),
         (
             "x-slack-signature",
-            nubabel_callback_api::slack::signature::sign(signing_secret.as_bytes(), &timestamp, body),
+            nubabel_callback_api::slack::signature::sign(
+                signing_secret.as_bytes(),
+                &timestamp,
+                body,
+            ),
         ),
     ]
 }

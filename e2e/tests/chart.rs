@@ -588,7 +588,11 @@ async fn rbac_has_no_wildcards_no_cluster_wide_secret_access_and_a_reason_per_ru
             .flat_map(|(rules, _)| grants(rules))
             .collect();
         let grant = |resource: &str, verb: &str| {
-            ("nubabel.io".to_owned(), resource.to_owned(), verb.to_owned())
+            (
+                "nubabel.io".to_owned(),
+                resource.to_owned(),
+                verb.to_owned(),
+            )
         };
         assert_eq!(
             api,

@@ -23,13 +23,18 @@ async fn delegate_waits_for_the_answer_and_the_same_session_continues_the_conver
     let namespace = TestNamespace::create(&env.client, "delegate").await?;
     let system = System::start(&env, &namespace).await?;
     within(LIMIT, "delegating two turns", async {
-        create(&namespace.api(), &system.sidecar_manifest("fleet", "org-d", 1)?).await?;
+        create(
+            &namespace.api(),
+            &system.sidecar_manifest("fleet", "org-d", 1)?,
+        )
+        .await?;
         await_condition(
             &namespace.api::<OpencodeSidecar>(),
             "fleet",
             "the sidecar fleet to be ready",
             |s: Option<&OpencodeSidecar>| {
-                s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.ready_replicas == 1)
+                s.and_then(|s| s.status.as_ref())
+                    .is_some_and(|s| s.ready_replicas == 1)
             },
             Duration::from_secs(120),
         )
@@ -77,7 +82,12 @@ async fn delegate_waits_for_the_answer_and_the_same_session_continues_the_conver
             .await?;
         assert_eq!(response.status(), StatusCode::OK);
         let first: Value = response.json().await?;
-        assert_eq!(first["status"], "success", "{first}\n{}", system.diagnostics());
+        assert_eq!(
+            first["status"],
+            "success",
+            "{first}\n{}",
+            system.diagnostics()
+        );
         assert!(
             first["output"].as_str().unwrap().contains(TOOL_OUTPUT),
             "{first}"
@@ -116,15 +126,26 @@ async fn delegate_waits_for_the_answer_and_the_same_session_continues_the_conver
         .with_context(|| system.diagnostics())?
         .unwrap();
         let status = second.status.unwrap();
-        assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{:?}", status.error);
-        assert_eq!(status.opencode_session_id.as_deref(), Some(opencode_session.as_str()));
+        assert_eq!(
+            status.phase,
+            Some(TaskPhase::Succeeded),
+            "{:?}",
+            status.error
+        );
+        assert_eq!(
+            status.opencode_session_id.as_deref(),
+            Some(opencode_session.as_str())
+        );
         assert!(status.output.unwrap_or_default().contains("marker-two"));
         let saw_turn_one = system
             .fake_llm()
             .requests_containing("marker-two")
             .iter()
             .any(|r| r.to_string().contains("marker-one"));
-        assert!(saw_turn_one, "the second turn's LLM request did not carry the first turn");
+        assert!(
+            saw_turn_one,
+            "the second turn's LLM request did not carry the first turn"
+        );
 
         // The stream token handed out reads the session's events.
         let stream = http

@@ -69,13 +69,17 @@ async fn finished_task(
             .with_context(|| system.diagnostics())?
             .context("the task disappeared");
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no task {count} appeared");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no task {count} appeared"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test]
-async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_continue() -> Result<()> {
+async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_continue()
+-> Result<()> {
     let env = TestEnv::from_env().await?;
     let namespace = TestNamespace::create(&env.client, "slack").await?;
     let slack = FakeSlack::start("127.0.0.1".parse()?, BOT_TOKEN).await?;
@@ -91,13 +95,18 @@ async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_c
     )
     .await?;
     within(LIMIT, "a conversation in a Slack thread", async {
-        create(&namespace.api(), &system.sidecar_manifest("fleet", "org-s", 1)?).await?;
+        create(
+            &namespace.api(),
+            &system.sidecar_manifest("fleet", "org-s", 1)?,
+        )
+        .await?;
         await_condition(
             &namespace.api::<OpencodeSidecar>(),
             "fleet",
             "the sidecar fleet to be ready",
             |s: Option<&OpencodeSidecar>| {
-                s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.ready_replicas == 1)
+                s.and_then(|s| s.status.as_ref())
+                    .is_some_and(|s| s.ready_replicas == 1)
             },
             Duration::from_secs(120),
         )
@@ -107,12 +116,31 @@ async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_c
         let tasks = namespace.api::<DelegatedTask>();
         let thread = "1800000000.000100";
 
-        send(&http, &system, &message_event("EvE2E1", TEAM, CHANNEL, thread, None, "<@U0BOT> TOOLCALL marker-one")).await?;
+        send(
+            &http,
+            &system,
+            &message_event(
+                "EvE2E1",
+                TEAM,
+                CHANNEL,
+                thread,
+                None,
+                "<@U0BOT> TOOLCALL marker-one",
+            ),
+        )
+        .await?;
         let first = finished_task(&tasks, &system, 1).await?;
         let status = first.status.clone().unwrap();
-        assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{:?}", status.error);
+        assert_eq!(
+            status.phase,
+            Some(TaskPhase::Succeeded),
+            "{:?}",
+            status.error
+        );
         let calls = slack
-            .wait_for("the answer in the thread", WAIT, |calls| !answers(calls, TOOL_OUTPUT).is_empty())
+            .wait_for("the answer in the thread", WAIT, |calls| {
+                !answers(calls, TOOL_OUTPUT).is_empty()
+            })
             .await
             .with_context(|| system.diagnostics())?;
 
@@ -132,11 +160,16 @@ async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_c
             .iter()
             .filter(|c| c.method == "chat.update" && c.status == 200)
             .collect();
-        assert!(!edits_before.is_empty(), "no progress edit before the answer: {calls:#?}");
+        assert!(
+            !edits_before.is_empty(),
+            "no progress edit before the answer: {calls:#?}"
+        );
         assert_eq!(calls[answer_at].body["thread_ts"], thread);
         slack
             .wait_for("the acknowledgement to say done", WAIT, |calls| {
-                calls.iter().any(|c| c.method == "chat.update" && c.text().contains("Done"))
+                calls
+                    .iter()
+                    .any(|c| c.method == "chat.update" && c.text().contains("Done"))
             })
             .await?;
 
@@ -144,27 +177,46 @@ async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_c
         send(
             &http,
             &system,
-            &message_event("EvE2E2", TEAM, CHANNEL, "1800000050.000100", Some(thread), "<@U0BOT> second question marker-two"),
+            &message_event(
+                "EvE2E2",
+                TEAM,
+                CHANNEL,
+                "1800000050.000100",
+                Some(thread),
+                "<@U0BOT> second question marker-two",
+            ),
         )
         .await?;
         let second = finished_task(&tasks, &system, 2).await?;
         assert_eq!(second.spec.session_id, first.spec.session_id);
         let second_status = second.status.unwrap();
         assert_eq!(second_status.phase, Some(TaskPhase::Succeeded));
-        assert_eq!(second_status.opencode_session_id, status.opencode_session_id);
+        assert_eq!(
+            second_status.opencode_session_id,
+            status.opencode_session_id
+        );
         let saw_turn_one = system
             .fake_llm()
             .requests_containing("marker-two")
             .iter()
             .any(|r| r.to_string().contains("marker-one"));
-        assert!(saw_turn_one, "the reply's LLM request did not carry the first turn");
+        assert!(
+            saw_turn_one,
+            "the reply's LLM request did not carry the first turn"
+        );
         let calls = slack
-            .wait_for("the second answer", WAIT, |calls| !answers(calls, "marker-two").is_empty())
+            .wait_for("the second answer", WAIT, |calls| {
+                !answers(calls, "marker-two").is_empty()
+            })
             .await?;
         let second_answers = answers(&calls, "marker-two");
         assert_eq!(second_answers.len(), 1);
         assert_eq!(second_answers[0].body["thread_ts"], thread);
-        assert_eq!(answers(&calls, TOOL_OUTPUT).len(), 1, "the first answer was posted again");
+        assert_eq!(
+            answers(&calls, TOOL_OUTPUT).len(),
+            1,
+            "the first answer was posted again"
+        );
         Ok(())
     })
     .await?;

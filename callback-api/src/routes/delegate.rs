@@ -15,11 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{
-    Api, Client, ResourceExt,
-    api::PostParams,
-    runtime::wait::await_condition,
-};
+use kube::{Api, Client, ResourceExt, api::PostParams, runtime::wait::await_condition};
 use nubabel_crds::v1alpha1::{
     DelegatedTask, DelegatedTaskSpec, MAX_PROMPT_BYTES, NotifySpec, OpencodeSidecar, TaskPhase,
 };
@@ -185,7 +181,9 @@ async fn delegate(
         .kube
         .clone()
         .map(|k| k.0)
-        .ok_or(ApiError::NotConfigured("the delegate API is turned off on this server"))?;
+        .ok_or(ApiError::NotConfigured(
+            "the delegate API is turned off on this server",
+        ))?;
     if !is_json(&headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -202,7 +200,11 @@ async fn delegate(
             v.to_str()
                 .ok()
                 .filter(|v| !v.is_empty() && v.len() <= 255)
-                .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible characters".into()))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Idempotency-Key must be 1 to 255 visible characters".into(),
+                    )
+                })
         })
         .transpose()?;
     let mut task = build_task(&new, "delegate-", "delegate-api");
@@ -250,9 +252,9 @@ async fn delegate(
 
 /// The tenant of the request's API token.
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TokenGrant, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("missing API token (Authorization: Bearer ...)".into()))?;
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::Unauthorized("missing API token (Authorization: Bearer ...)".into())
+    })?;
     let token = value
         .to_str()
         .ok()
@@ -324,7 +326,8 @@ fn validate(request: DelegateRequest) -> Result<NewTask, ApiError> {
         .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     let session_id = match request.session_id {
         Some(id) => {
-            validate_session_id("session_id", &id).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+            validate_session_id("session_id", &id)
+                .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
             id
         }
         None => format!("delegate-{}", uuid::Uuid::new_v4()),
@@ -380,7 +383,10 @@ fn label_digest(value: &str) -> String {
 }
 
 fn idempotent_name(organization_id: &str, key: &str) -> String {
-    format!("delegate-{}", label_digest(&format!("{organization_id}\0{key}")))
+    format!(
+        "delegate-{}",
+        label_digest(&format!("{organization_id}\0{key}"))
+    )
 }
 
 fn is_label_value(value: &str) -> bool {
@@ -447,7 +453,9 @@ async fn create_or_reuse(
             let name = task.metadata.name.clone().unwrap_or_default();
             let existing = api.get(&name).await.map_err(kube_error)?;
             if existing.spec.organization_id != grant.organization_id {
-                return Err(ApiError::Forbidden("Idempotency-Key: used by another organization".into()));
+                return Err(ApiError::Forbidden(
+                    "Idempotency-Key: used by another organization".into(),
+                ));
             }
             Ok(existing)
         }
@@ -456,7 +464,11 @@ async fn create_or_reuse(
 }
 
 /// Creates `task` through `client`.
-pub async fn create_task(client: &Client, namespace: &str, task: &DelegatedTask) -> Result<DelegatedTask, ApiError> {
+pub async fn create_task(
+    client: &Client,
+    namespace: &str,
+    task: &DelegatedTask,
+) -> Result<DelegatedTask, ApiError> {
     Api::<DelegatedTask>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), task)
         .await
@@ -467,9 +479,11 @@ fn kube_error(error: kube::Error) -> ApiError {
     match error {
         // The API server's validation names the field (e.g. spec.prompt).
         kube::Error::Api(status) if status.code == 422 => ApiError::Unprocessable(status.message),
-        kube::Error::Api(status) if status.code >= 500 => {
-            ApiError::Unavailable(anyhow::anyhow!("kubernetes answered {}: {}", status.code, status.message))
-        }
+        kube::Error::Api(status) if status.code >= 500 => ApiError::Unavailable(anyhow::anyhow!(
+            "kubernetes answered {}: {}",
+            status.code,
+            status.message
+        )),
         kube::Error::Api(status) => ApiError::Internal(anyhow::anyhow!(
             "kubernetes answered {}: {}",
             status.code,
@@ -488,7 +502,11 @@ fn phase_name(phase: TaskPhase) -> String {
 }
 
 /// The 202 answer for a running task.
-fn accepted(state: &AppState, grant: &TokenGrant, task: &DelegatedTask) -> Result<Response, ApiError> {
+fn accepted(
+    state: &AppState,
+    grant: &TokenGrant,
+    task: &DelegatedTask,
+) -> Result<Response, ApiError> {
     let session_id = task.spec.session_id.clone().unwrap_or_default();
     let organization = OrganizationId::parse(&grant.organization_id)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored token organization: {e}")))?;
@@ -525,11 +543,19 @@ fn encode_path(segment: &str) -> String {
 }
 
 /// The seed's answer for an ended task.
-async fn result_of(state: &AppState, client: &Client, task: &DelegatedTask, session_id: String) -> DelegateResult {
+async fn result_of(
+    state: &AppState,
+    client: &Client,
+    task: &DelegatedTask,
+    session_id: String,
+) -> DelegateResult {
     let status = task.status.clone().unwrap_or_default();
     let succeeded = status.phase == Some(TaskPhase::Succeeded);
     let full_output = match task.uid().and_then(|uid| uid.parse().ok()) {
-        Some(uid) => nubabel_data::results::output(&state.db, uid).await.ok().flatten(),
+        Some(uid) => nubabel_data::results::output(&state.db, uid)
+            .await
+            .ok()
+            .flatten(),
         None => None,
     };
     let output = if succeeded {
@@ -543,12 +569,14 @@ async fn result_of(state: &AppState, client: &Client, task: &DelegatedTask, sess
             .unwrap_or_else(|| "the task did not succeed".into())
     };
     let model = match (&status.sidecar, task.namespace()) {
-        (Some(sidecar), Some(namespace)) => Api::<OpencodeSidecar>::namespaced(client.clone(), &namespace)
-            .get_opt(sidecar)
-            .await
-            .ok()
-            .flatten()
-            .map(|s| s.spec.model),
+        (Some(sidecar), Some(namespace)) => {
+            Api::<OpencodeSidecar>::namespaced(client.clone(), &namespace)
+                .get_opt(sidecar)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.spec.model)
+        }
         _ => None,
     };
     DelegateResult {
@@ -568,7 +596,12 @@ async fn result_of(state: &AppState, client: &Client, task: &DelegatedTask, sess
 
 /// A map with `key: value`, for building `context` objects.
 pub fn object(entries: impl IntoIterator<Item = (&'static str, Value)>) -> Value {
-    Value::Object(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<Map<_, _>>())
+    Value::Object(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect::<Map<_, _>>(),
+    )
 }
 
 #[cfg(test)]
@@ -587,7 +620,14 @@ mod tests {
             "context": {"channel": "web"}
         }))
         .unwrap();
-        let task = build_task(&NewTask { namespace: "tenants".into(), ..new }, "delegate-", "delegate-api");
+        let task = build_task(
+            &NewTask {
+                namespace: "tenants".into(),
+                ..new
+            },
+            "delegate-",
+            "delegate-api",
+        );
         assert_eq!(task.metadata.generate_name.as_deref(), Some("delegate-"));
         assert_eq!(task.metadata.namespace.as_deref(), Some("tenants"));
         let labels = task.metadata.labels.unwrap();
@@ -603,19 +643,40 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let message = |body: Value| request(body).unwrap_err().to_string();
-        assert_eq!(message(serde_json::json!({"prompt": " ", "organizationId": "a"})), "prompt: must not be empty");
-        assert!(message(serde_json::json!({"prompt": "x", "organizationId": "a", "context": [1]})).starts_with("context:"));
-        assert!(message(serde_json::json!({"prompt": "x", "organizationId": "a", "session_id": ""})).starts_with("session_id:"));
-        assert!(message(serde_json::json!({"prompt": "x", "organizationId": "a", "load_skills": [""]})).starts_with("load_skills[0]:"));
-        assert!(message(serde_json::json!({"prompt": "x", "organizationId": "a b"})).starts_with("organizationId:"));
+        assert_eq!(
+            message(serde_json::json!({"prompt": " ", "organizationId": "a"})),
+            "prompt: must not be empty"
+        );
+        assert!(
+            message(serde_json::json!({"prompt": "x", "organizationId": "a", "context": [1]}))
+                .starts_with("context:")
+        );
+        assert!(
+            message(serde_json::json!({"prompt": "x", "organizationId": "a", "session_id": ""}))
+                .starts_with("session_id:")
+        );
+        assert!(
+            message(serde_json::json!({"prompt": "x", "organizationId": "a", "load_skills": [""]}))
+                .starts_with("load_skills[0]:")
+        );
+        assert!(
+            message(serde_json::json!({"prompt": "x", "organizationId": "a b"}))
+                .starts_with("organizationId:")
+        );
     }
 
     #[test]
     fn missing_or_mistyped_fields_name_their_path() {
         let error = parse(br#"{"prompt": 3, "organizationId": "a"}"#).unwrap_err();
-        assert!(matches!(&error, ApiError::Unprocessable(m) if m.starts_with("prompt:")), "{error}");
+        assert!(
+            matches!(&error, ApiError::Unprocessable(m) if m.starts_with("prompt:")),
+            "{error}"
+        );
         let error = parse(br#"{"organizationId": "a"}"#).unwrap_err();
-        assert!(error.to_string().contains("missing field `prompt`"), "{error}");
+        assert!(
+            error.to_string().contains("missing field `prompt`"),
+            "{error}"
+        );
         assert!(matches!(parse(b"{nope"), Err(ApiError::BadRequest(_))));
     }
 

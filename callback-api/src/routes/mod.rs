@@ -117,7 +117,9 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
-        .merge(delegate::router().layer(DefaultBodyLimit::max(max_body_bytes.max(DELEGATE_MAX_BODY_BYTES))))
+        .merge(delegate::router().layer(DefaultBodyLimit::max(
+            max_body_bytes.max(DELEGATE_MAX_BODY_BYTES),
+        )))
 }
 
 /// Largest `POST /api/delegate` body: a prompt may be up to 256 KiB.
@@ -130,8 +132,7 @@ pub fn openapi() -> openapi::OpenApi {
 
 /// The whole application; plain requests taking longer than `request_timeout` are answered 408.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let (router, _) =
-        api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
+    let (router, _) = api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
     router
         .route_layer(middleware::from_fn_with_state(
             std::sync::Arc::clone(&state.metrics),

@@ -107,10 +107,9 @@ async fn slack_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let bot = state
-        .slack
-        .clone()
-        .ok_or(ApiError::NotConfigured("the Slack bot is not configured on this server"))?;
+    let bot = state.slack.clone().ok_or(ApiError::NotConfigured(
+        "the Slack bot is not configured on this server",
+    ))?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     bot.verify(
         header("x-slack-request-timestamp"),
@@ -189,7 +188,11 @@ async fn start_task(
     let prompt = text::prompt_of(event.text.as_deref().unwrap_or_default());
     if prompt.is_empty() {
         bot.client
-            .post_message(channel, Some(thread_ts), "Ask me something after the mention, e.g. `@nubabel summarise this repository`.")
+            .post_message(
+                channel,
+                Some(thread_ts),
+                "Ask me something after the mention, e.g. `@nubabel summarise this repository`.",
+            )
             .await?;
         return Ok(());
     }
@@ -227,7 +230,11 @@ async fn start_task(
                 _ => "the task could not be created; please try again later".to_owned(),
             };
             bot.client
-                .post_message(channel, Some(thread_ts), &format!("Sorry, I could not start that: {reason}."))
+                .post_message(
+                    channel,
+                    Some(thread_ts),
+                    &format!("Sorry, I could not start that: {reason}."),
+                )
                 .await?;
             Err(anyhow::anyhow!("creating the task: {error:?}"))
         }
@@ -248,9 +255,18 @@ mod tests {
     fn mentions_and_peoples_direct_messages_are_requests_and_nothing_else() {
         assert!(event(json!({"type": "app_mention", "user": "U1", "text": "hi"})).is_request());
         assert!(event(json!({"type": "message", "channel_type": "im", "user": "U1"})).is_request());
-        assert!(!event(json!({"type": "message", "channel_type": "channel", "user": "U1"})).is_request());
-        assert!(!event(json!({"type": "message", "channel_type": "im", "user": "U1", "bot_id": "B1"})).is_request());
-        assert!(!event(json!({"type": "message", "channel_type": "im", "subtype": "message_changed"})).is_request());
+        assert!(
+            !event(json!({"type": "message", "channel_type": "channel", "user": "U1"}))
+                .is_request()
+        );
+        assert!(
+            !event(json!({"type": "message", "channel_type": "im", "user": "U1", "bot_id": "B1"}))
+                .is_request()
+        );
+        assert!(
+            !event(json!({"type": "message", "channel_type": "im", "subtype": "message_changed"}))
+                .is_request()
+        );
         assert!(!event(json!({"type": "reaction_added", "user": "U1"})).is_request());
     }
 

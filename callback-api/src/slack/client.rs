@@ -92,7 +92,12 @@ impl SlackClient {
     }
 
     /// Replaces the text of message `ts` in `channel`.
-    pub async fn update_message(&self, channel: &str, ts: &str, text: &str) -> Result<(), SlackError> {
+    pub async fn update_message(
+        &self,
+        channel: &str,
+        ts: &str,
+        text: &str,
+    ) -> Result<(), SlackError> {
         self.call(
             "chat.update",
             &json!({"channel": channel, "ts": ts, "text": text}),
@@ -131,10 +136,9 @@ impl SlackClient {
             return Err(SlackError::RateLimited(wait));
         }
         let status = response.status();
-        let answer: Answer = response
-            .json()
-            .await
-            .map_err(|_| SlackError::Transport(format!("{method} answered {status} without Slack's JSON")))?;
+        let answer: Answer = response.json().await.map_err(|_| {
+            SlackError::Transport(format!("{method} answered {status} without Slack's JSON"))
+        })?;
         if !answer.ok {
             return Err(SlackError::Api(
                 answer.error.unwrap_or_else(|| "an unnamed error".into()),

@@ -55,12 +55,12 @@ impl std::fmt::Debug for SlackBot {
 
 /// Parses `<team id>=<organization id>/<namespace>`.
 pub fn parse_team(value: &str) -> anyhow::Result<(String, TeamTarget)> {
-    let (team, target) = value
-        .split_once('=')
-        .with_context(|| format!("slack team `{value}` is not <team id>=<organization>/<namespace>"))?;
-    let (organization, namespace) = target
-        .rsplit_once('/')
-        .with_context(|| format!("slack team `{value}` is not <team id>=<organization>/<namespace>"))?;
+    let (team, target) = value.split_once('=').with_context(|| {
+        format!("slack team `{value}` is not <team id>=<organization>/<namespace>")
+    })?;
+    let (organization, namespace) = target.rsplit_once('/').with_context(|| {
+        format!("slack team `{value}` is not <team id>=<organization>/<namespace>")
+    })?;
     let team = team.trim();
     if team.is_empty() || !team.chars().all(|c| c.is_ascii_alphanumeric()) {
         bail!("slack team `{value}`: the team id must be letters and digits, e.g. T0123ABCD");

@@ -95,12 +95,7 @@ impl Notifier {
 
     /// Handles one observed state of a task.
     pub async fn on_task(&self, task: DelegatedTask) {
-        let Some(target) = task
-            .spec
-            .notify
-            .as_ref()
-            .and_then(|n| n.slack.clone())
-        else {
+        let Some(target) = task.spec.notify.as_ref().and_then(|n| n.slack.clone()) else {
             return;
         };
         let Some(uid) = task.uid().and_then(|u| u.parse::<Uuid>().ok()) else {
@@ -244,7 +239,9 @@ impl Notifier {
                 let Some(pending) = lock(&notifier.inner.trailing).remove(&uid) else {
                     return;
                 };
-                match store::claim_progress(&notifier.inner.db, uid, &pending.text, interval_ms).await {
+                match store::claim_progress(&notifier.inner.db, uid, &pending.text, interval_ms)
+                    .await
+                {
                     Ok(true) => {
                         if let Err(error) = notifier
                             .inner
@@ -285,10 +282,11 @@ impl Notifier {
         let posted = async {
             for message in text::final_messages(task, output.as_deref()) {
                 self.with_retries(|| {
-                    self.inner
-                        .bot
-                        .client
-                        .post_message(&thread.channel, thread_ts.as_deref(), &message)
+                    self.inner.bot.client.post_message(
+                        &thread.channel,
+                        thread_ts.as_deref(),
+                        &message,
+                    )
                 })
                 .await?;
             }
@@ -303,7 +301,12 @@ impl Notifier {
         if let Some(ack_ts) = &thread.ack_ts {
             let ended = text::ended(task);
             if let Err(error) = self
-                .with_retries(|| self.inner.bot.client.update_message(&thread.channel, ack_ts, &ended))
+                .with_retries(|| {
+                    self.inner
+                        .bot
+                        .client
+                        .update_message(&thread.channel, ack_ts, &ended)
+                })
                 .await
             {
                 tracing::debug!(error = %error, "marking the acknowledgement done failed");

@@ -101,40 +101,95 @@ mod tests {
     const SIGNATURE: &str = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
     const NOW: i64 = 1_531_420_618 + 60;
 
-    fn check(timestamp: Option<&str>, signature: Option<&str>, body: &str, now: i64) -> Result<(), SignatureError> {
-        verify(SECRET.as_bytes(), timestamp, signature, body.as_bytes(), now)
+    fn check(
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &str,
+        now: i64,
+    ) -> Result<(), SignatureError> {
+        verify(
+            SECRET.as_bytes(),
+            timestamp,
+            signature,
+            body.as_bytes(),
+            now,
+        )
     }
 
     #[test]
     fn slacks_published_example_verifies_and_signs_the_same() {
         assert_eq!(check(Some(TIMESTAMP), Some(SIGNATURE), BODY, NOW), Ok(()));
-        assert_eq!(sign(SECRET.as_bytes(), TIMESTAMP, BODY.as_bytes()), SIGNATURE);
+        assert_eq!(
+            sign(SECRET.as_bytes(), TIMESTAMP, BODY.as_bytes()),
+            SIGNATURE
+        );
     }
 
     #[test]
     fn a_changed_body_secret_or_timestamp_is_a_mismatch() {
         let tampered = BODY.replace("foobar", "foobaz");
-        assert_eq!(check(Some(TIMESTAMP), Some(SIGNATURE), &tampered, NOW), Err(SignatureError::Mismatch));
         assert_eq!(
-            verify(b"another-secret", Some(TIMESTAMP), Some(SIGNATURE), BODY.as_bytes(), NOW),
+            check(Some(TIMESTAMP), Some(SIGNATURE), &tampered, NOW),
             Err(SignatureError::Mismatch)
         );
-        assert_eq!(check(Some("1531420619"), Some(SIGNATURE), BODY, NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            verify(
+                b"another-secret",
+                Some(TIMESTAMP),
+                Some(SIGNATURE),
+                BODY.as_bytes(),
+                NOW
+            ),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            check(Some("1531420619"), Some(SIGNATURE), BODY, NOW),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn old_or_future_timestamps_are_stale_even_with_a_valid_signature() {
-        assert_eq!(check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 + 301), Err(SignatureError::Stale));
-        assert_eq!(check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 - 301), Err(SignatureError::Stale));
-        assert_eq!(check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 + 300), Ok(()));
+        assert_eq!(
+            check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 + 301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 - 301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 + 300),
+            Ok(())
+        );
     }
 
     #[test]
     fn missing_and_malformed_headers_are_refused() {
-        assert_eq!(check(None, Some(SIGNATURE), BODY, NOW), Err(SignatureError::Missing));
-        assert_eq!(check(Some(TIMESTAMP), None, BODY, NOW), Err(SignatureError::Missing));
-        assert_eq!(check(Some("yesterday"), Some(SIGNATURE), BODY, NOW), Err(SignatureError::BadTimestamp));
-        assert_eq!(check(Some(TIMESTAMP), Some(&SIGNATURE.replace("v0=", "v1=")), BODY, NOW), Err(SignatureError::Malformed));
-        assert_eq!(check(Some(TIMESTAMP), Some("v0=abc"), BODY, NOW), Err(SignatureError::Malformed));
+        assert_eq!(
+            check(None, Some(SIGNATURE), BODY, NOW),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            check(Some(TIMESTAMP), None, BODY, NOW),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            check(Some("yesterday"), Some(SIGNATURE), BODY, NOW),
+            Err(SignatureError::BadTimestamp)
+        );
+        assert_eq!(
+            check(
+                Some(TIMESTAMP),
+                Some(&SIGNATURE.replace("v0=", "v1=")),
+                BODY,
+                NOW
+            ),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            check(Some(TIMESTAMP), Some("v0=abc"), BODY, NOW),
+            Err(SignatureError::Malformed)
+        );
     }
 }

@@ -27,7 +27,9 @@ pub fn prompt_of(text: &str) -> String {
 
 /// The acknowledgement posted as soon as a task appears.
 pub fn acknowledgement(task_name: &str) -> String {
-    format!(":hourglass_flowing_sand: On it (task `{task_name}`). I will post the answer in this thread.")
+    format!(
+        ":hourglass_flowing_sand: On it (task `{task_name}`). I will post the answer in this thread."
+    )
 }
 
 /// The live progress line the acknowledgement is edited to.
@@ -43,9 +45,13 @@ pub fn progress(task: &DelegatedTask) -> String {
             if started == 0 {
                 ":gear: Working on it…".to_owned()
             } else if started > finished {
-                format!(":gear: Working on it… running `{tool}` (tools: {started} started, {finished} finished)")
+                format!(
+                    ":gear: Working on it… running `{tool}` (tools: {started} started, {finished} finished)"
+                )
             } else {
-                format!(":gear: Working on it… finished `{tool}` (tools: {started} started, {finished} finished)")
+                format!(
+                    ":gear: Working on it… finished `{tool}` (tools: {started} started, {finished} finished)"
+                )
             }
         }
     }
@@ -94,10 +100,7 @@ pub fn split(text: &str, max: usize) -> Vec<String> {
     let mut pieces = Vec::new();
     let mut rest = text;
     while rest.chars().count() > max {
-        let limit = rest
-            .char_indices()
-            .nth(max)
-            .map_or(rest.len(), |(i, _)| i);
+        let limit = rest.char_indices().nth(max).map_or(rest.len(), |(i, _)| i);
         let cut = rest[..limit]
             .rfind('\n')
             .filter(|&i| i > 0)
@@ -117,7 +120,11 @@ mod tests {
 
     use super::*;
 
-    fn task(phase: TaskPhase, progress: Option<TaskProgress>, error: Option<&str>) -> DelegatedTask {
+    fn task(
+        phase: TaskPhase,
+        progress: Option<TaskProgress>,
+        error: Option<&str>,
+    ) -> DelegatedTask {
         let mut task: DelegatedTask = serde_json::from_value(serde_json::json!({
             "apiVersion": "nubabel.io/v1alpha1", "kind": "DelegatedTask",
             "metadata": {"name": "t"}, "spec": {"organizationId": "a", "prompt": "p"}
@@ -126,7 +133,10 @@ mod tests {
         task.status = Some(DelegatedTaskStatus {
             phase: Some(phase),
             progress,
-            error: error.map(|m| TaskError { reason: "R".into(), message: m.into() }),
+            error: error.map(|m| TaskError {
+                reason: "R".into(),
+                message: m.into(),
+            }),
             ..DelegatedTaskStatus::default()
         });
         task
@@ -135,7 +145,10 @@ mod tests {
     #[test]
     fn mentions_are_removed_from_the_prompt() {
         assert_eq!(prompt_of("<@U0BOT> what is  2+2?"), "what is 2+2?");
-        assert_eq!(prompt_of("hey <@U0BOT|bot>, and <@U1> too"), "hey , and too");
+        assert_eq!(
+            prompt_of("hey <@U0BOT|bot>, and <@U1> too"),
+            "hey , and too"
+        );
         assert_eq!(prompt_of("broken <@U0"), "broken <@U0");
     }
 
@@ -162,17 +175,35 @@ mod tests {
     #[test]
     fn endings_that_are_not_answers_are_told_in_plain_words() {
         let one = |t: DelegatedTask| final_messages(&t, None).join("");
-        assert_eq!(one(task(TaskPhase::Failed, None, Some("the model refused"))), "Sorry, the task failed: the model refused.");
+        assert_eq!(
+            one(task(TaskPhase::Failed, None, Some("the model refused"))),
+            "Sorry, the task failed: the model refused."
+        );
         assert!(one(task(TaskPhase::TimedOut, None, None)).starts_with("The task took too long"));
-        assert_eq!(one(task(TaskPhase::Cancelled, None, None)), "The task was cancelled before it finished.");
-        assert_eq!(final_messages(&task(TaskPhase::Succeeded, None, None), Some(" 42 ")), ["42"]);
+        assert_eq!(
+            one(task(TaskPhase::Cancelled, None, None)),
+            "The task was cancelled before it finished."
+        );
+        assert_eq!(
+            final_messages(&task(TaskPhase::Succeeded, None, None), Some(" 42 ")),
+            ["42"]
+        );
     }
 
     #[test]
     fn long_answers_are_split_at_line_breaks_without_losing_text() {
-        let text = format!("{}\n{}\n{}", "a".repeat(3000), "b".repeat(3000), "c".repeat(8000));
+        let text = format!(
+            "{}\n{}\n{}",
+            "a".repeat(3000),
+            "b".repeat(3000),
+            "c".repeat(8000)
+        );
         let pieces = split(&text, MAX_MESSAGE_CHARS);
-        assert!(pieces.iter().all(|p| p.chars().count() <= MAX_MESSAGE_CHARS));
+        assert!(
+            pieces
+                .iter()
+                .all(|p| p.chars().count() <= MAX_MESSAGE_CHARS)
+        );
         assert_eq!(pieces[0], "a".repeat(3000));
         assert_eq!(pieces[1], "b".repeat(3000));
         assert_eq!(pieces.concat().len(), 14000);

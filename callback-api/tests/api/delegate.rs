@@ -51,15 +51,42 @@ async fn only_a_live_token_of_the_named_organization_may_delegate() -> Result<()
     let namespace = TestNamespace::create(&env.client, "delegate-auth").await?;
     let org_a = unique("org-a");
     let org_b = unique("org-b");
-    let token_a = api_tokens::issue(&app.db, &OrganizationId::parse(&org_a)?, namespace.name(), "a").await?;
-    let revoked = api_tokens::issue(&app.db, &OrganizationId::parse(&org_a)?, namespace.name(), "old").await?;
+    let token_a = api_tokens::issue(
+        &app.db,
+        &OrganizationId::parse(&org_a)?,
+        namespace.name(),
+        "a",
+    )
+    .await?;
+    let revoked = api_tokens::issue(
+        &app.db,
+        &OrganizationId::parse(&org_a)?,
+        namespace.name(),
+        "old",
+    )
+    .await?;
     assert!(api_tokens::revoke(&app.db, revoked.id).await?);
 
     let cases = [
         (None, &org_a, StatusCode::UNAUTHORIZED, "missing API token"),
-        (Some("nbt_not-a-token"), &org_a, StatusCode::UNAUTHORIZED, "unknown or revoked"),
-        (Some(revoked.token.as_str()), &org_a, StatusCode::UNAUTHORIZED, "unknown or revoked"),
-        (Some(token_a.token.as_str()), &org_b, StatusCode::FORBIDDEN, "organizationId"),
+        (
+            Some("nbt_not-a-token"),
+            &org_a,
+            StatusCode::UNAUTHORIZED,
+            "unknown or revoked",
+        ),
+        (
+            Some(revoked.token.as_str()),
+            &org_a,
+            StatusCode::UNAUTHORIZED,
+            "unknown or revoked",
+        ),
+        (
+            Some(token_a.token.as_str()),
+            &org_b,
+            StatusCode::FORBIDDEN,
+            "organizationId",
+        ),
     ];
     for (token, org, status, message) in cases {
         let (got, answer) = delegate(&app, token, "?wait=false", &body(org)).await?;
@@ -72,12 +99,16 @@ async fn only_a_live_token_of_the_named_organization_may_delegate() -> Result<()
     assert!(tasks.list(&Default::default()).await?.items.is_empty());
 
     // The good token creates a task in its namespace, with the request's fields.
-    let (status, answer) = delegate(&app, Some(&token_a.token), "?wait=false", &body(&org_a)).await?;
+    let (status, answer) =
+        delegate(&app, Some(&token_a.token), "?wait=false", &body(&org_a)).await?;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     assert_eq!(answer["status"], "accepted");
     assert_eq!(answer["namespace"], namespace.name());
     assert_eq!(answer["nubabelSessionId"], "conversation-1");
-    assert_eq!(answer["streamUrl"], "/api/sidecar/sessions/conversation-1/stream");
+    assert_eq!(
+        answer["streamUrl"],
+        "/api/sidecar/sessions/conversation-1/stream"
+    );
     let name = answer["taskName"].as_str().unwrap();
     assert!(name.starts_with("delegate-"), "{name}");
     let task = tasks.get(name).await?;
@@ -92,7 +123,11 @@ async fn only_a_live_token_of_the_named_organization_may_delegate() -> Result<()
     // The stream token reads that session's stream (404 until the operator maps it), not 401.
     let stream = app
         .client
-        .get(format!("{}{}", app.address, answer["streamUrl"].as_str().unwrap()))
+        .get(format!(
+            "{}{}",
+            app.address,
+            answer["streamUrl"].as_str().unwrap()
+        ))
         .bearer_auth(answer["streamToken"].as_str().unwrap())
         .send()
         .await?;
@@ -105,7 +140,8 @@ async fn bad_bodies_are_refused_naming_the_field() -> Result<()> {
     let (env, app) = app_with_delegate().await?;
     let namespace = TestNamespace::create(&env.client, "delegate-bad").await?;
     let org = unique("org");
-    let token = api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
+    let token =
+        api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
     let mut no_prompt = body(&org);
     no_prompt.as_object_mut().unwrap().remove("prompt");
     let mut list_context = body(&org);
@@ -139,7 +175,8 @@ async fn an_idempotency_key_returns_the_first_task() -> Result<()> {
     let (env, app) = app_with_delegate().await?;
     let namespace = TestNamespace::create(&env.client, "delegate-idem").await?;
     let org = unique("org");
-    let token = api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
+    let token =
+        api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
     let mut names = Vec::new();
     for _ in 0..2 {
         let answer: Value = app
@@ -155,7 +192,10 @@ async fn an_idempotency_key_returns_the_first_task() -> Result<()> {
         names.push(answer["taskName"].as_str().unwrap_or_default().to_owned());
     }
     assert_eq!(names[0], names[1]);
-    let tasks = namespace.api::<DelegatedTask>().list(&Default::default()).await?;
+    let tasks = namespace
+        .api::<DelegatedTask>()
+        .list(&Default::default())
+        .await?;
     assert_eq!(tasks.items.len(), 1);
     namespace.delete().await
 }
@@ -183,7 +223,10 @@ async fn the_token_command_issues_lists_and_revokes() -> Result<()> {
         .unwrap()
         .parse()?;
     let grant = api_tokens::authenticate(&app.db, &token).await?.unwrap();
-    assert_eq!((grant.organization_id.as_str(), grant.namespace.as_str()), ("acme", "tenants"));
+    assert_eq!(
+        (grant.organization_id.as_str(), grant.namespace.as_str()),
+        ("acme", "tenants")
+    );
     // Postgres holds the token's SHA-256, not the token.
     let rows: Vec<(Vec<u8>, String, String)> =
         sqlx::query_as("select token_sha256, name, organization_id from api_tokens")
@@ -199,7 +242,11 @@ async fn the_token_command_issues_lists_and_revokes() -> Result<()> {
     assert!(!listed.contains(&token));
     run_with(&app.db, TokenCommand::Revoke { id }).await?;
     assert_eq!(api_tokens::authenticate(&app.db, &token).await?, None);
-    assert!(run_with(&app.db, TokenCommand::Revoke { id }).await.is_err());
+    assert!(
+        run_with(&app.db, TokenCommand::Revoke { id })
+            .await
+            .is_err()
+    );
     let bad = run_with(
         &app.db,
         TokenCommand::Create {

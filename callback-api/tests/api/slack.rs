@@ -54,7 +54,12 @@ fn configure(setup: &SlackSetup) -> impl FnOnce(&mut nubabel_callback_api::confi
     }
 }
 
-async fn post_event(app: &TestApp, body: &Value, timestamp: i64, retry: Option<u32>) -> Result<(StatusCode, String)> {
+async fn post_event(
+    app: &TestApp,
+    body: &Value,
+    timestamp: i64,
+    retry: Option<u32>,
+) -> Result<(StatusCode, String)> {
     let raw = serde_json::to_vec(body)?;
     let mut request = app.client.post(format!("{}/slack/events", app.address));
     for (name, value) in signed_headers(SECRET, timestamp, &raw) {
@@ -84,7 +89,12 @@ async fn tasks_of(api: &Api<DelegatedTask>, wanted: usize) -> Result<Vec<Delegat
 #[tokio::test]
 async fn without_slack_settings_the_route_says_so() -> Result<()> {
     let app = spawn_app().await?;
-    let response = app.client.post(format!("{}/slack/events", app.address)).body("{}").send().await?;
+    let response = app
+        .client
+        .post(format!("{}/slack/events", app.address))
+        .body("{}")
+        .send()
+        .await?;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let body: Value = response.json().await?;
     assert_eq!(body["error"]["code"], "not_configured");
@@ -98,7 +108,10 @@ async fn signatures_are_checked_before_anything_and_the_challenge_is_answered() 
     let challenge = json!({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"});
     let (status, body) = post_event(&app, &challenge, now(), None).await?;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(serde_json::from_str::<Value>(&body)?["challenge"], challenge["challenge"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body)?["challenge"],
+        challenge["challenge"]
+    );
 
     let raw = serde_json::to_vec(&challenge)?;
     let send = |headers: Vec<(&'static str, String)>, body: Vec<u8>| {
@@ -112,7 +125,8 @@ async fn signatures_are_checked_before_anything_and_the_challenge_is_answered() 
     let other = nubabel_e2e::fake_slack::signed_headers("another-secret", now(), &raw);
     let stale = signed_headers(SECRET, now() - 301, &raw);
     let future = signed_headers(SECRET, now() + 301, &raw);
-    let tampered_body = serde_json::to_vec(&json!({"type": "url_verification", "challenge": "evil"}))?;
+    let tampered_body =
+        serde_json::to_vec(&json!({"type": "url_verification", "challenge": "evil"}))?;
     let fresh = signed_headers(SECRET, now(), &raw);
     let unsigned = vec![("content-type", "application/json".to_owned())];
     for (what, headers, body) in [
@@ -125,7 +139,10 @@ async fn signatures_are_checked_before_anything_and_the_challenge_is_answered() 
         let response = send(headers, body).await?;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
         let text = response.text().await?;
-        assert!(!text.contains("evil") && !text.contains("3eZbrw"), "{what}: {text}");
+        assert!(
+            !text.contains("evil") && !text.contains("3eZbrw"),
+            "{what}: {text}"
+        );
     }
     setup.namespace.delete().await
 }
@@ -142,16 +159,52 @@ async fn a_retried_mention_creates_one_task_even_on_another_replica() -> Result<
     second_config.http_addr = "127.0.0.1:0".parse()?;
     let second = spawn_app_configured(|c| *c = second_config).await?;
 
-    let event = message_event("Ev0001", TEAM, "C0CHAN", "1700000000.000100", None, "<@U0BOT> TOOLCALL please");
-    assert_eq!(post_event(&first, &event, now(), None).await?.0, StatusCode::OK);
-    assert_eq!(post_event(&first, &event, now(), Some(1)).await?.0, StatusCode::OK);
-    assert_eq!(post_event(&second, &event, now(), Some(2)).await?.0, StatusCode::OK);
+    let event = message_event(
+        "Ev0001",
+        TEAM,
+        "C0CHAN",
+        "1700000000.000100",
+        None,
+        "<@U0BOT> TOOLCALL please",
+    );
+    assert_eq!(
+        post_event(&first, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_event(&first, &event, now(), Some(1)).await?.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_event(&second, &event, now(), Some(2)).await?.0,
+        StatusCode::OK
+    );
     // A bot's own message and an unmapped workspace create nothing.
-    let mut from_bot = message_event("Ev0002", TEAM, "C0CHAN", "1700000001.000100", None, "<@U0BOT> hi");
+    let mut from_bot = message_event(
+        "Ev0002",
+        TEAM,
+        "C0CHAN",
+        "1700000001.000100",
+        None,
+        "<@U0BOT> hi",
+    );
     from_bot["event"]["bot_id"] = json!("B0BOT");
-    assert_eq!(post_event(&first, &from_bot, now(), None).await?.0, StatusCode::OK);
-    let elsewhere = message_event("Ev0003", "T0OTHER", "C0CHAN", "1700000002.000100", None, "<@U0BOT> hi");
-    assert_eq!(post_event(&first, &elsewhere, now(), None).await?.0, StatusCode::OK);
+    assert_eq!(
+        post_event(&first, &from_bot, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let elsewhere = message_event(
+        "Ev0003",
+        "T0OTHER",
+        "C0CHAN",
+        "1700000002.000100",
+        None,
+        "<@U0BOT> hi",
+    );
+    assert_eq!(
+        post_event(&first, &elsewhere, now(), None).await?.0,
+        StatusCode::OK
+    );
 
     let api = setup.namespace.api::<DelegatedTask>();
     let tasks = tasks_of(&api, 1).await?;
@@ -160,15 +213,23 @@ async fn a_retried_mention_creates_one_task_even_on_another_replica() -> Result<
     let task = &tasks[0];
     assert_eq!(task.spec.organization_id, setup.org);
     assert_eq!(task.spec.prompt, "TOOLCALL please");
-    assert_eq!(task.spec.session_id.as_deref(), Some("slack:T0TEST:C0CHAN:1700000000.000100"));
+    assert_eq!(
+        task.spec.session_id.as_deref(),
+        Some("slack:T0TEST:C0CHAN:1700000000.000100")
+    );
     let target = task.spec.notify.clone().unwrap().slack.unwrap();
-    assert_eq!((target.channel.as_str(), target.thread_ts.as_deref()), ("C0CHAN", Some("1700000000.000100")));
+    assert_eq!(
+        (target.channel.as_str(), target.thread_ts.as_deref()),
+        ("C0CHAN", Some("1700000000.000100"))
+    );
     assert_eq!(task.labels()["nubabel.io/created-by"], "slack");
 
     // Both replicas watch the task; exactly one acknowledgement appears, in the thread.
     let calls = setup
         .slack
-        .wait_for("the acknowledgement", WAIT, |calls| calls.iter().any(|c| c.method == "chat.postMessage"))
+        .wait_for("the acknowledgement", WAIT, |calls| {
+            calls.iter().any(|c| c.method == "chat.postMessage")
+        })
         .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let posts = setup.slack.calls_to("chat.postMessage");
@@ -178,8 +239,18 @@ async fn a_retried_mention_creates_one_task_even_on_another_replica() -> Result<
     assert!(posts[0].text().contains(&task.name_any()));
 
     // A reply in the thread continues the thread's session.
-    let reply = message_event("Ev0004", TEAM, "C0CHAN", "1700000005.000100", Some("1700000000.000100"), "<@U0BOT> and then?");
-    assert_eq!(post_event(&second, &reply, now(), None).await?.0, StatusCode::OK);
+    let reply = message_event(
+        "Ev0004",
+        TEAM,
+        "C0CHAN",
+        "1700000005.000100",
+        Some("1700000000.000100"),
+        "<@U0BOT> and then?",
+    );
+    assert_eq!(
+        post_event(&second, &reply, now(), None).await?.0,
+        StatusCode::OK
+    );
     let tasks = tasks_of(&api, 2).await?;
     assert_eq!(tasks.len(), 2);
     assert_eq!(tasks[1].spec.session_id, tasks[0].spec.session_id);
@@ -200,15 +271,27 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
     // Slack rate-limits the first acknowledgement: it is posted after Retry-After.
     setup.slack.rate_limit_next("chat.postMessage", 1);
 
-    let event = message_event("Ev1001", TEAM, "C0CHAN", "1700000100.000100", None, "<@U0BOT> work hard");
-    assert_eq!(post_event(&first, &event, now(), None).await?.0, StatusCode::OK);
+    let event = message_event(
+        "Ev1001",
+        TEAM,
+        "C0CHAN",
+        "1700000100.000100",
+        None,
+        "<@U0BOT> work hard",
+    );
+    assert_eq!(
+        post_event(&first, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
     let api = setup.namespace.api::<DelegatedTask>();
     let task = tasks_of(&api, 1).await?.remove(0);
     let name = task.name_any();
     setup
         .slack
         .wait_for("the acknowledgement after the 429", WAIT, |calls| {
-            calls.iter().any(|c| c.method == "chat.postMessage" && c.status == 200)
+            calls
+                .iter()
+                .any(|c| c.method == "chat.postMessage" && c.status == 200)
         })
         .await?;
     let ack_ts = {
@@ -224,8 +307,12 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
         let api = api.clone();
         let name = name.clone();
         async move {
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": value})))
-                .await
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": value})),
+            )
+            .await
         }
     };
     for started in 1..=6 {
@@ -236,11 +323,17 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
     let edits = setup
         .slack
         .wait_for("the newest progress in an edit", WAIT, |calls| {
-            calls.iter().any(|c| c.method == "chat.update" && c.text().contains("6 started, 6 finished"))
+            calls
+                .iter()
+                .any(|c| c.method == "chat.update" && c.text().contains("6 started, 6 finished"))
         })
         .await?;
     let edits: Vec<_> = edits.iter().filter(|c| c.method == "chat.update").collect();
-    assert!(edits.iter().all(|c| c.body["ts"] == ack_ts.as_str() && c.authorized));
+    assert!(
+        edits
+            .iter()
+            .all(|c| c.body["ts"] == ack_ts.as_str() && c.authorized)
+    );
     // About 1.2 s of changes at one edit per second: at most three edits, not seven.
     assert!(edits.len() <= 3, "{edits:#?}");
 
@@ -248,7 +341,9 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
     setup
         .slack
         .wait_for("the answer", WAIT, |calls| {
-            calls.iter().any(|c| c.method == "chat.postMessage" && c.text() == "The answer is 42.")
+            calls
+                .iter()
+                .any(|c| c.method == "chat.postMessage" && c.text() == "The answer is 42.")
         })
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -263,7 +358,9 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
     setup
         .slack
         .wait_for("the acknowledgement to say done", WAIT, |calls| {
-            calls.iter().any(|c| c.method == "chat.update" && c.text().contains("Done"))
+            calls
+                .iter()
+                .any(|c| c.method == "chat.update" && c.text().contains("Done"))
         })
         .await?;
     setup.namespace.delete().await
