@@ -139,6 +139,16 @@ pub async fn claim_progress(
     Ok(claimed.rows_affected() == 1)
 }
 
+/// Forgets the progress text claimed last (its edit did not reach Slack), keeping the time,
+/// so the next claim shows it again no sooner than the interval allows.
+pub async fn unclaim_progress(pool: &PgPool, task_uid: Uuid) -> Result<()> {
+    sqlx::query("update slack_threads set progress_text = null where task_uid = $1")
+        .bind(task_uid)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Claims the final answer of a task: true for exactly one caller. A claim older than
 /// `stale_after_seconds` without a posted answer (its replica died) may be taken over.
 pub async fn claim_final(pool: &PgPool, task_uid: Uuid, stale_after_seconds: i64) -> Result<bool> {

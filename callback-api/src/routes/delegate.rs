@@ -26,7 +26,7 @@ use nubabel_data::{
     stream_token,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -592,16 +592,6 @@ async fn result_of(
             error_reason: status.error.map(|e| e.reason),
         },
     }
-}
-
-/// A map with `key: value`, for building `context` objects.
-pub fn object(entries: impl IntoIterator<Item = (&'static str, Value)>) -> Value {
-    Value::Object(
-        entries
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect::<Map<_, _>>(),
-    )
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ use super::{SlackBot, SlackError, text};
 const ANNOUNCE_ENDED_WITHIN_SECONDS: i64 = 900;
 /// A final claim older than this whose answer never got posted may be taken over.
 const FINAL_CLAIM_STALE_SECONDS: i64 = 300;
+/// Event ids are kept this long (Slack retries for about an hour at most).
+const EVENT_ID_RETENTION_SECONDS: i64 = 24 * 3600;
 /// Attempts per message when Slack rate-limits or fails.
 const POST_ATTEMPTS: u32 = 5;
 
@@ -64,9 +66,11 @@ impl Notifier {
         }
     }
 
-    /// Starts one watch per mapped namespace; abort the handles to stop.
+    /// Starts one watch per mapped namespace, and the cleanup of old event ids; abort the
+    /// handles to stop.
     pub fn start(&self, client: &Client) -> Vec<JoinHandle<()>> {
-        self.inner
+        let mut handles: Vec<JoinHandle<()>> = self
+            .inner
             .bot
             .namespaces()
             .into_iter()
@@ -75,7 +79,19 @@ impl Notifier {
                 let notifier = self.clone();
                 tokio::spawn(async move { notifier.watch(api, namespace).await })
             })
-            .collect()
+            .collect();
+        let db = self.inner.db.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                if let Err(error) =
+                    store::forget_events_older_than(&db, EVENT_ID_RETENTION_SECONDS).await
+                {
+                    tracing::warn!(error = %error, "forgetting old slack event ids failed");
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }));
+        handles
     }
 
     async fn watch(&self, api: Api<DelegatedTask>, namespace: String) {
@@ -215,8 +231,13 @@ impl Notifier {
                 .await
             {
                 Ok(()) => return Ok(()),
-                Err(SlackError::RateLimited(_)) => {}
-                Err(error) => return Err(error.into()),
+                Err(SlackError::RateLimited(_)) => {
+                    store::unclaim_progress(&self.inner.db, uid).await?;
+                }
+                Err(error) => {
+                    store::unclaim_progress(&self.inner.db, uid).await?;
+                    return Err(error.into());
+                }
             }
         }
         let schedule = {
@@ -250,7 +271,9 @@ impl Notifier {
                             .update_message(&pending.channel, &pending.ack_ts, &pending.text)
                             .await
                         {
+                            // The next status change shows it again.
                             tracing::debug!(error = %error, "a deferred progress edit failed");
+                            let _ = store::unclaim_progress(&notifier.inner.db, uid).await;
                         }
                     }
                     Ok(false) => {}
