@@ -201,6 +201,49 @@ async fn an_idempotency_key_returns_the_first_task() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_wait_that_runs_out_answers_202_with_the_task_and_its_stream() -> Result<()> {
+    // No operator runs here, so the task never ends.
+    let (env, app) = app_with_delegate().await?;
+    let namespace = TestNamespace::create(&env.client, "delegate-wait").await?;
+    let org = unique("org");
+    let token =
+        api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
+    let started = std::time::Instant::now();
+    let mut request = body(&org);
+    request.as_object_mut().unwrap().remove("session_id");
+    let (status, answer) = delegate(&app, Some(&token.token), "?timeout=2", &request).await?;
+    let waited = started.elapsed();
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(10),
+        "{waited:?}"
+    );
+    assert_eq!(answer["status"], "accepted");
+    // Without a session_id, one is made up, and the stream URL names it.
+    let session = answer["nubabelSessionId"].as_str().unwrap();
+    assert!(session.starts_with("delegate-"), "{session}");
+    assert_eq!(
+        answer["streamUrl"],
+        format!("/api/sidecar/sessions/{session}/stream")
+    );
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn a_waiting_request_outlasts_the_30_second_limit_of_other_requests() -> Result<()> {
+    let (env, app) = app_with_delegate().await?;
+    let namespace = TestNamespace::create(&env.client, "delegate-long").await?;
+    let org = unique("org");
+    let token =
+        api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
+    let started = std::time::Instant::now();
+    let (status, answer) = delegate(&app, Some(&token.token), "?timeout=32", &body(&org)).await?;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(32));
+    namespace.delete().await
+}
+
+#[tokio::test]
 async fn the_token_command_issues_lists_and_revokes() -> Result<()> {
     let (_env, app) = app_with_delegate().await?;
     let created = run_with(
