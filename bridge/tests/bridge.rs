@@ -79,6 +79,13 @@ impl Api {
             status_mirror: false,
             status_mirror_interval_ms: 1000,
             log_format: LogFormat::Text,
+            delegate_api: false,
+            delegate_max_wait_seconds: 900,
+            slack_bot_token: None,
+            slack_signing_secret: None,
+            slack_api_url: "https://slack.com/api".into(),
+            slack_teams: Vec::new(),
+            slack_progress_interval_ms: 2000,
         };
         let application = Application::build(config).await?;
         let url = format!("http://127.0.0.1:{}", application.port());

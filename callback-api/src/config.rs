@@ -86,6 +86,47 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "NUBABEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Serve `POST /api/delegate`, which creates and watches DelegatedTasks (needs Kubernetes
+    /// credentials).
+    #[arg(long, env = "NUBABEL_DELEGATE_API", default_value_t = true, action = clap::ArgAction::Set)]
+    pub delegate_api: bool,
+
+    /// Longest a waiting `POST /api/delegate` holds the request, in seconds; then it answers
+    /// 202 with the task's name and stream URL.
+    #[arg(long, env = "NUBABEL_DELEGATE_MAX_WAIT_SECONDS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub delegate_max_wait_seconds: u64,
+
+    /// Slack bot token (`xoxb-...`); with the signing secret and a team mapping it turns the
+    /// Slack bot on.
+    #[arg(long, env = "NUBABEL_SLACK_BOT_TOKEN", hide_env_values = true)]
+    pub slack_bot_token: Option<SecretString>,
+
+    /// Slack signing secret, to verify `/slack/events` requests.
+    #[arg(long, env = "NUBABEL_SLACK_SIGNING_SECRET", hide_env_values = true)]
+    pub slack_signing_secret: Option<SecretString>,
+
+    /// Base URL of the Slack Web API.
+    #[arg(
+        long,
+        env = "NUBABEL_SLACK_API_URL",
+        default_value = "https://slack.com/api"
+    )]
+    pub slack_api_url: String,
+
+    /// Slack workspaces served, as `<team id>=<organization id>/<namespace>` (comma-separated
+    /// in the environment): a mention in team T creates a task for that organization in that
+    /// namespace.
+    #[arg(long, env = "NUBABEL_SLACK_TEAMS", value_delimiter = ',')]
+    pub slack_teams: Vec<String>,
+
+    /// Least time between two progress edits of one Slack message, in milliseconds.
+    #[arg(
+        long,
+        env = "NUBABEL_SLACK_PROGRESS_INTERVAL_MS",
+        default_value_t = 2000
+    )]
+    pub slack_progress_interval_ms: u64,
 }
 
 impl Config {

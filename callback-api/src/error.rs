@@ -24,6 +24,12 @@ pub enum ApiError {
     /// 401: missing, stale or invalid signature or token.
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: authenticated, but not allowed to act for what the request names.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: the feature is not configured on this server.
+    #[error("{0}")]
+    NotConfigured(&'static str),
     /// 404: no such session for the caller's tenant.
     #[error("session not found")]
     SessionNotFound,
@@ -68,6 +74,8 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotConfigured(_) => (StatusCode::NOT_FOUND, "not_configured"),
             Self::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType => {

@@ -11,6 +11,8 @@ pub mod fanout;
 pub mod metrics;
 pub mod mirror;
 pub mod routes;
+pub mod slack;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod tokens;

@@ -12,7 +12,6 @@ use nubabel_data::{
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     config::Config,
@@ -20,11 +19,13 @@ use crate::{
     metrics::Metrics,
     mirror::{KubeStatusWriter, StatusMirror},
     routes,
-    state::{AppState, Keys, Settings},
+    slack::{SlackBot, notifier::Notifier},
+    state::{AppState, Keys, KubeClient, Settings},
 };
 
 /// Plain requests taking longer than this are answered 408 (SSE streams are long-lived
-/// responses, so the limit applies to producing their head only).
+/// responses, so the limit applies to producing their head only; a waiting
+/// `POST /api/delegate` has its own bound, `--delegate-max-wait-seconds`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A built application, bound to its port and ready to serve.
@@ -66,18 +67,23 @@ impl Application {
         )
         .context("configuring redis")?;
         let metrics = Arc::new(Metrics::new());
-        let mirror = if config.status_mirror {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes for the status mirror (disable with --status-mirror=false)")?;
-            Some(StatusMirror::start(
-                db.clone(),
-                KubeStatusWriter::new(client),
-                Arc::clone(&metrics),
-                config.status_mirror_interval(),
-            ))
+        let slack = SlackBot::from_config(&config)?.map(Arc::new);
+        let kube = if config.status_mirror || config.delegate_api || slack.is_some() {
+            Some(kube::Client::try_default().await.context(
+                "connecting to Kubernetes for the status mirror, the delegate API and the Slack bot \
+                 (turn them off with --status-mirror=false --delegate-api=false and no Slack settings)",
+            )?)
         } else {
             None
+        };
+        let mirror = match (&kube, config.status_mirror) {
+            (Some(client), true) => Some(StatusMirror::start(
+                db.clone(),
+                KubeStatusWriter::new(client.clone()),
+                Arc::clone(&metrics),
+                config.status_mirror_interval(),
+            )),
+            _ => None,
         };
         let state = AppState {
             fanout: Fanout::start(db.clone(), redis.clone(), Arc::clone(&metrics)),
@@ -88,10 +94,17 @@ impl Application {
                 max_body_bytes: config.max_body_bytes,
                 signature_tolerance_seconds: config.signature_tolerance_seconds,
                 sse_keep_alive: config.sse_keep_alive(),
+                delegate_max_wait: Duration::from_secs(config.delegate_max_wait_seconds),
             }),
             mirror,
             metrics,
             sessions: Arc::default(),
+            kube: if config.delegate_api || slack.is_some() {
+                kube.map(KubeClient)
+            } else {
+                None
+            },
+            slack,
         };
         let listener = TcpListener::bind(config.http_addr)
             .await
@@ -124,14 +137,22 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let app = routes::router(self.state).layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ));
-        axum::serve(self.listener, app)
+        // The Slack notifier runs while the application serves.
+        let background = match (&self.state.slack, &self.state.kube) {
+            (Some(bot), Some(client)) => {
+                Notifier::new(Arc::clone(bot), self.state.db.clone()).start(&client.0)
+            }
+            _ => Vec::new(),
+        };
+        let app = routes::router(self.state, REQUEST_TIMEOUT);
+        let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
-            .context("serving http")
+            .context("serving http");
+        for task in background {
+            task.abort();
+        }
+        served
     }
 
     /// Serves until SIGTERM or Ctrl-C.

@@ -30,6 +30,8 @@ pub struct Settings {
     pub signature_tolerance_seconds: u64,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
+    /// Longest a waiting `POST /api/delegate` holds the request.
+    pub delegate_max_wait: Duration,
 }
 
 /// Sessions already resolved, by tenant and path id. A resolution never changes (sessions and
@@ -89,6 +91,16 @@ impl SessionCache {
     }
 }
 
+/// A Kubernetes client (kube's own has no `Debug`).
+#[derive(Clone)]
+pub struct KubeClient(pub kube::Client);
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClient")
+    }
+}
+
 /// The application state, cloned into every request.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -108,6 +120,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Sessions resolved before.
     pub sessions: Arc<SessionCache>,
+    /// Kubernetes, for creating and watching DelegatedTasks (`None`: the delegate API is off).
+    pub kube: Option<KubeClient>,
+    /// The Slack bot, when configured.
+    pub slack: Option<Arc<crate::slack::SlackBot>>,
 }
 
 impl FromRef<AppState> for Arc<Metrics> {

@@ -7,6 +7,8 @@
 //! implementation.
 
 #[cfg(feature = "store")]
+pub mod api_tokens;
+#[cfg(feature = "store")]
 pub mod db;
 #[cfg(feature = "store")]
 pub mod error;
@@ -19,6 +21,8 @@ pub mod results;
 #[cfg(feature = "store")]
 pub mod sessions;
 pub mod signing;
+#[cfg(feature = "store")]
+pub mod slack;
 pub mod stream_token;
 #[cfg(feature = "store")]
 pub mod streams;

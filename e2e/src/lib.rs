@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod crds;
 pub mod fake_llm;
+pub mod fake_slack;
 pub mod local;
 pub mod node_shim;
 pub mod opencode_server;

@@ -107,6 +107,15 @@ pub struct System {
 impl System {
     /// Starts the fake LLM, the callback API, a node shim and the operator for `namespace`.
     pub async fn start(env: &TestEnv, namespace: &TestNamespace) -> Result<Self> {
+        Self::start_with(env, namespace, &[]).await
+    }
+
+    /// Like [`System::start`], with extra flags for the callback API (e.g. the Slack bot's).
+    pub async fn start_with(
+        env: &TestEnv,
+        namespace: &TestNamespace,
+        callback_api_args: &[String],
+    ) -> Result<Self> {
         let ns = namespace.name().to_owned();
         let opencode = opencode_bin()?;
         let bridge = workspace_binary("nubabel-bridge", BRIDGE_BIN_ENV)?;
@@ -124,15 +133,19 @@ impl System {
         let stream_token_key = format!("{}{}", random_token()?, random_token()?);
         let database_url = crate::fresh_database().await?;
         let redis_url = crate::test_redis_url().await?;
-        let config = nubabel_callback_api::config::Config::try_parse_from([
-            "nubabel-callback-api".to_owned(),
-            format!("--http-addr={HOST_IP}:0"),
-            format!("--database-url={database_url}"),
-            format!("--redis-url={redis_url}"),
-            format!("--signing-master-key={master_key}"),
-            format!("--stream-token-key={stream_token_key}"),
-            "--sse-keep-alive-seconds=5".to_owned(),
-        ])
+        let config = nubabel_callback_api::config::Config::try_parse_from(
+            [
+                "nubabel-callback-api".to_owned(),
+                format!("--http-addr={HOST_IP}:0"),
+                format!("--database-url={database_url}"),
+                format!("--redis-url={redis_url}"),
+                format!("--signing-master-key={master_key}"),
+                format!("--stream-token-key={stream_token_key}"),
+                "--sse-keep-alive-seconds=5".to_owned(),
+            ]
+            .into_iter()
+            .chain(callback_api_args.iter().cloned()),
+        )
         .context("configuring the callback API")?;
         let application = nubabel_callback_api::startup::Application::build(config)
             .await

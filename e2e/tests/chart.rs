@@ -325,6 +325,15 @@ async fn secrets_come_from_the_charts_secret_or_the_named_existing_ones() -> Res
         operator_env["NUBABEL_SIGNING_MASTER_KEY"]["valueFrom"],
         env["NUBABEL_SIGNING_MASTER_KEY"]["valueFrom"]
     );
+    // The Slack bot's credentials come from the Secret the values name.
+    assert_eq!(
+        reference("NUBABEL_SLACK_BOT_TOKEN"),
+        json!({"name": "nubabel-slack", "key": "slack-bot-token"})
+    );
+    assert_eq!(
+        reference("NUBABEL_SLACK_SIGNING_SECRET"),
+        json!({"name": "nubabel-slack", "key": "slack-signing-secret"})
+    );
     // Only what no existing Secret provides is kept in the chart's Secret.
     let kept = kind_named(&all, "Secret", "nubabel-credentials")["data"].clone();
     assert!(kept.get("database-url").is_none() && kept.get("redis-url").is_none());
@@ -581,18 +590,29 @@ async fn rbac_has_no_wildcards_no_cluster_wide_secret_access_and_a_reason_per_ru
                 );
             }
         }
-        // The callback API only writes task status.
+        // The callback API writes task status, creates and watches tasks (/api/delegate, the
+        // Slack bot) and reads sidecars' models; nothing else.
         let api: BTreeSet<_> = rules_bound_to(&docs, "nubabel-callback-api")
             .iter()
             .flat_map(|(rules, _)| grants(rules))
             .collect();
+        let grant = |resource: &str, verb: &str| {
+            (
+                "nubabel.io".to_owned(),
+                resource.to_owned(),
+                verb.to_owned(),
+            )
+        };
         assert_eq!(
             api,
-            BTreeSet::from([(
-                "nubabel.io".to_owned(),
-                "delegatedtasks/status".to_owned(),
-                "patch".to_owned()
-            )])
+            BTreeSet::from([
+                grant("delegatedtasks/status", "patch"),
+                grant("delegatedtasks", "create"),
+                grant("delegatedtasks", "get"),
+                grant("delegatedtasks", "list"),
+                grant("delegatedtasks", "watch"),
+                grant("opencodesidecars", "get"),
+            ])
         );
         // Every rule says why, in the comment right above it.
         let lines: Vec<&str> = text.lines().collect();
@@ -650,7 +670,11 @@ async fn secret_access_is_granted_per_tenant_namespace_or_cluster_wide_on_reques
         )
         .await?,
     );
-    for name in ["nubabel-operator", "nubabel-callback-api-status-mirror"] {
+    for name in [
+        "nubabel-operator",
+        "nubabel-callback-api-status-mirror",
+        "nubabel-callback-api-tasks",
+    ] {
         assert_eq!(
             kind_named(&docs, "RoleBinding", name)["metadata"]["namespace"],
             "team-a"

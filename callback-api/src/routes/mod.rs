@@ -4,8 +4,10 @@
 //! from the handler's `#[utoipa::path]`, so the document cannot list a route the router does
 //! not serve or miss one it does. `docs/openapi.json` is a committed copy, checked by a test.
 
+pub mod delegate;
 pub mod health;
 pub mod sessions;
+pub mod slack;
 pub mod stream;
 
 use axum::{
@@ -13,7 +15,9 @@ use axum::{
     extract::{DefaultBodyLimit, MatchedPath, Request},
     middleware,
 };
-use tower_http::trace::TraceLayer;
+use std::time::Duration;
+
+use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 use utoipa::{
     Modify, OpenApi,
     openapi::{
@@ -37,6 +41,8 @@ use crate::{metrics, state::AppState};
         (name = "callbacks", description = "Sidecar callbacks, signed in the Standard Webhooks style"),
         (name = "stream", description = "Session events over Server-Sent Events"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "delegate", description = "Delegating a task, as Nubabel's delegate_task does"),
+        (name = "slack", description = "The Slack bot's Events API endpoint"),
     )
 )]
 struct ApiDoc;
@@ -69,6 +75,26 @@ impl Modify for SecuritySchemes {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "api_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A tenant API token (`nbt_...`) from `nubabel-callback-api token create`; \
+                         it fixes the organization and the namespace of the tasks.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "slack_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "x-slack-signature",
+                "Slack's `v0=<hex HMAC-SHA256(signing secret, v0:{timestamp}:{body})>` with \
+                 `x-slack-request-timestamp` within five minutes.",
+            ))),
+        );
     }
 }
 
@@ -78,23 +104,35 @@ async fn get_openapi() -> Json<openapi::OpenApi> {
     Json(openapi())
 }
 
-fn api_router(max_body_bytes: usize) -> OpenApiRouter<AppState> {
+fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sessions::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(stream::router())
         .merge(health::router())
+        .merge(slack::router())
         .routes(routes!(metrics::get_metrics))
         .routes(routes!(get_openapi))
+        // Applies to the routes above; a waiting delegate request has its own bound.
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .merge(delegate::router().layer(DefaultBodyLimit::max(
+            max_body_bytes.max(DELEGATE_MAX_BODY_BYTES),
+        )))
 }
+
+/// Largest `POST /api/delegate` body: a prompt may be up to 256 KiB.
+const DELEGATE_MAX_BODY_BYTES: usize = 512 * 1024;
 
 /// The OpenAPI document of every route.
 pub fn openapi() -> openapi::OpenApi {
-    api_router(0).into_openapi()
+    api_router(0, Duration::ZERO).into_openapi()
 }
 
-/// The whole application.
-pub fn router(state: AppState) -> Router {
-    let (router, _) = api_router(state.settings.max_body_bytes).split_for_parts();
+/// The whole application; plain requests taking longer than `request_timeout` are answered 408.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let (router, _) = api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
     router
         .route_layer(middleware::from_fn_with_state(
             std::sync::Arc::clone(&state.metrics),

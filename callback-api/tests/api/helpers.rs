@@ -15,6 +15,7 @@ use nubabel_data::{
     stream_token::{self, StreamTokenKey},
 };
 use reqwest::{Response, header::HeaderMap};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -56,6 +57,13 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         status_mirror: false,
         status_mirror_interval_ms: 1000,
         log_format: LogFormat::Text,
+        delegate_api: false,
+        delegate_max_wait_seconds: 900,
+        slack_bot_token: None,
+        slack_signing_secret: None,
+        slack_api_url: "https://slack.com/api".into(),
+        slack_teams: Vec::new(),
+        slack_progress_interval_ms: 2000,
     }
 }
 
@@ -68,10 +76,27 @@ pub async fn spawn_app() -> Result<TestApp> {
 
 /// The application on the given database and Redis (several apps may share them).
 pub async fn spawn_app_on(database_url: &str, redis_url: &str) -> Result<TestApp> {
+    spawn_configured(test_config(database_url, redis_url)).await
+}
+
+/// The application on a fresh database and the shared test Redis, its test config changed by
+/// `configure`.
+pub async fn spawn_app_configured(configure: impl FnOnce(&mut Config)) -> Result<TestApp> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let mut config = test_config(&database_url, &redis_url);
+    configure(&mut config);
+    spawn_configured(config).await
+}
+
+async fn spawn_configured(config: Config) -> Result<TestApp> {
     if std::env::var_os("TEST_LOG").is_some() {
         nubabel_callback_api::telemetry::init(LogFormat::Text);
     }
-    let application = Application::build(test_config(database_url, redis_url)).await?;
+    let database_url = config.database_url.expose_secret().to_owned();
+    let redis_url = config.redis_url.expose_secret().to_owned();
+    let (database_url, redis_url) = (database_url.as_str(), redis_url.as_str());
+    let application = Application::build(config).await?;
     let address = format!("http://127.0.0.1:{}", application.port());
     let db = application.state().db.clone();
     let (shutdown, stopped) = oneshot::channel();

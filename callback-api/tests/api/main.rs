@@ -6,9 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod callbacks;
+mod delegate;
 mod helpers;
 mod mappings;
 mod mirror;
 mod openapi;
 mod resilience;
+mod slack;
 mod stream;

@@ -79,8 +79,10 @@ async fn every_documented_operation_is_served_and_every_served_route_is_document
             "GET /metrics",
             "GET /openapi.json",
             "GET /readyz",
+            "POST /api/delegate",
             "POST /api/sidecar/sessions/{sessionId}/progress",
             "POST /api/sidecar/sessions/{sessionId}/update",
+            "POST /slack/events",
         ]
     );
     // And a path nobody documented is not served.

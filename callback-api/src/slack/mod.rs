@@ -1,0 +1,151 @@
+//! The Slack bot: a mention or a DM becomes a `DelegatedTask` whose progress and answer appear
+//! in the Slack thread.
+//!
+//! * `/slack/events` (routes/slack.rs) verifies the request's signature, answers Slack's URL
+//!   check, drops retried events (event ids in Postgres, so replicas agree), acknowledges at
+//!   once and creates the task in the background: `sessionId` comes from the thread, so every
+//!   reply in the thread continues the same conversation.
+//! * The [`notifier`] of every replica watches the DelegatedTasks of the mapped namespaces that
+//!   have `spec.notify.slack` (from Slack or from kubectl alike): it posts the acknowledgement,
+//!   edits it with progress at most once per interval, and posts the final answer. Each of the
+//!   three is claimed in Postgres, so several replicas post each exactly once.
+
+pub mod client;
+pub mod notifier;
+pub mod signature;
+pub mod text;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{Context, bail};
+use nubabel_data::identity::{OrganizationId, validate_namespace};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::Config;
+
+pub use client::{SlackClient, SlackError};
+
+/// The tenant a Slack workspace's messages work for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamTarget {
+    /// The organization tasks are created for.
+    pub organization_id: String,
+    /// The namespace they are created in.
+    pub namespace: String,
+}
+
+/// The Slack bot's configuration and client.
+pub struct SlackBot {
+    /// Web API client with the bot token.
+    pub client: SlackClient,
+    signing_secret: SecretString,
+    /// Workspaces served, by team id.
+    pub teams: BTreeMap<String, TeamTarget>,
+    /// Least time between two progress edits of one message.
+    pub progress_interval: Duration,
+}
+
+impl std::fmt::Debug for SlackBot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackBot")
+            .field("teams", &self.teams)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `<team id>=<organization id>/<namespace>`.
+pub fn parse_team(value: &str) -> anyhow::Result<(String, TeamTarget)> {
+    let (team, target) = value.split_once('=').with_context(|| {
+        format!("slack team `{value}` is not <team id>=<organization>/<namespace>")
+    })?;
+    let (organization, namespace) = target.rsplit_once('/').with_context(|| {
+        format!("slack team `{value}` is not <team id>=<organization>/<namespace>")
+    })?;
+    let team = team.trim();
+    if team.is_empty() || !team.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("slack team `{value}`: the team id must be letters and digits, e.g. T0123ABCD");
+    }
+    OrganizationId::parse(organization.trim()).with_context(|| format!("slack team `{value}`"))?;
+    validate_namespace(namespace.trim()).with_context(|| format!("slack team `{value}`"))?;
+    Ok((
+        team.to_owned(),
+        TeamTarget {
+            organization_id: organization.trim().to_owned(),
+            namespace: namespace.trim().to_owned(),
+        },
+    ))
+}
+
+impl SlackBot {
+    /// The bot configured in `config`: `None` when no Slack setting is given, an error when
+    /// only some are.
+    pub fn from_config(config: &Config) -> anyhow::Result<Option<Self>> {
+        let teams = config
+            .slack_teams
+            .iter()
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| parse_team(t))
+            .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+        match (&config.slack_bot_token, &config.slack_signing_secret) {
+            (None, None) if teams.is_empty() => Ok(None),
+            (Some(token), Some(secret)) if !teams.is_empty() => {
+                if secret.expose_secret().is_empty() || token.expose_secret().is_empty() {
+                    bail!("the Slack bot token and signing secret must not be empty");
+                }
+                let client = SlackClient::new(&config.slack_api_url, token.clone())
+                    .context("building the Slack client")?;
+                Ok(Some(Self {
+                    client,
+                    signing_secret: secret.clone(),
+                    teams,
+                    progress_interval: Duration::from_millis(config.slack_progress_interval_ms),
+                }))
+            }
+            _ => bail!(
+                "the Slack bot needs all of --slack-bot-token, --slack-signing-secret and --slack-teams (or none of them)"
+            ),
+        }
+    }
+
+    /// Verifies a request's signature headers against its raw body.
+    pub fn verify(
+        &self,
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), signature::SignatureError> {
+        signature::verify(
+            self.signing_secret.expose_secret().as_bytes(),
+            timestamp,
+            signature,
+            body,
+            now,
+        )
+    }
+
+    /// The namespaces of the mapped workspaces, each once.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut namespaces: Vec<String> =
+            self.teams.values().map(|t| t.namespace.clone()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        namespaces
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn team_mappings_name_a_team_an_organization_and_a_namespace() {
+        let (team, target) = parse_team("T0123=acme/tenants").unwrap();
+        assert_eq!(team, "T0123");
+        assert_eq!(target.organization_id, "acme");
+        assert_eq!(target.namespace, "tenants");
+        assert!(parse_team("T0123=acme").is_err());
+        assert!(parse_team("T0123=acme/Not_A_Namespace").is_err());
+        assert!(parse_team("=acme/tenants").is_err());
+    }
+}

@@ -1,0 +1,379 @@
+//! Watches the DelegatedTasks of the Slack-mapped namespaces and tells their Slack threads
+//! what happens: an acknowledgement when a task appears, edits of it as `status.progress`
+//! changes (which the status mirror keeps current), and the answer when the task ends.
+//!
+//! Every replica watches; Postgres claims decide which replica posts the acknowledgement,
+//! each progress edit (at most one per interval per message, the latest state trailing) and
+//! the final answer, so each appears once.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use nubabel_crds::v1alpha1::{DelegatedTask, SlackTarget, TaskPhase};
+use nubabel_data::slack::{self as store, NewThread, SlackThread};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::{SlackBot, SlackError, text};
+
+/// Tasks that ended longer ago than this without a thread record are not announced (they
+/// ended before the bot knew them, e.g. on a fresh database).
+const ANNOUNCE_ENDED_WITHIN_SECONDS: i64 = 900;
+/// A final claim older than this whose answer never got posted may be taken over.
+const FINAL_CLAIM_STALE_SECONDS: i64 = 300;
+/// Event ids are kept this long (Slack retries for about an hour at most).
+const EVENT_ID_RETENTION_SECONDS: i64 = 24 * 3600;
+/// Attempts per message when Slack rate-limits or fails.
+const POST_ATTEMPTS: u32 = 5;
+
+/// The notifier of one replica. Cheap to clone.
+#[derive(Clone)]
+pub struct Notifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bot: Arc<SlackBot>,
+    db: PgPool,
+    /// Latest progress text per task waiting for its interval to pass, and whether a timer runs.
+    trailing: Mutex<HashMap<Uuid, Trailing>>,
+}
+
+struct Trailing {
+    text: String,
+    channel: String,
+    ack_ts: String,
+}
+
+impl Notifier {
+    /// A notifier posting with `bot` and claiming in `db`.
+    pub fn new(bot: Arc<SlackBot>, db: PgPool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                bot,
+                db,
+                trailing: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Starts one watch per mapped namespace, and the cleanup of old event ids; abort the
+    /// handles to stop.
+    pub fn start(&self, client: &Client) -> Vec<JoinHandle<()>> {
+        let mut handles: Vec<JoinHandle<()>> = self
+            .inner
+            .bot
+            .namespaces()
+            .into_iter()
+            .map(|namespace| {
+                let api: Api<DelegatedTask> = Api::namespaced(client.clone(), &namespace);
+                let notifier = self.clone();
+                tokio::spawn(async move { notifier.watch(api, namespace).await })
+            })
+            .collect();
+        let db = self.inner.db.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                if let Err(error) =
+                    store::forget_events_older_than(&db, EVENT_ID_RETENTION_SECONDS).await
+                {
+                    tracing::warn!(error = %error, "forgetting old slack event ids failed");
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }));
+        handles
+    }
+
+    async fn watch(&self, api: Api<DelegatedTask>, namespace: String) {
+        let mut tasks = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(item) = tasks.next().await {
+            match item {
+                Ok(task) => self.on_task(task).await,
+                Err(error) => {
+                    tracing::warn!(%namespace, error = %error, "watching tasks for slack failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Handles one observed state of a task.
+    pub async fn on_task(&self, task: DelegatedTask) {
+        let Some(target) = task.spec.notify.as_ref().and_then(|n| n.slack.clone()) else {
+            return;
+        };
+        let Some(uid) = task.uid().and_then(|u| u.parse::<Uuid>().ok()) else {
+            return;
+        };
+        if let Err(error) = self.notify(&task, uid, &target).await {
+            tracing::warn!(task = %task.name_any(), error = %error, "notifying slack failed");
+        }
+    }
+
+    async fn notify(
+        &self,
+        task: &DelegatedTask,
+        uid: Uuid,
+        target: &SlackTarget,
+    ) -> anyhow::Result<()> {
+        let db = &self.inner.db;
+        let phase = task.status.as_ref().and_then(|s| s.phase);
+        let finished = phase.is_some_and(TaskPhase::is_finished);
+        let mut thread = store::thread(db, uid).await?;
+        if thread.is_none() {
+            if finished && ended_long_ago(task) {
+                return Ok(());
+            }
+            let namespace = task.namespace().unwrap_or_default();
+            let name = task.name_any();
+            let new = NewThread {
+                task_uid: uid,
+                task_namespace: &namespace,
+                task_name: &name,
+                channel: &target.channel,
+                thread_ts: target.thread_ts.as_deref(),
+            };
+            if store::claim_ack(db, &new).await? && !finished {
+                self.acknowledge(task, uid, target).await?;
+            }
+            thread = store::thread(db, uid).await?;
+        }
+        let Some(thread) = thread else {
+            return Ok(());
+        };
+        if finished {
+            let notifier = self.clone();
+            let task = task.clone();
+            tokio::spawn(async move {
+                if let Err(error) = notifier.finish(&task, uid, &thread).await {
+                    tracing::warn!(task = %task.name_any(), error = %error, "posting the answer to slack failed");
+                }
+            });
+        } else {
+            self.progress(task, uid, &thread).await?;
+        }
+        Ok(())
+    }
+
+    async fn acknowledge(
+        &self,
+        task: &DelegatedTask,
+        uid: Uuid,
+        target: &SlackTarget,
+    ) -> anyhow::Result<()> {
+        let message = text::acknowledgement(&task.name_any());
+        let ts = self
+            .with_retries(|| {
+                self.inner.bot.client.post_message(
+                    &target.channel,
+                    target.thread_ts.as_deref(),
+                    &message,
+                )
+            })
+            .await?;
+        let thread_ts = target.thread_ts.clone().unwrap_or_else(|| ts.clone());
+        store::record_ack(&self.inner.db, uid, &ts, &thread_ts).await?;
+        Ok(())
+    }
+
+    async fn progress(
+        &self,
+        task: &DelegatedTask,
+        uid: Uuid,
+        thread: &SlackThread,
+    ) -> anyhow::Result<()> {
+        let Some(ack_ts) = thread.ack_ts.clone() else {
+            return Ok(());
+        };
+        // Until the operator picks the task up, the acknowledgement says all there is.
+        if task
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_none_or(|p| p == TaskPhase::Pending)
+        {
+            return Ok(());
+        }
+        let line = text::progress(task);
+        let pending = Trailing {
+            text: line,
+            channel: thread.channel.clone(),
+            ack_ts,
+        };
+        self.edit_or_defer(uid, pending).await
+    }
+
+    /// Edits the acknowledgement now if the interval allows, else remembers the text and edits
+    /// it when the interval has passed (the newest text wins).
+    async fn edit_or_defer(&self, uid: Uuid, pending: Trailing) -> anyhow::Result<()> {
+        let interval = self.inner.bot.progress_interval;
+        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        if self.inner.bot.client.blocked_for().is_none()
+            && store::claim_progress(&self.inner.db, uid, &pending.text, interval_ms).await?
+        {
+            match self
+                .inner
+                .bot
+                .client
+                .update_message(&pending.channel, &pending.ack_ts, &pending.text)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(SlackError::RateLimited(_)) => {
+                    store::unclaim_progress(&self.inner.db, uid).await?;
+                }
+                Err(error) => {
+                    store::unclaim_progress(&self.inner.db, uid).await?;
+                    return Err(error.into());
+                }
+            }
+        }
+        let schedule = {
+            let mut trailing = lock(&self.inner.trailing);
+            let first = !trailing.contains_key(&uid);
+            trailing.insert(uid, pending);
+            first
+        };
+        if schedule {
+            let notifier = self.clone();
+            tokio::spawn(async move {
+                let wait = notifier
+                    .inner
+                    .bot
+                    .client
+                    .blocked_for()
+                    .unwrap_or_default()
+                    .max(interval);
+                tokio::time::sleep(wait).await;
+                let Some(pending) = lock(&notifier.inner.trailing).remove(&uid) else {
+                    return;
+                };
+                match store::claim_progress(&notifier.inner.db, uid, &pending.text, interval_ms)
+                    .await
+                {
+                    Ok(true) => {
+                        if let Err(error) = notifier
+                            .inner
+                            .bot
+                            .client
+                            .update_message(&pending.channel, &pending.ack_ts, &pending.text)
+                            .await
+                        {
+                            // The next status change shows it again.
+                            tracing::debug!(error = %error, "a deferred progress edit failed");
+                            let _ = store::unclaim_progress(&notifier.inner.db, uid).await;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(error = %error, "claiming a progress edit failed"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        task: &DelegatedTask,
+        uid: Uuid,
+        thread: &SlackThread,
+    ) -> anyhow::Result<()> {
+        let db = &self.inner.db;
+        if store::final_posted(db, uid).await?
+            || !store::claim_final(db, uid, FINAL_CLAIM_STALE_SECONDS).await?
+        {
+            return Ok(());
+        }
+        lock(&self.inner.trailing).remove(&uid);
+        let output = match nubabel_data::results::output(db, uid).await {
+            Ok(Some(output)) => Some(output),
+            _ => task.status.as_ref().and_then(|s| s.output.clone()),
+        };
+        let thread_ts = thread.thread_ts.clone().or_else(|| thread.ack_ts.clone());
+        let posted = async {
+            for message in text::final_messages(task, output.as_deref()) {
+                self.with_retries(|| {
+                    self.inner.bot.client.post_message(
+                        &thread.channel,
+                        thread_ts.as_deref(),
+                        &message,
+                    )
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(error) = posted {
+            store::release_final(db, uid).await?;
+            return Err(error);
+        }
+        store::record_final(db, uid).await?;
+        if let Some(ack_ts) = &thread.ack_ts {
+            let ended = text::ended(task);
+            if let Err(error) = self
+                .with_retries(|| {
+                    self.inner
+                        .bot
+                        .client
+                        .update_message(&thread.channel, ack_ts, &ended)
+                })
+                .await
+            {
+                tracing::debug!(error = %error, "marking the acknowledgement done failed");
+            }
+        }
+        tracing::info!(task = %task.name_any(), "answer posted to slack");
+        Ok(())
+    }
+
+    /// Runs `call`, waiting out rate limits and retrying transient failures.
+    async fn with_retries<T, F, Fut>(&self, mut call: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SlackError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match call().await {
+                Ok(value) => return Ok(value),
+                Err(SlackError::RateLimited(wait)) if attempt < POST_ATTEMPTS => {
+                    tokio::time::sleep(wait).await;
+                }
+                Err(SlackError::Transport(_)) if attempt < POST_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+fn ended_long_ago(task: &DelegatedTask) -> bool {
+    let completed = task
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.as_ref())
+        .map(|t| t.0.as_second());
+    completed.is_some_and(|at| crate::auth::unix_now() - at > ANNOUNCE_ENDED_WITHIN_SECONDS)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Updates are single map operations, so a poisoned map is still consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

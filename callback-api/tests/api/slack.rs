@@ -1,0 +1,367 @@
+//! `/slack/events` and the Slack notifier against the real API server, Postgres and a fake
+//! Slack Web API. The task's status is written by the test (no operator runs here), so every
+//! step of the thread is deterministic; e2e/tests/slack.rs runs the same flow on real OpenCode.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+};
+use nubabel_crds::v1alpha1::DelegatedTask;
+use nubabel_e2e::{
+    TestEnv, TestNamespace,
+    fake_slack::{FakeSlack, message_event, signed_headers},
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, now, spawn_app, spawn_app_configured, test_config, unique};
+
+const BOT_TOKEN: &str = "xoxb-test-bot-token";
+const SECRET: &str = "test-signing-secret";
+const TEAM: &str = "T0TEST";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct SlackSetup {
+    namespace: TestNamespace,
+    slack: FakeSlack,
+    org: String,
+}
+
+async fn setup(prefix: &str) -> Result<SlackSetup> {
+    let env = TestEnv::from_env().await?;
+    nubabel_e2e::crds::install_crds(&env.client).await?;
+    let namespace = TestNamespace::create(&env.client, prefix).await?;
+    let slack = FakeSlack::start("127.0.0.1".parse()?, BOT_TOKEN).await?;
+    Ok(SlackSetup {
+        namespace,
+        slack,
+        org: unique("org"),
+    })
+}
+
+fn configure(setup: &SlackSetup) -> impl FnOnce(&mut nubabel_callback_api::config::Config) {
+    let api_url = setup.slack.api_url();
+    let team = format!("{TEAM}={}/{}", setup.org, setup.namespace.name());
+    move |config| {
+        config.slack_bot_token = Some(BOT_TOKEN.into());
+        config.slack_signing_secret = Some(SECRET.into());
+        config.slack_api_url = api_url;
+        config.slack_teams = vec![team];
+        config.slack_progress_interval_ms = 1000;
+    }
+}
+
+async fn post_event(
+    app: &TestApp,
+    body: &Value,
+    timestamp: i64,
+    retry: Option<u32>,
+) -> Result<(StatusCode, String)> {
+    let raw = serde_json::to_vec(body)?;
+    let mut request = app.client.post(format!("{}/slack/events", app.address));
+    for (name, value) in signed_headers(SECRET, timestamp, &raw) {
+        request = request.header(name, value);
+    }
+    if let Some(retry) = retry {
+        request = request
+            .header("x-slack-retry-num", retry.to_string())
+            .header("x-slack-retry-reason", "http_timeout");
+    }
+    let response = request.body(raw).send().await?;
+    Ok((response.status(), response.text().await?))
+}
+
+async fn tasks_of(api: &Api<DelegatedTask>, wanted: usize) -> Result<Vec<DelegatedTask>> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut items = api.list(&ListParams::default()).await?.items;
+        if items.len() >= wanted || tokio::time::Instant::now() >= deadline {
+            items.sort_by_key(|t| t.metadata.creation_timestamp.clone().map(|t| t.0));
+            return Ok(items);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn without_slack_settings_the_route_says_so() -> Result<()> {
+    let app = spawn_app().await?;
+    let response = app
+        .client
+        .post(format!("{}/slack/events", app.address))
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["code"], "not_configured");
+    Ok(())
+}
+
+#[tokio::test]
+async fn signatures_are_checked_before_anything_and_the_challenge_is_answered() -> Result<()> {
+    let setup = setup("slack-sig").await?;
+    let app = spawn_app_configured(configure(&setup)).await?;
+    let challenge = json!({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"});
+    let (status, body) = post_event(&app, &challenge, now(), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body)?["challenge"],
+        challenge["challenge"]
+    );
+
+    let raw = serde_json::to_vec(&challenge)?;
+    let send = |headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+        let mut request = app.client.post(format!("{}/slack/events", app.address));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.body(body).send()
+    };
+    // Signed with another secret, stale, from the future, tampered, or unsigned: 401.
+    let other = nubabel_e2e::fake_slack::signed_headers("another-secret", now(), &raw);
+    let stale = signed_headers(SECRET, now() - 301, &raw);
+    let future = signed_headers(SECRET, now() + 301, &raw);
+    let tampered_body =
+        serde_json::to_vec(&json!({"type": "url_verification", "challenge": "evil"}))?;
+    let fresh = signed_headers(SECRET, now(), &raw);
+    let unsigned = vec![("content-type", "application/json".to_owned())];
+    for (what, headers, body) in [
+        ("another secret", other, raw.clone()),
+        ("stale", stale, raw.clone()),
+        ("future", future, raw.clone()),
+        ("tampered", fresh, tampered_body),
+        ("unsigned", unsigned, raw.clone()),
+    ] {
+        let response = send(headers, body).await?;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+        let text = response.text().await?;
+        assert!(
+            !text.contains("evil") && !text.contains("3eZbrw"),
+            "{what}: {text}"
+        );
+    }
+    setup.namespace.delete().await
+}
+
+#[tokio::test]
+async fn a_retried_mention_creates_one_task_even_on_another_replica() -> Result<()> {
+    let setup = setup("slack-retry").await?;
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let mut config = test_config(&database_url, &redis_url);
+    configure(&setup)(&mut config);
+    let first = spawn_app_configured(|c| *c = config.clone()).await?;
+    let mut second_config = config.clone();
+    second_config.http_addr = "127.0.0.1:0".parse()?;
+    let second = spawn_app_configured(|c| *c = second_config).await?;
+
+    let event = message_event(
+        "Ev0001",
+        TEAM,
+        "C0CHAN",
+        "1700000000.000100",
+        None,
+        "<@U0BOT> TOOLCALL please",
+    );
+    assert_eq!(
+        post_event(&first, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_event(&first, &event, now(), Some(1)).await?.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_event(&second, &event, now(), Some(2)).await?.0,
+        StatusCode::OK
+    );
+    // A bot's own message and an unmapped workspace create nothing.
+    let mut from_bot = message_event(
+        "Ev0002",
+        TEAM,
+        "C0CHAN",
+        "1700000001.000100",
+        None,
+        "<@U0BOT> hi",
+    );
+    from_bot["event"]["bot_id"] = json!("B0BOT");
+    assert_eq!(
+        post_event(&first, &from_bot, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let elsewhere = message_event(
+        "Ev0003",
+        "T0OTHER",
+        "C0CHAN",
+        "1700000002.000100",
+        None,
+        "<@U0BOT> hi",
+    );
+    assert_eq!(
+        post_event(&first, &elsewhere, now(), None).await?.0,
+        StatusCode::OK
+    );
+
+    let api = setup.namespace.api::<DelegatedTask>();
+    let tasks = tasks_of(&api, 1).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(api.list(&ListParams::default()).await?.items.len(), 1);
+    let task = &tasks[0];
+    assert_eq!(task.spec.organization_id, setup.org);
+    assert_eq!(task.spec.prompt, "TOOLCALL please");
+    assert_eq!(
+        task.spec.session_id.as_deref(),
+        Some("slack:T0TEST:C0CHAN:1700000000.000100")
+    );
+    let target = task.spec.notify.clone().unwrap().slack.unwrap();
+    assert_eq!(
+        (target.channel.as_str(), target.thread_ts.as_deref()),
+        ("C0CHAN", Some("1700000000.000100"))
+    );
+    assert_eq!(task.labels()["nubabel.io/created-by"], "slack");
+
+    // Both replicas watch the task; exactly one acknowledgement appears, in the thread.
+    let calls = setup
+        .slack
+        .wait_for("the acknowledgement", WAIT, |calls| {
+            calls.iter().any(|c| c.method == "chat.postMessage")
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let posts = setup.slack.calls_to("chat.postMessage");
+    assert_eq!(posts.len(), 1, "{calls:#?}");
+    assert!(posts[0].authorized);
+    assert_eq!(posts[0].body["thread_ts"], "1700000000.000100");
+    assert!(posts[0].text().contains(&task.name_any()));
+
+    // A reply in the thread continues the thread's session.
+    let reply = message_event(
+        "Ev0004",
+        TEAM,
+        "C0CHAN",
+        "1700000005.000100",
+        Some("1700000000.000100"),
+        "<@U0BOT> and then?",
+    );
+    assert_eq!(
+        post_event(&second, &reply, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let tasks = tasks_of(&api, 2).await?;
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[1].spec.session_id, tasks[0].spec.session_id);
+    drop((first, second));
+    setup.namespace.delete().await
+}
+
+#[tokio::test]
+async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() -> Result<()> {
+    let setup = setup("slack-flow").await?;
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let mut config = test_config(&database_url, &redis_url);
+    configure(&setup)(&mut config);
+    // Two replicas on one database, both watching the namespace.
+    let first = spawn_app_configured(|c| *c = config.clone()).await?;
+    let _second = spawn_app_configured(|c| *c = config.clone()).await?;
+    // Slack rate-limits the first acknowledgement: it is posted after Retry-After.
+    setup.slack.rate_limit_next("chat.postMessage", 1);
+
+    let event = message_event(
+        "Ev1001",
+        TEAM,
+        "C0CHAN",
+        "1700000100.000100",
+        None,
+        "<@U0BOT> work hard",
+    );
+    assert_eq!(
+        post_event(&first, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let api = setup.namespace.api::<DelegatedTask>();
+    let task = tasks_of(&api, 1).await?.remove(0);
+    let name = task.name_any();
+    setup
+        .slack
+        .wait_for("the acknowledgement after the 429", WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "chat.postMessage" && c.status == 200)
+        })
+        .await?;
+    let ack_ts = {
+        let posts = setup.slack.calls_to("chat.postMessage");
+        assert_eq!(posts.iter().filter(|c| c.status == 429).count(), 1);
+        assert_eq!(posts.iter().filter(|c| c.status == 200).count(), 1);
+        // The fake numbers messages from 1700000001.
+        "1700000001.000100".to_owned()
+    };
+
+    // The agent runs tools; the status changes faster than the edit interval.
+    let status = |value: Value| {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": value})),
+            )
+            .await
+        }
+    };
+    for started in 1..=6 {
+        status(json!({"phase": "Running", "progress": {"events": started * 2, "toolsStarted": started, "toolsCompleted": started - 1, "lastTool": "bash"}})).await?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    status(json!({"progress": {"events": 13, "toolsStarted": 6, "toolsCompleted": 6, "lastTool": "bash"}})).await?;
+    let edits = setup
+        .slack
+        .wait_for("the newest progress in an edit", WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "chat.update" && c.text().contains("6 started, 6 finished"))
+        })
+        .await?;
+    let edits: Vec<_> = edits.iter().filter(|c| c.method == "chat.update").collect();
+    assert!(
+        edits
+            .iter()
+            .all(|c| c.body["ts"] == ack_ts.as_str() && c.authorized)
+    );
+    // About 1.2 s of changes at one edit per second: at most three edits, not seven.
+    assert!(edits.len() <= 3, "{edits:#?}");
+
+    status(json!({"phase": "Succeeded", "output": "The answer is 42."})).await?;
+    setup
+        .slack
+        .wait_for("the answer", WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "chat.postMessage" && c.text() == "The answer is 42.")
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answers: Vec<_> = setup
+        .slack
+        .calls_to("chat.postMessage")
+        .into_iter()
+        .filter(|c| c.text() == "The answer is 42.")
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:#?}");
+    assert_eq!(answers[0].body["thread_ts"], "1700000100.000100");
+    setup
+        .slack
+        .wait_for("the acknowledgement to say done", WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "chat.update" && c.text().contains("Done"))
+        })
+        .await?;
+    setup.namespace.delete().await
+}

@@ -1,0 +1,198 @@
+//! The Slack bot's shared state: accepted event ids (Slack retries events, and any replica may
+//! get the retry) and, per task that reports to a Slack thread, its acknowledgement message,
+//! the last progress shown and the claim on the final answer.
+//!
+//! Every decision that must happen once across replicas is a single conditional statement
+//! here, so Postgres decides who wins.
+
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// Records Slack event `event_id`; false when it was recorded before (a retry or a duplicate).
+pub async fn record_event(pool: &PgPool, event_id: &str, team_id: &str) -> Result<bool> {
+    let inserted = sqlx::query(
+        "insert into slack_events (event_id, team_id) values ($1, $2)
+         on conflict (event_id) do nothing",
+    )
+    .bind(event_id)
+    .bind(team_id)
+    .execute(pool)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Forgets event ids older than `max_age_seconds` (Slack stops retrying after about an hour).
+pub async fn forget_events_older_than(pool: &PgPool, max_age_seconds: i64) -> Result<u64> {
+    let deleted = sqlx::query(
+        "delete from slack_events where created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(max_age_seconds as f64)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// A task reporting to a Slack thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlackThread {
+    /// The task's `metadata.uid`.
+    pub task_uid: Uuid,
+    /// Slack channel id.
+    pub channel: String,
+    /// The thread's first message, if the task names one.
+    pub thread_ts: Option<String>,
+    /// The bot's acknowledgement message, once posted.
+    pub ack_ts: Option<String>,
+}
+
+/// Where a task reports.
+#[derive(Debug, Clone, Copy)]
+pub struct NewThread<'a> {
+    /// The task's `metadata.uid`.
+    pub task_uid: Uuid,
+    /// The task's namespace.
+    pub task_namespace: &'a str,
+    /// The task's name.
+    pub task_name: &'a str,
+    /// Slack channel id.
+    pub channel: &'a str,
+    /// The thread's first message.
+    pub thread_ts: Option<&'a str>,
+}
+
+/// Claims the acknowledgement of a task: true for exactly one caller, who then posts it and
+/// records its timestamp with [`record_ack`].
+pub async fn claim_ack(pool: &PgPool, thread: &NewThread<'_>) -> Result<bool> {
+    let inserted = sqlx::query(
+        "insert into slack_threads (task_uid, task_namespace, task_name, channel, thread_ts)
+         values ($1, $2, $3, $4, $5)
+         on conflict (task_uid) do nothing",
+    )
+    .bind(thread.task_uid)
+    .bind(thread.task_namespace)
+    .bind(thread.task_name)
+    .bind(thread.channel)
+    .bind(thread.thread_ts)
+    .execute(pool)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Records the acknowledgement message's timestamp (and the thread it started, if any).
+pub async fn record_ack(
+    pool: &PgPool,
+    task_uid: Uuid,
+    ack_ts: &str,
+    thread_ts: &str,
+) -> Result<()> {
+    sqlx::query(
+        "update slack_threads set ack_ts = $2, thread_ts = coalesce(thread_ts, $3)
+         where task_uid = $1",
+    )
+    .bind(task_uid)
+    .bind(ack_ts)
+    .bind(thread_ts)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The thread of task `task_uid`, if it has one.
+pub async fn thread(pool: &PgPool, task_uid: Uuid) -> Result<Option<SlackThread>> {
+    let row = sqlx::query(
+        "select task_uid, channel, thread_ts, ack_ts from slack_threads where task_uid = $1",
+    )
+    .bind(task_uid)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| SlackThread {
+        task_uid: row.get("task_uid"),
+        channel: row.get("channel"),
+        thread_ts: row.get("thread_ts"),
+        ack_ts: row.get("ack_ts"),
+    }))
+}
+
+/// Claims the next progress edit of a task's acknowledgement: true when `text` differs from
+/// what was last shown and the last edit is at least `min_interval_ms` old, for exactly one
+/// caller. The final answer's claim stops further edits.
+pub async fn claim_progress(
+    pool: &PgPool,
+    task_uid: Uuid,
+    text: &str,
+    min_interval_ms: i64,
+) -> Result<bool> {
+    let claimed = sqlx::query(
+        "update slack_threads set progress_text = $2, progress_at = now()
+         where task_uid = $1 and ack_ts is not null and final_claimed_at is null
+           and progress_text is distinct from $2
+           and (progress_at is null
+                or progress_at <= now() - make_interval(secs => $3::float8 / 1000))",
+    )
+    .bind(task_uid)
+    .bind(text)
+    .bind(min_interval_ms as f64)
+    .execute(pool)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// Forgets the progress text claimed last (its edit did not reach Slack), keeping the time,
+/// so the next claim shows it again no sooner than the interval allows.
+pub async fn unclaim_progress(pool: &PgPool, task_uid: Uuid) -> Result<()> {
+    sqlx::query("update slack_threads set progress_text = null where task_uid = $1")
+        .bind(task_uid)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Claims the final answer of a task: true for exactly one caller. A claim older than
+/// `stale_after_seconds` without a posted answer (its replica died) may be taken over.
+pub async fn claim_final(pool: &PgPool, task_uid: Uuid, stale_after_seconds: i64) -> Result<bool> {
+    let claimed = sqlx::query(
+        "update slack_threads set final_claimed_at = now()
+         where task_uid = $1 and final_posted_at is null
+           and (final_claimed_at is null
+                or final_claimed_at < now() - make_interval(secs => $2::float8))",
+    )
+    .bind(task_uid)
+    .bind(stale_after_seconds as f64)
+    .execute(pool)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// Records that the final answer was posted.
+pub async fn record_final(pool: &PgPool, task_uid: Uuid) -> Result<()> {
+    sqlx::query("update slack_threads set final_posted_at = now() where task_uid = $1")
+        .bind(task_uid)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Gives up a final claim whose posting failed, so a later attempt (on any replica) retries.
+pub async fn release_final(pool: &PgPool, task_uid: Uuid) -> Result<()> {
+    sqlx::query(
+        "update slack_threads set final_claimed_at = null
+         where task_uid = $1 and final_posted_at is null",
+    )
+    .bind(task_uid)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether the final answer of task `task_uid` was posted.
+pub async fn final_posted(pool: &PgPool, task_uid: Uuid) -> Result<bool> {
+    let posted: Option<bool> = sqlx::query_scalar(
+        "select final_posted_at is not null from slack_threads where task_uid = $1",
+    )
+    .bind(task_uid)
+    .fetch_optional(pool)
+    .await?;
+    Ok(posted.unwrap_or(false))
+}
