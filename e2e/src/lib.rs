@@ -4,11 +4,14 @@
 pub mod control_plane;
 pub mod crds;
 pub mod fake_llm;
+pub mod forward;
 pub mod local;
 pub mod node_shim;
 pub mod opencode_server;
 pub mod pki;
+pub mod pod_credentials;
 pub mod process;
+pub mod service_urls;
 pub mod services;
 pub mod stack;
 pub mod system;
