@@ -5,6 +5,10 @@ use nubabel_callback_api::{config::Config, startup::Application, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The status mirror's Kubernetes client needs a rustls crypto provider, and with two
+    // compiled into the workspace's builds rustls cannot choose one by itself. An error means
+    // one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Config::parse();
     telemetry::init(config.log_format);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), addr = %config.http_addr, "starting");
