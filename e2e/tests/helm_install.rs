@@ -601,7 +601,11 @@ async fn helm_install_runs_tasks_and_upgrade_and_uninstall_behave() -> Result<()
     if let Some(shim) = installation.shim.take() {
         shim.shutdown().await?;
     }
-    outcome?;
+    if let Err(e) = outcome {
+        // The pods' whole logs, for a look after the test.
+        let kept = installation.run_dir.keep();
+        bail!("{e:#}\n(pod logs kept in {})", kept.display());
+    }
     tenant.delete().await?;
     system.delete().await
 }
