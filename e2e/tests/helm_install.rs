@@ -271,7 +271,9 @@ impl Installation {
         };
         let by_callback_api = mirrored.managed_fields().iter().any(|f| {
             f.manager.as_deref() == Some(nubabel_callback_api::mirror::FIELD_MANAGER)
-                && f.subresource.as_deref() == Some("status")
+                && f.fields_v1
+                    .as_ref()
+                    .is_some_and(|fields| fields.0["f:status"].get("f:progress").is_some())
         });
         ensure!(
             by_callback_api,
@@ -491,7 +493,11 @@ async fn helm_install_runs_tasks_and_upgrade_and_uninstall_behave() -> Result<()
         let mut upgrade = strings(&["upgrade", &release]);
         upgrade.push(chart_dir().to_string_lossy().into_owned());
         upgrade.extend(strings(&["-n", system.name(), "--reuse-values"]));
-        upgrade.extend(set("operator.logLevel", UPGRADED_LOG_LEVEL));
+        // `--set` splits on commas; `\,` keeps one in the value.
+        upgrade.extend(set(
+            "operator.logLevel",
+            &UPGRADED_LOG_LEVEL.replace(',', "\\,"),
+        ));
         helm(&upgrade).await?;
         let upgraded = installation.await_rollout(&installation.operator()).await?;
         ensure!(
