@@ -482,6 +482,29 @@ async fn helm_install_runs_tasks_and_upgrade_and_uninstall_behave() -> Result<()
             .run_task("before-upgrade", "marker-install")
             .await?;
 
+        // Without cluster DNS, the Service URL the chart gives the operator reached it as the
+        // callback API pod's address, which it passed on to the sidecar's bridge.
+        let callback_pod = installation.component_pods("callback-api").await?;
+        let callback_ip = callback_pod
+            .first()
+            .and_then(|p| p.status.as_ref())
+            .and_then(|s| s.pod_ip.clone())
+            .context("no callback API pod IP")?;
+        let sidecar_pods: Api<Pod> = Api::namespaced(env.client.clone(), tenant.name());
+        let bridge_url = sidecar_pods
+            .get("fleet-0")
+            .await?
+            .spec
+            .into_iter()
+            .flat_map(|s| s.containers)
+            .flat_map(|c| c.env.unwrap_or_default())
+            .find(|e| e.name == "NUBABEL_CALLBACK_URL")
+            .and_then(|e| e.value);
+        ensure!(
+            bridge_url == Some(format!("http://{callback_ip}:8080")),
+            "the bridge's callback URL is {bridge_url:?}"
+        );
+
         // helm upgrade with another operator log level: the operator rolls, the callback API
         // (whose pods do not use the value) keeps its pods.
         let callback_pods: Vec<String> = installation
