@@ -11,6 +11,9 @@ use nubabel_callback_api::{
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The status mirror's Kubernetes client needs a rustls crypto provider, and with two
+    // compiled into the workspace's builds rustls cannot choose one by itself. An error means
+    // one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     if std::env::args_os().nth(1).is_some_and(|arg| arg == "token") {
         let cli = TokenCli::parse_from(std::env::args_os().skip(1));

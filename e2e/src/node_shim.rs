@@ -16,6 +16,15 @@
 //! container's mount point is rewritten to that directory. PersistentVolumeClaims get a
 //! hostPath PersistentVolume from the shim's small provisioner, so a StatefulSet pod that is
 //! deleted and recreated finds its data again, as on a real cluster.
+//!
+//! Services: there is no cluster DNS and no kube-proxy. URLs in a pod's arguments and
+//! environment whose host names a Service are rewritten to a ready pod behind it when the pod
+//! starts ([`crate::service_urls`]).
+//!
+//! Credentials: given the API server's URL ([`ShimOptions::api_server`]), a container that
+//! mounts its ServiceAccount token gets `KUBECONFIG` pointing at a kubeconfig with that token,
+//! since the in-cluster path and Service address are not its own, and any other container a
+//! `KUBECONFIG` that names no file instead of the test's own ([`crate::pod_credentials`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -141,6 +150,15 @@ pub fn resolve_command(
     Ok((program, rest))
 }
 
+/// What the shim offers pods beyond running them.
+#[derive(Clone, Debug, Default)]
+pub struct ShimOptions {
+    /// The API server's URL as host processes reach it (`https://127.0.0.1:PORT`). With it,
+    /// containers that mount a ServiceAccount token get a kubeconfig for it; without it they
+    /// get no Kubernetes credentials.
+    pub api_server: Option<String>,
+}
+
 /// A running node shim. Stop it with [`NodeShim::shutdown`]; dropping it aborts its tasks and
 /// the supervised processes die with it.
 pub struct NodeShim {
@@ -165,6 +183,17 @@ impl NodeShim {
         images: ImageMap,
         run_dir: &Path,
     ) -> Result<Self> {
+        Self::start_with(client, node_name, images, run_dir, ShimOptions::default()).await
+    }
+
+    /// [`NodeShim::start`], with `options`.
+    pub async fn start_with(
+        client: Client,
+        node_name: &str,
+        images: ImageMap,
+        run_dir: &Path,
+        options: ShimOptions,
+    ) -> Result<Self> {
         let subnet = random_subnet()?;
         register_node(&client, node_name, subnet).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -176,6 +205,7 @@ impl NodeShim {
             run_dir: run_dir.to_owned(),
             subnet,
             next_ip: std::sync::Mutex::new(2),
+            options,
         });
         let tasks = vec![
             tokio::spawn(heartbeat(shared.clone(), shutdown_rx.clone())),
@@ -241,6 +271,7 @@ struct Shared {
     run_dir: PathBuf,
     subnet: [u8; 3],
     next_ip: std::sync::Mutex<u8>,
+    options: ShimOptions,
 }
 
 impl Shared {
@@ -1072,11 +1103,30 @@ async fn container_process(
     }
     let rewrite = |value: &str| rewrite_value(value, ip, &mounts);
 
+    let namespace = pod.namespace().unwrap_or_default();
     let env = resolve_env(shared, pod, container, ip).await?;
     let mut expanded_env: Vec<(String, String)> = Vec::new();
     for (key, value) in env {
         let value = rewrite(&expand(&value, &expanded_env));
         expanded_env.push((key, value));
+    }
+    if let Some(server) = &shared.options.api_server
+        && !expanded_env.iter().any(|(k, _)| k == "KUBECONFIG")
+    {
+        let account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let path = crate::pod_credentials::kubeconfig_path(
+            &mounts,
+            pod_dir,
+            &container.name,
+            server,
+            &namespace,
+            &account,
+        )?;
+        expanded_env.push(("KUBECONFIG".to_owned(), path.to_string_lossy().into_owned()));
     }
     let command: Vec<String> = container
         .command
@@ -1096,6 +1146,20 @@ async fn container_process(
                 .flatten()
                 .map(|arg| rewrite(&expand(arg, &expanded_env))),
         )
+        .collect();
+    // Service URLs, resolved once for the arguments and the environment together.
+    let values: Vec<String> = argv
+        .iter()
+        .cloned()
+        .chain(expanded_env.iter().map(|(_, v)| v.clone()))
+        .collect();
+    let mut values = crate::service_urls::rewrite_all(&shared.client, &namespace, &values).await?;
+    let env_values = values.split_off(argv.len());
+    let argv = values;
+    let expanded_env: Vec<(String, String)> = expanded_env
+        .into_iter()
+        .zip(env_values)
+        .map(|((key, _), value)| (key, value))
         .collect();
     let mut spec = ProcessSpec::new(container.name.clone(), program)
         .stop_grace(pod_grace(pod))

@@ -84,6 +84,77 @@ pub fn workspace_binary(name: &str, override_env: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The image map of sidecar pods: the sidecar image runs the real `opencode` binary, the
+/// bridge image the workspace's `nubabel-bridge`.
+pub fn sidecar_images() -> Result<ImageMap> {
+    Ok(ImageMap::new()
+        .with(
+            "nubabel-bridge",
+            workspace_binary("nubabel-bridge", BRIDGE_BIN_ENV)?,
+        )
+        .with("opencode", opencode_bin()?))
+}
+
+/// An `OpencodeSidecar` `namespace/name` for tenant `organization_id` with `replicas` pods
+/// placed by `node_selector`, its provider pointed at `fake_llm`.
+pub fn fake_llm_sidecar(
+    namespace: &str,
+    name: &str,
+    organization_id: &str,
+    replicas: i32,
+    fake_llm: &FakeLlm,
+    node_selector: &std::collections::BTreeMap<String, String>,
+) -> Result<OpencodeSidecar> {
+    let address = fake_llm.address();
+    serde_json::from_value(json!({
+        "apiVersion": "nubabel.io/v1alpha1",
+        "kind": "OpencodeSidecar",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "organizationId": organization_id,
+            "replicas": replicas,
+            "model": FAKE_MODEL,
+            "provider": {
+                "id": FAKE_PROVIDER,
+                "baseURL": format!("http://{address}/v1"),
+            },
+            "nodeSelector": node_selector,
+        }
+    }))
+    .context("building the OpencodeSidecar manifest")
+}
+
+/// The last `lines` lines of every container log under a node shim's run directory
+/// (`<run_dir>/pods/<pod>/<container>.log`), for failure messages.
+pub fn pod_log_tails(run_dir: &Path, lines: usize) -> String {
+    let pods = run_dir.join("pods");
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(&pods) else {
+        return out;
+    };
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let Ok(files) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut logs: Vec<PathBuf> = files
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            out.push_str(&format!(
+                "--- {} ---\n{}\n",
+                log.strip_prefix(&pods).unwrap_or(&log).display(),
+                crate::process::log_tail(&log, lines)
+            ));
+        }
+    }
+    out
+}
+
 /// Everything a namespace's sidecar fleets need, running. Stop it with [`System::shutdown`];
 /// dropping it stops the processes too (without waiting for the Node and RBAC cleanup).
 pub struct System {
@@ -117,8 +188,7 @@ impl System {
         callback_api_args: &[String],
     ) -> Result<Self> {
         let ns = namespace.name().to_owned();
-        let opencode = opencode_bin()?;
-        let bridge = workspace_binary("nubabel-bridge", BRIDGE_BIN_ENV)?;
+        let images = sidecar_images()?;
         let operator_bin = workspace_binary("nubabel-operator", OPERATOR_BIN_ENV)?;
         crate::crds::install_crds(&env.client).await?;
 
@@ -160,9 +230,7 @@ impl System {
         let shim = NodeShim::start(
             env.client.clone(),
             &format!("{ns}-node"),
-            ImageMap::new()
-                .with("nubabel-bridge", bridge)
-                .with("opencode", opencode),
+            images,
             run_dir.path(),
         )
         .await?;
@@ -437,32 +505,7 @@ impl System {
 
     /// The last lines of every container log of the namespace's pods, for failure messages.
     pub fn pod_log_tails(&self, lines: usize) -> String {
-        let pods = self.run_dir.path().join("pods");
-        let mut out = String::new();
-        let Ok(entries) = std::fs::read_dir(&pods) else {
-            return out;
-        };
-        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        dirs.sort();
-        for dir in dirs {
-            let Ok(files) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut logs: Vec<PathBuf> = files
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "log"))
-                .collect();
-            logs.sort();
-            for log in logs {
-                out.push_str(&format!(
-                    "--- {} ---\n{}\n",
-                    log.strip_prefix(&pods).unwrap_or(&log).display(),
-                    crate::process::log_tail(&log, lines)
-                ));
-            }
-        }
-        out
+        pod_log_tails(self.run_dir.path(), lines)
     }
 
     /// Everything worth reading when a test fails: the operator's log and the pods' logs.
@@ -482,23 +525,14 @@ impl System {
         organization_id: &str,
         replicas: i32,
     ) -> Result<OpencodeSidecar> {
-        let address = self.fake_llm.address();
-        serde_json::from_value(json!({
-            "apiVersion": "nubabel.io/v1alpha1",
-            "kind": "OpencodeSidecar",
-            "metadata": {"name": name, "namespace": self.namespace},
-            "spec": {
-                "organizationId": organization_id,
-                "replicas": replicas,
-                "model": FAKE_MODEL,
-                "provider": {
-                    "id": FAKE_PROVIDER,
-                    "baseURL": format!("http://{address}/v1"),
-                },
-                "nodeSelector": self.node_selector(),
-            }
-        }))
-        .context("building the OpencodeSidecar manifest")
+        fake_llm_sidecar(
+            &self.namespace,
+            name,
+            organization_id,
+            replicas,
+            &self.fake_llm,
+            &self.node_selector(),
+        )
     }
 
     /// The OpenCode server password of sidecar `name` (its Secret's `opencode-password`).

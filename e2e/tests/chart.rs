@@ -254,7 +254,7 @@ async fn the_chart_sets_only_environment_variables_the_binaries_read() -> Result
             (
                 "nubabel-operator",
                 &operator_reads,
-                &["NUBABEL_SIGNING_MASTER_KEY"][..],
+                &["NUBABEL_SIGNING_MASTER_KEY", "NUBABEL_DATABASE_URL"][..],
             ),
             (
                 "nubabel-callback-api",
