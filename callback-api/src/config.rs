@@ -86,6 +86,25 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "NUBABEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Credential vault master keys, `<id>=<base64 of 32 bytes>` separated by commas, the
+    /// current key first (`k2=...,k1=...`); older keys only decrypt. Without it, MCP
+    /// connections cannot be stored or used.
+    #[arg(long, env = "NUBABEL_VAULT_KEYS", hide_env_values = true)]
+    pub vault_keys: Option<SecretString>,
+
+    /// Bearer token of the admin API (`/api/admin/...`); without it the admin API answers 503.
+    #[arg(long, env = "NUBABEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<SecretString>,
+
+    /// Outbound destinations exempt from the SSRF rules: CIDRs (`10.0.0.0/8`) and
+    /// `host:port` entries, separated by commas.
+    #[arg(long, env = "NUBABEL_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<String>,
+
+    /// Seconds before expiry at which an OAuth access token is refreshed.
+    #[arg(long, env = "NUBABEL_OAUTH_REFRESH_SKEW_SECONDS", default_value_t = 60)]
+    pub oauth_refresh_skew_seconds: u64,
 }
 
 impl Config {

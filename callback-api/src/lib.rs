@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod credentials;
+pub mod egress;
 pub mod error;
 pub mod fanout;
 pub mod metrics;

@@ -19,6 +19,8 @@ pub struct Keys {
     pub master: MasterKey,
     /// Stream tokens are signed with this.
     pub stream_token: StreamTokenKey,
+    /// The admin API's bearer token; without it the admin API is disabled.
+    pub admin_token: Option<secrecy::SecretString>,
 }
 
 /// Limits and intervals handlers apply.
@@ -108,6 +110,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Sessions resolved before.
     pub sessions: Arc<SessionCache>,
+    /// Upstream credentials of tenants' MCP connections.
+    pub credentials: Arc<crate::credentials::Broker>,
+    /// The SSRF-safe outbound HTTP client.
+    pub egress: crate::egress::Egress,
 }
 
 impl FromRef<AppState> for Arc<Metrics> {

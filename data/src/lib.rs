@@ -7,6 +7,8 @@
 //! implementation.
 
 #[cfg(feature = "store")]
+pub mod connections;
+#[cfg(feature = "store")]
 pub mod db;
 #[cfg(feature = "store")]
 pub mod error;
@@ -22,6 +24,7 @@ pub mod signing;
 pub mod stream_token;
 #[cfg(feature = "store")]
 pub mod streams;
+pub mod vault;
 
 #[cfg(feature = "store")]
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@
 //! from the handler's `#[utoipa::path]`, so the document cannot list a route the router does
 //! not serve or miss one it does. `docs/openapi.json` is a committed copy, checked by a test.
 
+pub mod connections;
 pub mod health;
 pub mod sessions;
 pub mod stream;
@@ -37,6 +38,7 @@ use crate::{metrics, state::AppState};
         (name = "callbacks", description = "Sidecar callbacks, signed in the Standard Webhooks style"),
         (name = "stream", description = "Session events over Server-Sent Events"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "admin", description = "Tenants' MCP connections and the credential vault, for platform administrators"),
     )
 )]
 struct ApiDoc;
@@ -55,6 +57,18 @@ impl Modify for SecuritySchemes {
                  `x-nubabel-sidecar: <namespace>/<name>`; the key is derived from the master key \
                  and the sidecar's identity (docs/callback-api.md).",
             ))),
+        );
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The admin token (`NUBABEL_ADMIN_TOKEN`); without one configured the \
+                         admin routes answer 503.",
+                    ))
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "stream_token",
@@ -82,6 +96,7 @@ fn api_router(max_body_bytes: usize) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sessions::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(stream::router())
+        .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(health::router())
         .routes(routes!(metrics::get_metrics))
         .routes(routes!(get_openapi))

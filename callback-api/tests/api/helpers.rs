@@ -21,6 +21,9 @@ use tokio::sync::oneshot;
 
 pub const MASTER_KEY: &str = "test-master-key-0123456789abcdefghij";
 pub const STREAM_KEY: &str = "test-stream-key-0123456789abcdefghij";
+/// The vault keyring of tests: one key, `k1`, of 32 bytes 0x01.
+pub const VAULT_KEYS: &str = "k1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// A running application and what a test needs to reach it.
 pub struct TestApp {
@@ -56,6 +59,10 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         status_mirror: false,
         status_mirror_interval_ms: 1000,
         log_format: LogFormat::Text,
+        vault_keys: Some(VAULT_KEYS.into()),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        egress_allow: Vec::new(),
+        oauth_refresh_skew_seconds: 60,
     }
 }
 
@@ -68,24 +75,50 @@ pub async fn spawn_app() -> Result<TestApp> {
 
 /// The application on the given database and Redis (several apps may share them).
 pub async fn spawn_app_on(database_url: &str, redis_url: &str) -> Result<TestApp> {
+    spawn_app_with(database_url, redis_url, |_| {}).await
+}
+
+/// The application on the given database and Redis, with `configure` applied to the test
+/// config (vault keys, admin token, egress allowlist, ...).
+pub async fn spawn_app_with(
+    database_url: &str,
+    redis_url: &str,
+    configure: impl FnOnce(&mut Config),
+) -> Result<TestApp> {
+    Ok(build_app_with(database_url, redis_url, configure).await?.0)
+}
+
+/// Like [`spawn_app_with`], also handing out the application's state (its credential broker,
+/// egress client, ...).
+pub async fn build_app_with(
+    database_url: &str,
+    redis_url: &str,
+    configure: impl FnOnce(&mut Config),
+) -> Result<(TestApp, nubabel_callback_api::state::AppState)> {
     if std::env::var_os("TEST_LOG").is_some() {
         nubabel_callback_api::telemetry::init(LogFormat::Text);
     }
-    let application = Application::build(test_config(database_url, redis_url)).await?;
+    let mut config = test_config(database_url, redis_url);
+    configure(&mut config);
+    let application = Application::build(config).await?;
+    let state = application.state().clone();
     let address = format!("http://127.0.0.1:{}", application.port());
     let db = application.state().db.clone();
     let (shutdown, stopped) = oneshot::channel();
     tokio::spawn(application.run_until(async {
         let _ = stopped.await;
     }));
-    Ok(TestApp {
-        address,
-        db,
-        database_url: database_url.to_owned(),
-        redis_url: redis_url.to_owned(),
-        client: reqwest::Client::new(),
-        shutdown: Some(shutdown),
-    })
+    Ok((
+        TestApp {
+            address,
+            db,
+            database_url: database_url.to_owned(),
+            redis_url: redis_url.to_owned(),
+            client: reqwest::Client::new(),
+            shutdown: Some(shutdown),
+        },
+        state,
+    ))
 }
 
 pub fn sidecar(org: &str) -> SidecarIdentity {
