@@ -24,6 +24,9 @@ pub enum ApiError {
     /// 401: missing, stale or invalid signature or token.
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: authenticated, but the request names another tenant (the message names the field).
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such session for the caller's tenant.
     #[error("session not found")]
     SessionNotFound,
@@ -77,6 +80,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod fanout;
+pub mod mcp;
 pub mod metrics;
 pub mod mirror;
 pub mod routes;

@@ -105,6 +105,7 @@ impl Application {
                 Duration::from_secs(config.oauth_refresh_skew_seconds),
             )),
             egress,
+            mcp: Arc::new(crate::mcp::Gateway::new(config.mcp_gateway())),
             fanout: Fanout::start(db.clone(), redis.clone(), Arc::clone(&metrics)),
             db,
             redis,

@@ -114,6 +114,8 @@ pub struct AppState {
     pub credentials: Arc<crate::credentials::Broker>,
     /// The SSRF-safe outbound HTTP client.
     pub egress: crate::egress::Egress,
+    /// The MCP gateway: tool lists and per-tenant call slots.
+    pub mcp: Arc<crate::mcp::Gateway>,
 }
 
 impl FromRef<AppState> for Arc<Metrics> {

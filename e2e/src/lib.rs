@@ -5,6 +5,7 @@ pub mod control_plane;
 pub mod crds;
 pub mod fake_llm;
 pub mod local;
+pub mod mcp_upstream;
 pub mod node_shim;
 pub mod opencode_server;
 pub mod pki;

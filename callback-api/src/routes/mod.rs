@@ -6,6 +6,8 @@
 
 pub mod connections;
 pub mod health;
+pub mod invoke;
+pub mod mcp;
 pub mod sessions;
 pub mod stream;
 
@@ -38,6 +40,7 @@ use crate::{metrics, state::AppState};
         (name = "callbacks", description = "Sidecar callbacks, signed in the Standard Webhooks style"),
         (name = "stream", description = "Session events over Server-Sent Events"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "mcp", description = "The MCP gateway: tenant tools over MCP (streamable HTTP) and the REST form"),
         (name = "admin", description = "Tenants' MCP connections and the credential vault, for platform administrators"),
     )
 )]
@@ -71,6 +74,19 @@ impl Modify for SecuritySchemes {
             ),
         );
         components.add_security_scheme(
+            "mcp_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The sidecar fleet's MCP token (`nmcp_...`, derived from the master key and \
+                         the fleet's identity), with headers `x-nubabel-organization` and \
+                         `x-nubabel-sidecar: <namespace>/<name>`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
             "stream_token",
             SecurityScheme::Http(
                 HttpBuilder::new()
@@ -95,6 +111,8 @@ async fn get_openapi() -> Json<openapi::OpenApi> {
 fn api_router(max_body_bytes: usize) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sessions::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(mcp::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(invoke::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(stream::router())
         .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(health::router())

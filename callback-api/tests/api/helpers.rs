@@ -63,6 +63,10 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         admin_token: Some(ADMIN_TOKEN.into()),
         egress_allow: Vec::new(),
         oauth_refresh_skew_seconds: 60,
+        mcp_call_timeout_ms: 5_000,
+        mcp_tenant_concurrency: 8,
+        mcp_queue_timeout_ms: 1_000,
+        mcp_tools_cache_seconds: 60,
     }
 }
 

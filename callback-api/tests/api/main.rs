@@ -8,6 +8,7 @@
 mod callbacks;
 mod helpers;
 mod mappings;
+mod mcp;
 mod mirror;
 mod openapi;
 mod resilience;
