@@ -19,7 +19,9 @@ use std::{
 use http::{HeaderName, HeaderValue, header};
 use jiff::{SignedDuration, Timestamp};
 use nubabel_data::{
-    connections::{self, AuthKind, Connection, ConnectionError, ConnectionState, Secrets, Unsealed},
+    connections::{
+        self, AuthKind, Connection, ConnectionError, ConnectionState, Secrets, Unsealed,
+    },
     vault::Keyring,
 };
 use reqwest::Method;
@@ -154,12 +156,7 @@ enum Need<'a> {
 impl Broker {
     /// A broker over `db`, opening secrets with `keyring` (without one, every connection is
     /// unavailable) and calling token endpoints through `egress`.
-    pub fn new(
-        db: PgPool,
-        keyring: Option<Arc<Keyring>>,
-        egress: Egress,
-        skew: Duration,
-    ) -> Self {
+    pub fn new(db: PgPool, keyring: Option<Arc<Keyring>>, egress: Egress, skew: Duration) -> Self {
         Self {
             db,
             keyring,
@@ -184,7 +181,10 @@ impl Broker {
 
     /// The header to send upstream now (refreshing an OAuth token first when it is about to
     /// expire).
-    pub async fn authorize(&self, connection: &Connection) -> Result<UpstreamAuth, CredentialError> {
+    pub async fn authorize(
+        &self,
+        connection: &Connection,
+    ) -> Result<UpstreamAuth, CredentialError> {
         let keyring = self.require_keyring()?;
         let unsealed = connections::load(&self.db, keyring, connection)
             .await
@@ -212,7 +212,8 @@ impl Broker {
             Need::Expiring => {
                 matches!(unsealed.secrets, Secrets::OAuth2 { .. })
                     && unsealed.connection.token_expires_at.is_some_and(|at| {
-                        let skew = SignedDuration::try_from(self.skew).unwrap_or(SignedDuration::MAX);
+                        let skew =
+                            SignedDuration::try_from(self.skew).unwrap_or(SignedDuration::MAX);
                         at.duration_since(Timestamp::now()) <= skew
                     })
             }
@@ -263,7 +264,13 @@ impl Broker {
                         refresh_token,
                         client_secret,
                     },
-                ) => (token_url, client_id, access_token, refresh_token, client_secret),
+                ) => (
+                    token_url,
+                    client_id,
+                    access_token,
+                    refresh_token,
+                    client_secret,
+                ),
                 _ => {
                     return Err(CredentialError::Rejected {
                         provider: current.provider.clone(),

@@ -6,8 +6,9 @@
 //! - https only;
 //! - no loopback, private (RFC 1918, CGNAT), link-local (cloud metadata at 169.254.169.254),
 //!   unspecified, multicast, reserved, IPv6 unique-local or documentation addresses, and no
-//!   IPv4-mapped or NAT64 form of one;
-//! unless the allowlist (`NUBABEL_EGRESS_ALLOW`) permits it: a CIDR entry (`10.1.0.0/16`)
+//!   IPv4-mapped or NAT64 form of one.
+//!
+//! Unless the allowlist (`NUBABEL_EGRESS_ALLOW`) permits it: a CIDR entry (`10.1.0.0/16`)
 //! permits addresses in it, over http too when the URL names the address itself; a
 //! `host:port` entry permits that host and port, over http, whatever it resolves to.
 //!
@@ -45,7 +46,9 @@ pub enum EgressError {
     #[error("egress refused: {0} has no usable host")]
     NoHost(String),
     /// The host is, or resolves only to, an address the rules refuse.
-    #[error("egress refused: {host} resolves to {address}, a {kind} address, which is not allowlisted")]
+    #[error(
+        "egress refused: {host} resolves to {address}, a {kind} address, which is not allowlisted"
+    )]
     Forbidden {
         /// The host as written.
         host: String,

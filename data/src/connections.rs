@@ -349,7 +349,7 @@ fn timestamp(micros: i64) -> Result<Timestamp, crate::Error> {
 }
 
 fn micros(at: Option<Timestamp>) -> Option<i64> {
-    at.map(|t| i64::try_from(t.as_microsecond()).unwrap_or(i64::MAX))
+    at.map(Timestamp::as_microsecond)
 }
 
 fn url(value: &str, column: &str) -> Result<Url, crate::Error> {

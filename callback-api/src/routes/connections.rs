@@ -39,7 +39,11 @@ use crate::{
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_connections, create_connection))
-        .routes(routes!(get_connection, update_connection, delete_connection))
+        .routes(routes!(
+            get_connection,
+            update_connection,
+            delete_connection
+        ))
         .routes(routes!(reencrypt))
 }
 
@@ -223,11 +227,15 @@ fn organization(value: &str) -> Result<OrganizationId, ApiError> {
 }
 
 fn keyring(state: &AppState) -> Result<&Keyring, ApiError> {
-    state.credentials.keyring().map(AsRef::as_ref).ok_or_else(|| {
-        ApiError::Disabled(
-            "the credential vault is not configured: set NUBABEL_VAULT_KEYS".to_owned(),
-        )
-    })
+    state
+        .credentials
+        .keyring()
+        .map(AsRef::as_ref)
+        .ok_or_else(|| {
+            ApiError::Disabled(
+                "the credential vault is not configured: set NUBABEL_VAULT_KEYS".to_owned(),
+            )
+        })
 }
 
 async fn checked_url(state: &AppState, field: &str, value: &str) -> Result<Url, ApiError> {
@@ -332,7 +340,9 @@ async fn credentials(state: &AppState, auth: AuthInput) -> Result<Credentials, A
 
 fn require_secret(field: &str, value: &SecretString) -> Result<(), ApiError> {
     if value.expose_secret().trim().is_empty() {
-        return Err(ApiError::Unprocessable(format!("{field}: must not be empty")));
+        return Err(ApiError::Unprocessable(format!(
+            "{field}: must not be empty"
+        )));
     }
     Ok(())
 }
@@ -355,7 +365,11 @@ fn not_found(provider: &str) -> ApiError {
     ApiError::NotFound(format!("no connection for provider {provider:?}"))
 }
 
-async fn view(state: &AppState, keyring: Option<&Keyring>, connection: Connection) -> ConnectionView {
+async fn view(
+    state: &AppState,
+    keyring: Option<&Keyring>,
+    connection: Connection,
+) -> ConnectionView {
     let secrets = match keyring {
         Some(keyring) => match connections::load(&state.db, keyring, &connection).await {
             Ok(Some(unsealed)) => unsealed

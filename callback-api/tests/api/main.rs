@@ -6,10 +6,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod callbacks;
+mod connections;
+mod egress;
 mod helpers;
 mod mappings;
 mod mcp;
 mod mirror;
+mod oauth;
 mod openapi;
 mod resilience;
 mod stream;
+mod vault;
