@@ -54,6 +54,40 @@ async fn without_an_admin_token_configured_the_admin_api_answers_503() -> Result
 }
 
 #[tokio::test]
+async fn without_vault_keys_connections_cannot_be_stored_or_used() -> Result<()> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let with_vault = spawn_app_with(&database_url, &redis_url, loopback).await?;
+    let org = unique("org");
+    let body = json!({"provider": "linear", "upstreamUrl": "http://127.0.0.1:9/mcp",
+                      "auth": {"type": "bearer", "token": "t"}});
+    let path = format!("/api/admin/organizations/{org}/connections");
+    let (status, _) = with_vault.admin(Method::POST, &path, Some(&body)).await?;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let (without, state) = build_app_with(&database_url, &redis_url, |c| {
+        loopback(c);
+        c.vault_keys = None;
+    })
+    .await?;
+    let (status, answer) = without.admin(Method::POST, &path, Some(&body)).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        answer["error"]["message"],
+        "the credential vault is not configured: set NUBABEL_VAULT_KEYS"
+    );
+    let connection = nubabel_data::connections::find(&without.db, &org, "linear")
+        .await?
+        .unwrap();
+    let error = state.credentials.authorize(&connection).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "credentials are unavailable: the credential vault is not configured (NUBABEL_VAULT_KEYS)"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn connections_are_created_listed_updated_and_deleted_per_tenant() -> Result<()> {
     let database_url = nubabel_e2e::fresh_database().await?;
     let redis_url = nubabel_e2e::test_redis_url().await?;
@@ -177,6 +211,10 @@ async fn invalid_registrations_are_refused_with_the_field_named() -> Result<()> 
             "upstreamUrl: egress refused: ::1 resolves to ::1, a loopback address",
         ),
         (
+            json!({"provider": "p", "upstreamUrl": "https://localhost:9/mcp", "auth": {"type": "bearer", "token": "t"}}),
+            "upstreamUrl: egress refused: localhost resolves to",
+        ),
+        (
             json!({"provider": "p", "upstreamUrl": "https://93.184.215.14/", "auth": {"type": "bearer", "token": " "}}),
             "auth.token: must not be empty",
         ),
@@ -223,16 +261,29 @@ impl<'a> MakeWriter<'a> for Captured {
     }
 }
 
-// One thread, so the server, the client and the broker all log into this test's subscriber.
-#[tokio::test(flavor = "current_thread")]
+/// Every log line of this test process at TRACE level, from the first call on. A global
+/// subscriber, as a thread-scoped one misses events whose callsites other tests' threads
+/// registered first; other tests' lines land here too, which the assertions tolerate.
+fn capture_all_logs() -> Captured {
+    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    CAPTURED
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(captured.clone())
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber (run this test without TEST_LOG)");
+            captured
+        })
+        .clone()
+}
+
+#[tokio::test]
 async fn no_secret_appears_in_responses_or_logs() -> Result<()> {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = capture_all_logs();
 
     let database_url = nubabel_e2e::fresh_database().await?;
     let redis_url = nubabel_e2e::test_redis_url().await?;
