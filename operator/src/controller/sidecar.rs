@@ -658,6 +658,12 @@ mod tests {
                     decoded(&secret, build::SIGNING_KEY),
                     derive_sidecar_key(&ctx.settings.master_key, &identity).to_whsec()
                 );
+                // The MCP gateway verifies the same derivation from the identity headers.
+                assert!(nubabel_data::signing::verify_mcp_token(
+                    &ctx.settings.master_key,
+                    &identity,
+                    &decoded(&secret, build::MCP_TOKEN_KEY)
+                ));
                 assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
                 // No PodDisruptionBudget on a cluster without policy/v1.
                 expect_event(&mut server, "Normal", "Provisioned").await;
