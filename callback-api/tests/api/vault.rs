@@ -182,3 +182,30 @@ async fn rotating_the_master_key_keeps_old_rows_readable_and_reencrypts_them() -
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn malformed_vault_keys_or_egress_entries_stop_startup_with_a_clear_error() -> Result<()> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let mut config = crate::helpers::test_config(&database_url, &redis_url);
+    config.vault_keys = Some("k1=c2hvcnQ=".into());
+    let error = nubabel_callback_api::startup::Application::build(config)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        error.to_string(),
+        "NUBABEL_VAULT_KEYS: key \"k1\" must be 32 bytes, got 5"
+    );
+    let mut config = crate::helpers::test_config(&database_url, &redis_url);
+    config.egress_allow = vec!["10.0.0.0/8".into(), "metadata".into()];
+    let error = nubabel_callback_api::startup::Application::build(config)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        error.to_string(),
+        "NUBABEL_EGRESS_ALLOW: \"metadata\" is neither a CIDR (10.0.0.0/8) nor host:port"
+    );
+    Ok(())
+}
