@@ -6,7 +6,7 @@
 //! Tools: `echo` (answers with the arguments and the `Authorization` header it received),
 //! `slow` (sleeps `ms` milliseconds first) and `fail` (a result with `isError: true`). Every
 //! request is recorded, and the most tool calls seen running at once is kept. In 401 mode
-//! every request is refused with 401.
+//! every request is refused with 401; with an accepted credential set, every other one is.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -48,6 +48,7 @@ struct Shared {
     peak: AtomicUsize,
     sse: AtomicBool,
     unauthorized: AtomicBool,
+    accepted: Mutex<Option<String>>,
 }
 
 /// A running upstream MCP server on its own thread. Dropping it stops the server.
@@ -137,6 +138,16 @@ impl McpUpstream {
     /// Refuse every request with 401 (true), or serve them (false, the default).
     pub fn refuse_all(&self, refuse: bool) {
         self.shared.unauthorized.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Refuse with 401 every request whose `Authorization` is not `authorization` (`None`
+    /// accepts any, the default).
+    pub fn accept_only(&self, authorization: Option<&str>) {
+        *self
+            .shared
+            .accepted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = authorization.map(str::to_owned);
     }
 
     /// Every request received so far, oldest first.
@@ -233,7 +244,13 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         .to_owned();
     let params = message.get("params").cloned().unwrap_or(Value::Null);
     record(&shared, &method, &headers, params.clone());
-    if shared.unauthorized.load(Ordering::SeqCst) {
+    let accepted = shared
+        .accepted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let refused = accepted.is_some_and(|a| header_string(&headers, "authorization") != Some(a));
+    if shared.unauthorized.load(Ordering::SeqCst) || refused {
         return (StatusCode::UNAUTHORIZED, "invalid token").into_response();
     }
     let Some(id) = message.get("id").cloned() else {

@@ -334,6 +334,64 @@ async fn an_upstream_401_is_retried_once_then_reported_as_a_tool_error_without_t
 }
 
 #[tokio::test]
+async fn after_an_upstream_401_a_refreshed_oauth_token_is_used_for_one_retry() {
+    let app = app_with(|_| {}).await;
+    let upstream = McpUpstream::start().unwrap();
+    let endpoint = crate::oauth::TokenEndpoint::start(crate::oauth::TokenMode::Rotate)
+        .await
+        .unwrap();
+    let keyring = Keyring::parse(VAULT_KEYS).unwrap();
+    // The stored access token is not expired, but the upstream has revoked it.
+    let expires = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(3600))
+        .unwrap();
+    connections::create(
+        &app.db,
+        &keyring,
+        &NewConnection {
+            organization_id: &OrganizationId::parse("org-a").unwrap(),
+            provider: "alpha",
+            upstream_url: &upstream.url().parse().unwrap(),
+            credentials: &Credentials {
+                auth_kind: AuthKind::OAuth2 {
+                    token_url: endpoint.url.parse().unwrap(),
+                    client_id: "client-1".to_owned(),
+                },
+                secrets: Secrets::OAuth2 {
+                    access_token: "at-0".to_owned().into(),
+                    refresh_token: Some("rt-0".to_owned().into()),
+                    client_secret: Some("client-secret-1".to_owned().into()),
+                },
+                token_expires_at: Some(expires),
+            },
+        },
+    )
+    .await
+    .unwrap();
+    upstream.accept_only(Some("Bearer at-1"));
+
+    let answer = call(&app, &sidecar("org-a"), "alpha_echo", json!({})).await;
+    assert_eq!(answer["result"].get("isError"), None, "{answer}");
+    assert_eq!(
+        answer["result"]["structuredContent"]["authorization"],
+        "Bearer at-1"
+    );
+    assert_eq!(endpoint.count(), 1);
+    let attempts: Vec<Option<String>> = upstream
+        .requests_for("initialize")
+        .into_iter()
+        .map(|r| r.authorization)
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            Some("Bearer at-0".to_owned()),
+            Some("Bearer at-1".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_call_slower_than_the_timeout_ends_with_an_error_result() {
     let app = app_with(|config| config.mcp_call_timeout_ms = 300).await;
     let upstream = McpUpstream::start().unwrap();
