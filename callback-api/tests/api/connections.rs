@@ -242,10 +242,13 @@ async fn invalid_registrations_are_refused_with_the_field_named() -> Result<()> 
 
 /// Log output of the current thread's subscriber.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("TEST_LOG").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
         self.0.lock().unwrap().extend_from_slice(buf);
         Ok(buf.len())
     }
@@ -263,8 +266,9 @@ impl<'a> MakeWriter<'a> for Captured {
 
 /// Every log line of this test process at TRACE level, from the first call on. A global
 /// subscriber, as a thread-scoped one misses events whose callsites other tests' threads
-/// registered first; other tests' lines land here too, which the assertions tolerate.
-fn capture_all_logs() -> Captured {
+/// registered first; other tests' lines land here too, which the assertions tolerate. With
+/// `TEST_LOG` set, lines are printed as well.
+pub fn capture_all_logs() -> Captured {
     static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
     CAPTURED
         .get_or_init(|| {
@@ -275,7 +279,7 @@ fn capture_all_logs() -> Captured {
                 .with_ansi(false)
                 .finish();
             tracing::subscriber::set_global_default(subscriber)
-                .expect("no other global subscriber (run this test without TEST_LOG)");
+                .expect("no other global subscriber");
             captured
         })
         .clone()

@@ -100,7 +100,8 @@ pub async fn build_app_with(
     configure: impl FnOnce(&mut Config),
 ) -> Result<(TestApp, nubabel_callback_api::state::AppState)> {
     if std::env::var_os("TEST_LOG").is_some() {
-        nubabel_callback_api::telemetry::init(LogFormat::Text);
+        // The secrets-in-logs test owns the global subscriber; it also prints under TEST_LOG.
+        crate::connections::capture_all_logs();
     }
     let mut config = test_config(database_url, redis_url);
     configure(&mut config);
