@@ -86,6 +86,14 @@ impl Api {
             slack_api_url: "https://slack.com/api".into(),
             slack_teams: Vec::new(),
             slack_progress_interval_ms: 2000,
+            vault_keys: None,
+            admin_token: None,
+            egress_allow: Vec::new(),
+            oauth_refresh_skew_seconds: 60,
+            mcp_call_timeout_ms: 20_000,
+            mcp_tenant_concurrency: 8,
+            mcp_queue_timeout_ms: 5_000,
+            mcp_tools_cache_seconds: 60,
         };
         let application = Application::build(config).await?;
         let url = format!("http://127.0.0.1:{}", application.port());

@@ -127,12 +127,57 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub slack_progress_interval_ms: u64,
+    /// Credential vault master keys, `<id>=<base64 of 32 bytes>` separated by commas, the
+    /// current key first (`k2=...,k1=...`); older keys only decrypt. Without it, MCP
+    /// connections cannot be stored or used.
+    #[arg(long, env = "NUBABEL_VAULT_KEYS", hide_env_values = true)]
+    pub vault_keys: Option<SecretString>,
+
+    /// Bearer token of the admin API (`/api/admin/...`); without it the admin API answers 503.
+    #[arg(long, env = "NUBABEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<SecretString>,
+
+    /// Outbound destinations exempt from the SSRF rules: CIDRs (`10.0.0.0/8`) and
+    /// `host:port` entries, separated by commas.
+    #[arg(long, env = "NUBABEL_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<String>,
+
+    /// Seconds before expiry at which an OAuth access token is refreshed.
+    #[arg(long, env = "NUBABEL_OAUTH_REFRESH_SKEW_SECONDS", default_value_t = 60)]
+    pub oauth_refresh_skew_seconds: u64,
+
+    /// Milliseconds an MCP tool call (or listing one connection's tools) may take upstream.
+    /// Keep it plus the queue timeout under the 30 s request timeout.
+    #[arg(long, env = "NUBABEL_MCP_CALL_TIMEOUT_MS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=29_000))]
+    pub mcp_call_timeout_ms: u64,
+
+    /// MCP tool calls one tenant may have running at once on one replica.
+    #[arg(long, env = "NUBABEL_MCP_TENANT_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub mcp_tenant_concurrency: u32,
+
+    /// Milliseconds a tool call waits for a free slot of its tenant before it fails.
+    #[arg(long, env = "NUBABEL_MCP_QUEUE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub mcp_queue_timeout_ms: u64,
+
+    /// Seconds a connection's tool list is reused before it is listed upstream again.
+    #[arg(long, env = "NUBABEL_MCP_TOOLS_CACHE_SECONDS", default_value_t = 60)]
+    pub mcp_tools_cache_seconds: u64,
 }
 
 impl Config {
     /// The SSE keep-alive interval.
     pub fn sse_keep_alive(&self) -> Duration {
         Duration::from_secs(self.sse_keep_alive_seconds)
+    }
+
+    /// The MCP gateway's limits.
+    pub fn mcp_gateway(&self) -> crate::mcp::GatewaySettings {
+        crate::mcp::GatewaySettings {
+            call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
+            tenant_concurrency: usize::try_from(self.mcp_tenant_concurrency).unwrap_or(usize::MAX),
+            queue_timeout: Duration::from_millis(self.mcp_queue_timeout_ms),
+            tools_cache_ttl: Duration::from_secs(self.mcp_tools_cache_seconds),
+        }
     }
 
     /// The minimum time between two status writes of one task.

@@ -33,6 +33,15 @@ pub enum ApiError {
     /// 404: no such session for the caller's tenant.
     #[error("session not found")]
     SessionNotFound,
+    /// 404: the named resource does not exist (the message names it).
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: the resource already exists (the message names it).
+    #[error("{0}")]
+    Conflict(String),
+    /// 503: the feature is not configured on this deployment (the message says how to).
+    #[error("{0}")]
+    Disabled(String),
     /// 413: the body is larger than the limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -77,6 +86,9 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotConfigured(_) => (StatusCode::NOT_FOUND, "not_configured"),
             Self::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Disabled(_) => (StatusCode::SERVICE_UNAVAILABLE, "disabled"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")

@@ -6,8 +6,11 @@
 
 pub mod auth;
 pub mod config;
+pub mod credentials;
+pub mod egress;
 pub mod error;
 pub mod fanout;
+pub mod mcp;
 pub mod metrics;
 pub mod mirror;
 pub mod routes;

@@ -4,10 +4,12 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use nubabel_data::{
+    connections,
     db::{self, PoolSettings},
     signing::MasterKey,
     stream_token::StreamTokenKey,
     streams::{RedisSettings, RedisStore},
+    vault::Keyring,
 };
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
@@ -15,6 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::Config,
+    credentials::Broker,
+    egress::{Allowlist, Egress},
     fanout::Fanout,
     metrics::Metrics,
     mirror::{KubeStatusWriter, StatusMirror},
@@ -42,7 +46,18 @@ impl Application {
         let keys = Keys {
             master: MasterKey::new(config.signing_master_key.expose_secret().as_bytes())?,
             stream_token: StreamTokenKey::new(config.stream_token_key.expose_secret().as_bytes())?,
+            admin_token: config
+                .admin_token
+                .clone()
+                .filter(|token| !token.expose_secret().is_empty()),
         };
+        let keyring = config
+            .vault_keys
+            .as_ref()
+            .map(|keys| Keyring::parse(keys.expose_secret()))
+            .transpose()?
+            .map(Arc::new);
+        let egress = Egress::new(Allowlist::parse(&config.egress_allow)?)?;
         let options: PgConnectOptions = config
             .database_url
             .expose_secret()
@@ -85,7 +100,18 @@ impl Application {
             )),
             _ => None,
         };
+        if let Some(keyring) = &keyring {
+            reencrypt_in_background(db.clone(), Arc::clone(keyring));
+        }
         let state = AppState {
+            credentials: Arc::new(Broker::new(
+                db.clone(),
+                keyring,
+                egress.clone(),
+                Duration::from_secs(config.oauth_refresh_skew_seconds),
+            )),
+            egress,
+            mcp: Arc::new(crate::mcp::Gateway::new(config.mcp_gateway())),
             fanout: Fanout::start(db.clone(), redis.clone(), Arc::clone(&metrics)),
             db,
             redis,
@@ -159,6 +185,23 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
     }
+}
+
+/// Re-encrypts connections sealed under older vault keys, so the old keys can be dropped
+/// after a rotation. Replicas starting together do not collide: rows are taken with
+/// `for update skip locked`.
+fn reencrypt_in_background(db: sqlx::PgPool, keyring: Arc<Keyring>) {
+    tokio::spawn(async move {
+        match connections::reencrypt_stale(&db, &keyring).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(
+                count,
+                key_id = keyring.current_key_id(),
+                "re-encrypted connections under the current vault key"
+            ),
+            Err(error) => tracing::error!(%error, "re-encrypting connections failed"),
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -19,6 +19,8 @@ pub struct Keys {
     pub master: MasterKey,
     /// Stream tokens are signed with this.
     pub stream_token: StreamTokenKey,
+    /// The admin API's bearer token; without it the admin API is disabled.
+    pub admin_token: Option<secrecy::SecretString>,
 }
 
 /// Limits and intervals handlers apply.
@@ -124,6 +126,12 @@ pub struct AppState {
     pub kube: Option<KubeClient>,
     /// The Slack bot, when configured.
     pub slack: Option<Arc<crate::slack::SlackBot>>,
+    /// Upstream credentials of tenants' MCP connections.
+    pub credentials: Arc<crate::credentials::Broker>,
+    /// The SSRF-safe outbound HTTP client.
+    pub egress: crate::egress::Egress,
+    /// The MCP gateway: tool lists and per-tenant call slots.
+    pub mcp: Arc<crate::mcp::Gateway>,
 }
 
 impl FromRef<AppState> for Arc<Metrics> {

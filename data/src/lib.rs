@@ -8,6 +8,7 @@
 
 #[cfg(feature = "store")]
 pub mod api_tokens;
+pub mod connections;
 #[cfg(feature = "store")]
 pub mod db;
 #[cfg(feature = "store")]
@@ -26,6 +27,7 @@ pub mod slack;
 pub mod stream_token;
 #[cfg(feature = "store")]
 pub mod streams;
+pub mod vault;
 
 #[cfg(feature = "store")]
 pub use error::{Error, Result};

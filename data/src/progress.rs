@@ -15,6 +15,9 @@ pub const MAX_LAST_MESSAGE_CHARS: usize = 256;
 pub const TOOL_EXECUTE_START: &str = "tool_execute_start";
 /// Progress type of a tool call that finished, successfully or not.
 pub const TOOL_EXECUTE_END: &str = "tool_execute_end";
+/// Progress type of a tool call the MCP gateway ran for the session (the bridge reports the
+/// same call as OpenCode's tool events, so it names the tool without counting it again).
+pub const MCP_TOOL_CALL: &str = "mcp_tool_call";
 /// Progress type of a piece of text the agent wrote.
 pub const MESSAGE_PART: &str = "message_part";
 
@@ -35,7 +38,7 @@ impl ProgressDelta {
     /// Reads the delta from a progress event of type `event_type` with body `progress`.
     ///
     /// Tool events name the tool in `tool` (or `name`); message parts carry `text` (or
-    /// `content`). Other types only count as events.
+    /// `content`); gateway tool calls name the tool in `tool`. Other types only count as events.
     pub fn from_progress(event_type: &str, progress: &Value) -> Self {
         let text = |keys: &[&str]| {
             keys.iter()
@@ -49,6 +52,12 @@ impl ProgressDelta {
                     .map(|tool| truncate_chars(tool.trim(), MAX_LAST_TOOL_CHARS))
                     .filter(|tool| !tool.is_empty()),
                 last_message: None,
+            },
+            MCP_TOOL_CALL => Self {
+                last_tool: text(&["tool"])
+                    .map(|tool| truncate_chars(tool.trim(), MAX_LAST_TOOL_CHARS))
+                    .filter(|tool| !tool.is_empty()),
+                ..Self::default()
             },
             MESSAGE_PART => Self {
                 last_message: text(&["text", "content"]).and_then(last_line),
@@ -107,6 +116,16 @@ mod tests {
             ProgressDelta::from_progress("message_part", &json!({"text": " \n"})).last_message,
             None
         );
+    }
+
+    #[test]
+    fn gateway_tool_calls_name_the_tool_without_counting_it_again() {
+        let delta = ProgressDelta::from_progress(
+            "mcp_tool_call",
+            &json!({"tool": "linear_create_issue", "outcome": "success"}),
+        );
+        assert_eq!(delta.last_tool.as_deref(), Some("linear_create_issue"));
+        assert_eq!((delta.tools_started, delta.tools_completed), (0, 0));
     }
 
     #[test]

@@ -8,10 +8,18 @@
 //!
 //! A signature is `v1,<base64(HMAC-SHA256(key, "{webhook-id}.{webhook-timestamp}.{body}"))>`,
 //! over the raw body bytes, as <https://www.standardwebhooks.com> specifies.
+//!
+//! MCP requests cannot be signed (OpenCode sends them, not the bridge), so a sidecar presents
+//! a bearer token to the MCP gateway instead: `nmcp_<base64url(HMAC-SHA256(master,
+//! "nubabel-mcp-token/v1\0" + organizationId + "\0" + namespace + "\0" + name))>`, derived
+//! like the signing key under its own label, so neither value reveals the other.
 
 use std::fmt;
 
-use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use base64::{
+    Engine as _,
+    engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL},
+};
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretSlice};
 use sha2::Sha256;
@@ -28,6 +36,12 @@ pub const DEFAULT_TOLERANCE_SECONDS: u64 = 5 * 60;
 
 /// Domain separation for sidecar keys; bump the version to rotate every key at once.
 const SIDECAR_KEY_CONTEXT: &[u8] = b"nubabel-sidecar-key/v1\0";
+
+/// Domain separation for MCP bearer tokens.
+const MCP_TOKEN_CONTEXT: &[u8] = b"nubabel-mcp-token/v1\0";
+
+/// Prefix of every MCP bearer token.
+pub const MCP_TOKEN_PREFIX: &str = "nmcp_";
 
 /// Longest `webhook-id` accepted.
 pub const MAX_WEBHOOK_ID_LEN: usize = 128;
@@ -108,6 +122,51 @@ pub fn derive_sidecar_key(master: &MasterKey, sidecar: &SidecarIdentity) -> Side
     mac.update(b"\0");
     mac.update(sidecar.name().as_bytes());
     SidecarKey(mac.finalize().into_bytes().into())
+}
+
+/// One sidecar fleet's bearer token for the MCP gateway (`nmcp_<base64url>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct McpToken(String);
+
+impl McpToken {
+    /// The token as the sidecar presents it (`Authorization: Bearer <token>`).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for McpToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("McpToken([redacted])")
+    }
+}
+
+fn mcp_token_mac(master: &MasterKey, sidecar: &SidecarIdentity) -> HmacSha256 {
+    let mut mac = new_mac(master.0.expose_secret());
+    mac.update(MCP_TOKEN_CONTEXT);
+    mac.update(sidecar.organization_id().as_str().as_bytes());
+    mac.update(b"\0");
+    mac.update(sidecar.namespace().as_bytes());
+    mac.update(b"\0");
+    mac.update(sidecar.name().as_bytes());
+    mac
+}
+
+/// Derives the MCP bearer token of one sidecar fleet from the master key.
+pub fn derive_mcp_token(master: &MasterKey, sidecar: &SidecarIdentity) -> McpToken {
+    let tag = mcp_token_mac(master, sidecar).finalize().into_bytes();
+    McpToken(format!("{MCP_TOKEN_PREFIX}{}", BASE64URL.encode(tag)))
+}
+
+/// Whether `presented` is the MCP token of `sidecar` (constant-time comparison of the MAC).
+pub fn verify_mcp_token(master: &MasterKey, sidecar: &SidecarIdentity, presented: &str) -> bool {
+    let Some(encoded) = presented.strip_prefix(MCP_TOKEN_PREFIX) else {
+        return false;
+    };
+    let Ok(tag) = BASE64URL.decode(encoded) else {
+        return false;
+    };
+    mcp_token_mac(master, sidecar).verify_slice(&tag).is_ok()
 }
 
 /// Signs one message: returns the `webhook-signature` header value (`v1,<base64>`).
@@ -487,5 +546,31 @@ mod tests {
         assert_eq!(SidecarKey::from_whsec(&k.to_whsec()), Some(k.clone()));
         assert_eq!(format!("{k:?}"), "SidecarKey([redacted])");
         assert!(MasterKey::new(&[1u8; 31]).is_err());
+    }
+
+    #[test]
+    fn an_mcp_token_verifies_only_for_its_own_sidecar() {
+        let master = MasterKey::new(&[7u8; 32]).unwrap();
+        let a = SidecarIdentity::new("org-a", "tenant-a", "fleet").unwrap();
+        let b = SidecarIdentity::new("org-b", "tenant-a", "fleet").unwrap();
+        let token = derive_mcp_token(&master, &a);
+        assert!(token.expose().starts_with(MCP_TOKEN_PREFIX));
+        assert!(verify_mcp_token(&master, &a, token.expose()));
+        assert!(!verify_mcp_token(&master, &b, token.expose()));
+        let other_master = MasterKey::new(&[8u8; 32]).unwrap();
+        assert!(!verify_mcp_token(&other_master, &a, token.expose()));
+        for forged in ["", "nmcp_", "nmcp_!!!", "Bearer x", &token.expose()[5..]] {
+            assert!(!verify_mcp_token(&master, &a, forged), "{forged}");
+        }
+    }
+
+    #[test]
+    fn the_mcp_token_is_not_the_signing_key_and_is_never_printed() {
+        let master = MasterKey::new(&[7u8; 32]).unwrap();
+        let a = SidecarIdentity::new("org-a", "tenant-a", "fleet").unwrap();
+        let token = derive_mcp_token(&master, &a);
+        let key = derive_sidecar_key(&master, &a).to_whsec();
+        assert_ne!(token.expose()[5..], key[6..]);
+        assert_eq!(format!("{token:?}"), "McpToken([redacted])");
     }
 }

@@ -7,6 +7,7 @@
 //! |--------------|-------------------------------------------------------------------------|
 //! | (none)       | `Hello from the fake LLM. You said: <the prompt>` (so markers echo back) |
 //! | `TOOLCALL`   | a `bash` tool call running `echo hello-from-tool`                        |
+//! | `MCPCALL:<tool>:<json>` | a call of tool `<tool>` (e.g. an MCP tool, `nubabel_<provider>_<tool>`) with the JSON object as arguments |
 //! | `ERROR400`   | HTTP 400 with an OpenAI-style error body (OpenCode does not retry)       |
 //! | `ERROR500`   | HTTP 500, every time (OpenCode retries forever)                          |
 //! | `SLOW` / `SLOW:N` | N tokens (default 30), one per second                              |
@@ -112,6 +113,9 @@ pub fn script(request: &Value) -> Reply {
             message: "fake server error".to_owned(),
         };
     }
+    if let Some((name, arguments)) = mcp_call(&prompt).filter(|_| has_tools && last_is_user) {
+        return Reply::ToolCall { name, arguments };
+    }
     if prompt.contains("TOOLCALL") && has_tools && last_is_user {
         let arguments = json!({"command": TOOL_COMMAND, "description": "Echo a greeting"});
         return Reply::ToolCall {
@@ -131,6 +135,25 @@ pub fn script(request: &Value) -> Reply {
     }
     let echoed: String = prompt.trim().chars().take(MAX_ECHO_CHARS).collect();
     Reply::Text(format!("{ANSWER_PREFIX}{echoed}"))
+}
+
+/// Prefix of the trigger that calls a named tool: `MCPCALL:<tool>:<json object>`.
+pub const MCP_CALL_TRIGGER: &str = "MCPCALL:";
+
+/// The tool name and JSON arguments of an `MCPCALL:<tool>:<json>` trigger in `prompt`.
+pub fn mcp_call(prompt: &str) -> Option<(String, String)> {
+    let (_, rest) = prompt.split_once(MCP_CALL_TRIGGER)?;
+    let (name, rest) = rest.split_once(':')?;
+    let name = name.trim();
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return None;
+    }
+    let arguments = serde_json::Deserializer::from_str(rest)
+        .into_iter::<Value>()
+        .next()?
+        .ok()
+        .filter(Value::is_object)?;
+    Some((name.to_owned(), arguments.to_string()))
 }
 
 /// OpenCode's title generator has its own system prompt ("You are a title generator...").
@@ -491,6 +514,28 @@ mod tests {
             script(&after_tool),
             Reply::Text(format!("{TOOL_RESULT_PREFIX}hello-from-tool"))
         );
+    }
+
+    #[test]
+    fn mcpcall_calls_the_named_tool_with_the_json_arguments() {
+        let reply = script(&with_tools(vec![user(
+            r#"please MCPCALL:nubabel_alpha_echo:{"text": "hi there"} and report"#,
+        )]));
+        let Reply::ToolCall { name, arguments } = reply else {
+            panic!("expected a tool call, got {reply:?}");
+        };
+        assert_eq!(name, "nubabel_alpha_echo");
+        assert_eq!(
+            serde_json::from_str::<Value>(&arguments).unwrap(),
+            json!({"text": "hi there"})
+        );
+        assert_eq!(mcp_call("MCPCALL:tool:not json"), None);
+        assert_eq!(mcp_call("MCPCALL::{}"), None);
+        assert_eq!(mcp_call("MCPCALL:tool:[1]"), None);
+        assert!(matches!(
+            script(&json!({"messages": [user("MCPCALL:t:{}")]})),
+            Reply::Text(_)
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod fake_llm;
 pub mod fake_slack;
 pub mod forward;
 pub mod local;
+pub mod mcp_upstream;
 pub mod node_shim;
 pub mod opencode_server;
 pub mod pki;

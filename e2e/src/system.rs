@@ -168,6 +168,7 @@ pub struct System {
     db: PgPool,
     master_key: String,
     stream_token_key: String,
+    vault_keys: String,
     shim: Option<NodeShim>,
     operator: Option<SupervisedProcess>,
     operator_http: SocketAddr,
@@ -201,6 +202,7 @@ impl System {
         // The callback API, in process.
         let master_key = format!("{}{}", random_token()?, random_token()?);
         let stream_token_key = format!("{}{}", random_token()?, random_token()?);
+        let vault_keys = format!("k1={}", vault_key()?);
         let database_url = crate::fresh_database().await?;
         let redis_url = crate::test_redis_url().await?;
         let config = nubabel_callback_api::config::Config::try_parse_from(
@@ -212,6 +214,10 @@ impl System {
                 format!("--signing-master-key={master_key}"),
                 format!("--stream-token-key={stream_token_key}"),
                 "--sse-keep-alive-seconds=5".to_owned(),
+                // MCP connections: a vault key, and upstream MCP servers written for the tests
+                // listen on the host address, which the SSRF rules refuse unless allowed.
+                format!("--vault-keys={vault_keys}"),
+                format!("--egress-allow={HOST_IP}/32"),
             ]
             .into_iter()
             .chain(callback_api_args.iter().cloned()),
@@ -246,6 +252,7 @@ impl System {
             db,
             master_key,
             stream_token_key,
+            vault_keys,
             shim: Some(shim),
             operator: None,
             operator_http: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -478,6 +485,40 @@ impl System {
         ))
     }
 
+    /// Registers an MCP connection for `organization_id`: tool calls of its sidecars to
+    /// `<provider>_<tool>` go to `upstream_url` with `Authorization: Bearer <token>`.
+    pub async fn register_mcp_connection(
+        &self,
+        organization_id: &str,
+        provider: &str,
+        upstream_url: &str,
+        token: &str,
+    ) -> Result<()> {
+        use nubabel_data::connections::{self, AuthKind, Credentials, NewConnection, Secrets};
+        let keyring = nubabel_data::vault::Keyring::parse(&self.vault_keys)
+            .map_err(|e| anyhow::anyhow!("vault keys: {e}"))?;
+        let upstream_url: reqwest::Url = upstream_url.parse().context("the upstream URL")?;
+        connections::create(
+            &self.db,
+            &keyring,
+            &NewConnection {
+                organization_id: &OrganizationId::parse(organization_id)?,
+                provider,
+                upstream_url: &upstream_url,
+                credentials: &Credentials {
+                    auth_kind: AuthKind::Bearer,
+                    secrets: Secrets::Bearer {
+                        token: token.to_owned().into(),
+                    },
+                    token_expires_at: None,
+                },
+            },
+        )
+        .await
+        .with_context(|| format!("registering the {provider} connection of {organization_id}"))?;
+        Ok(())
+    }
+
     /// The shim's node selector: sidecar pods with it run on the shim.
     pub fn node_selector(&self) -> std::collections::BTreeMap<String, String> {
         self.shim
@@ -589,6 +630,19 @@ impl System {
         }
         Ok(())
     }
+}
+
+/// A random vault key: 32 bytes, base64.
+fn vault_key() -> Result<String> {
+    let hex = format!("{}{}", random_token()?, random_token()?);
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        bytes,
+    ))
 }
 
 impl Drop for System {

@@ -5,7 +5,10 @@
 //! not serve or miss one it does. `docs/openapi.json` is a committed copy, checked by a test.
 
 pub mod delegate;
+pub mod connections;
 pub mod health;
+pub mod invoke;
+pub mod mcp;
 pub mod sessions;
 pub mod slack;
 pub mod stream;
@@ -43,6 +46,8 @@ use crate::{metrics, state::AppState};
         (name = "operations", description = "Health, readiness, metrics and this document"),
         (name = "delegate", description = "Delegating a task, as Nubabel's delegate_task does"),
         (name = "slack", description = "The Slack bot's Events API endpoint"),
+        (name = "mcp", description = "The MCP gateway: tenant tools over MCP (streamable HTTP) and the REST form"),
+        (name = "admin", description = "Tenants' MCP connections and the credential vault, for platform administrators"),
     )
 )]
 struct ApiDoc;
@@ -61,6 +66,31 @@ impl Modify for SecuritySchemes {
                  `x-nubabel-sidecar: <namespace>/<name>`; the key is derived from the master key \
                  and the sidecar's identity (docs/callback-api.md).",
             ))),
+        );
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The admin token (`NUBABEL_ADMIN_TOKEN`); without one configured the \
+                         admin routes answer 503.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "mcp_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The sidecar fleet's MCP token (`nmcp_...`, derived from the master key and \
+                         the fleet's identity), with headers `x-nubabel-organization` and \
+                         `x-nubabel-sidecar: <namespace>/<name>`.",
+                    ))
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "stream_token",
@@ -107,7 +137,10 @@ async fn get_openapi() -> Json<openapi::OpenApi> {
 fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sessions::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(mcp::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(invoke::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(stream::router())
+        .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(health::router())
         .merge(slack::router())
         .routes(routes!(metrics::get_metrics))

@@ -11,6 +11,7 @@ use axum::{
 };
 use nubabel_data::{
     events::{self, Appended, EventKind, EventPayload, NewEvent},
+    identity::OrganizationId,
     sessions::{SessionRef, resolve_session, validate_session_id},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -235,16 +236,38 @@ async fn append(
     session: &SessionRef,
     payload: EventPayload<'_>,
 ) -> Result<Json<Accepted>, ApiError> {
+    append_event(
+        state,
+        callback.sidecar.organization_id(),
+        &callback.webhook_id,
+        &callback.body,
+        session,
+        payload,
+    )
+    .await
+}
+
+/// Commits one event of `session` exactly once per `event_id`, then fans it out and marks the
+/// task's status for the mirror: the path of every progress callback, also taken by the MCP
+/// gateway's tool-call events.
+pub(crate) async fn append_event(
+    state: &AppState,
+    organization_id: &OrganizationId,
+    event_id: &str,
+    raw_body: &[u8],
+    session: &SessionRef,
+    payload: EventPayload<'_>,
+) -> Result<Json<Accepted>, ApiError> {
     let kind = match payload {
         EventPayload::Progress { .. } => EventKind::Progress,
         EventPayload::State { .. } => EventKind::State,
     };
     let event = NewEvent {
         session_pk: session.pk,
-        organization_id: callback.sidecar.organization_id(),
-        event_id: &callback.webhook_id,
+        organization_id,
+        event_id,
         payload,
-        raw_body: &callback.body,
+        raw_body,
     };
     let appended = match events::append(&state.db, &event).await {
         Err(nubabel_data::Error::SessionNotFound) => {

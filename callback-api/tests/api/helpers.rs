@@ -15,13 +15,15 @@ use nubabel_data::{
     stream_token::{self, StreamTokenKey},
 };
 use reqwest::{Response, header::HeaderMap};
-use secrecy::ExposeSecret;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
 pub const MASTER_KEY: &str = "test-master-key-0123456789abcdefghij";
 pub const STREAM_KEY: &str = "test-stream-key-0123456789abcdefghij";
+/// The vault keyring of tests: one key, `k1`, of 32 bytes 0x01.
+pub const VAULT_KEYS: &str = "k1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// A running application and what a test needs to reach it.
 pub struct TestApp {
@@ -64,6 +66,14 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         slack_api_url: "https://slack.com/api".into(),
         slack_teams: Vec::new(),
         slack_progress_interval_ms: 2000,
+        vault_keys: Some(VAULT_KEYS.into()),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        egress_allow: Vec::new(),
+        oauth_refresh_skew_seconds: 60,
+        mcp_call_timeout_ms: 5_000,
+        mcp_tenant_concurrency: 8,
+        mcp_queue_timeout_ms: 1_000,
+        mcp_tools_cache_seconds: 60,
     }
 }
 
@@ -76,7 +86,7 @@ pub async fn spawn_app() -> Result<TestApp> {
 
 /// The application on the given database and Redis (several apps may share them).
 pub async fn spawn_app_on(database_url: &str, redis_url: &str) -> Result<TestApp> {
-    spawn_configured(test_config(database_url, redis_url)).await
+    spawn_app_with(database_url, redis_url, |_| {}).await
 }
 
 /// The application on a fresh database and the shared test Redis, its test config changed by
@@ -84,33 +94,51 @@ pub async fn spawn_app_on(database_url: &str, redis_url: &str) -> Result<TestApp
 pub async fn spawn_app_configured(configure: impl FnOnce(&mut Config)) -> Result<TestApp> {
     let database_url = nubabel_e2e::fresh_database().await?;
     let redis_url = nubabel_e2e::test_redis_url().await?;
-    let mut config = test_config(&database_url, &redis_url);
-    configure(&mut config);
-    spawn_configured(config).await
+    spawn_app_with(&database_url, &redis_url, configure).await
 }
 
-async fn spawn_configured(config: Config) -> Result<TestApp> {
+/// The application on the given database and Redis, with `configure` applied to the test
+/// config (vault keys, admin token, egress allowlist, ...).
+pub async fn spawn_app_with(
+    database_url: &str,
+    redis_url: &str,
+    configure: impl FnOnce(&mut Config),
+) -> Result<TestApp> {
+    Ok(build_app_with(database_url, redis_url, configure).await?.0)
+}
+
+/// Like [`spawn_app_with`], also handing out the application's state (its credential broker,
+/// egress client, ...).
+pub async fn build_app_with(
+    database_url: &str,
+    redis_url: &str,
+    configure: impl FnOnce(&mut Config),
+) -> Result<(TestApp, nubabel_callback_api::state::AppState)> {
     if std::env::var_os("TEST_LOG").is_some() {
-        nubabel_callback_api::telemetry::init(LogFormat::Text);
+        // The secrets-in-logs test owns the global subscriber; it also prints under TEST_LOG.
+        crate::connections::capture_all_logs();
     }
-    let database_url = config.database_url.expose_secret().to_owned();
-    let redis_url = config.redis_url.expose_secret().to_owned();
-    let (database_url, redis_url) = (database_url.as_str(), redis_url.as_str());
+    let mut config = test_config(database_url, redis_url);
+    configure(&mut config);
     let application = Application::build(config).await?;
+    let state = application.state().clone();
     let address = format!("http://127.0.0.1:{}", application.port());
     let db = application.state().db.clone();
     let (shutdown, stopped) = oneshot::channel();
     tokio::spawn(application.run_until(async {
         let _ = stopped.await;
     }));
-    Ok(TestApp {
-        address,
-        db,
-        database_url: database_url.to_owned(),
-        redis_url: redis_url.to_owned(),
-        client: reqwest::Client::new(),
-        shutdown: Some(shutdown),
-    })
+    Ok((
+        TestApp {
+            address,
+            db,
+            database_url: database_url.to_owned(),
+            redis_url: redis_url.to_owned(),
+            client: reqwest::Client::new(),
+            shutdown: Some(shutdown),
+        },
+        state,
+    ))
 }
 
 pub fn sidecar(org: &str) -> SidecarIdentity {

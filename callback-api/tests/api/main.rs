@@ -7,10 +7,15 @@
 
 mod callbacks;
 mod delegate;
+mod connections;
+mod egress;
 mod helpers;
 mod mappings;
+mod mcp;
 mod mirror;
+mod oauth;
 mod openapi;
 mod resilience;
 mod slack;
 mod stream;
+mod vault;

@@ -30,7 +30,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use nubabel_crds::v1alpha1::OpencodeSidecar;
-use nubabel_data::signing::{MasterKey, MasterKeyTooShort, derive_sidecar_key};
+use nubabel_data::signing::{MasterKey, MasterKeyTooShort, derive_mcp_token, derive_sidecar_key};
 use secrecy::ExposeSecret;
 use tracing::{Instrument, field};
 
@@ -258,6 +258,9 @@ async fn reconcile(sidecar: &OpencodeSidecar, ctx: &Context) -> Result<Action, E
             None => generate_password().map_err(Error::Random)?,
         },
         callback_key: derive_sidecar_key(&ctx.settings.master_key, &valid.identity).to_whsec(),
+        mcp_token: derive_mcp_token(&ctx.settings.master_key, &valid.identity)
+            .expose()
+            .to_owned(),
     };
     let children = build::build(
         &valid,
@@ -489,6 +492,7 @@ pub(crate) mod test_support {
         SecretMaterial {
             password: "opencode-password-1".to_owned(),
             callback_key: "whsec_dGVzdA==".to_owned(),
+            mcp_token: "nmcp_dGVzdA".to_owned(),
         }
     }
 }
@@ -654,6 +658,12 @@ mod tests {
                     decoded(&secret, build::SIGNING_KEY),
                     derive_sidecar_key(&ctx.settings.master_key, &identity).to_whsec()
                 );
+                // The MCP gateway verifies the same derivation from the identity headers.
+                assert!(nubabel_data::signing::verify_mcp_token(
+                    &ctx.settings.master_key,
+                    &identity,
+                    &decoded(&secret, build::MCP_TOKEN_KEY)
+                ));
                 assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
                 // No PodDisruptionBudget on a cluster without policy/v1.
                 expect_event(&mut server, "Normal", "Provisioned").await;

@@ -49,6 +49,17 @@ pub const RUN_AS_USER: i64 = 10001;
 pub const PASSWORD_KEY: &str = "opencode-password";
 /// Secret key of the bridge's callback signing key (`whsec_...`).
 pub const SIGNING_KEY: &str = "callback-signing-key";
+/// Secret key of the fleet's bearer token for the callback API's MCP gateway (`nmcp_...`).
+pub const MCP_TOKEN_KEY: &str = "mcp-token";
+/// Env var of the `opencode` container holding the MCP token.
+pub const MCP_TOKEN_ENV: &str = "NUBABEL_MCP_TOKEN";
+/// Env var of the `opencode` container holding its pod's name (sent as `x-nubabel-pod`).
+pub const POD_NAME_ENV: &str = "NUBABEL_POD_NAME";
+/// The name OpenCode knows the gateway by; its tools reach the model as `nubabel_<tool>`.
+pub const MCP_SERVER_NAME: &str = "nubabel";
+/// Milliseconds OpenCode waits for an MCP request to the gateway (its default is 5 s, shorter
+/// than an upstream call may take; the gateway answers within its 30 s request timeout).
+pub const MCP_TIMEOUT_MS: u64 = 30_000;
 /// Annotation on the Secret recording the organization the fleet was created for.
 pub const ORGANIZATION_ANNOTATION: &str = "nubabel.io/organization-id";
 /// Pod-template annotation whose change rolls the pods when the configuration changes.
@@ -115,6 +126,8 @@ pub struct SecretMaterial {
     pub password: String,
     /// The bridge's callback signing key, `whsec_<base64>`.
     pub callback_key: String,
+    /// OpenCode's bearer token for the MCP gateway, `nmcp_<base64url>`.
+    pub mcp_token: String,
 }
 
 impl std::fmt::Debug for SecretMaterial {
@@ -147,7 +160,7 @@ pub fn build(
     material: &SecretMaterial,
     with_pod_disruption_budget: bool,
 ) -> Children {
-    let config = opencode_config(v).to_string();
+    let config = opencode_config(v, settings).to_string();
     let config_hash = config_hash(&config, material);
     Children {
         service_account: service_account(v),
@@ -199,6 +212,10 @@ fn secret(v: &ValidSidecar, material: &SecretMaterial) -> Secret {
                 (
                     SIGNING_KEY.to_owned(),
                     ByteString(material.callback_key.clone().into_bytes()),
+                ),
+                (
+                    MCP_TOKEN_KEY.to_owned(),
+                    ByteString(material.mcp_token.clone().into_bytes()),
                 ),
             ]
             .into(),
@@ -320,8 +337,8 @@ fn pod_disruption_budget(v: &ValidSidecar) -> PodDisruptionBudget {
 }
 
 /// OpenCode's configuration, passed whole in `OPENCODE_CONFIG_CONTENT`. Each concern is one
-/// key of the map, so new ones (the MCP gateway) are one more insert.
-pub fn opencode_config(v: &ValidSidecar) -> Value {
+/// key of the map, so new ones are one more insert.
+pub fn opencode_config(v: &ValidSidecar, settings: &Settings) -> Value {
     let mut config = Map::new();
     config.insert("model".into(), json!(v.model));
     config.insert("small_model".into(), json!(v.small_model));
@@ -341,7 +358,31 @@ pub fn opencode_config(v: &ValidSidecar) -> Value {
     if !v.plugins.is_empty() {
         config.insert("plugin".into(), json!(v.plugins));
     }
+    config.insert(
+        "mcp".into(),
+        json!({ MCP_SERVER_NAME: mcp_gateway_config(v, settings) }),
+    );
     Value::Object(config)
+}
+
+/// The callback API's MCP gateway as a remote MCP server: the fleet's token by `{env:...}`
+/// substitution (so it never appears in the pod spec), the fleet's identity, and the pod's
+/// name, which lets the gateway record a tool call against the pod's working session.
+fn mcp_gateway_config(v: &ValidSidecar, settings: &Settings) -> Value {
+    json!({
+        "type": "remote",
+        "url": format!("{}/mcp", settings.callback_url.trim_end_matches('/')),
+        "headers": {
+            "Authorization": format!("Bearer {{env:{MCP_TOKEN_ENV}}}"),
+            "x-nubabel-organization": v.identity.organization_id().as_str(),
+            "x-nubabel-sidecar": format!("{}/{}", v.namespace, v.name),
+            "x-nubabel-pod": format!("{{env:{POD_NAME_ENV}}}"),
+        },
+        // A 401 means a wrong token, not a login to start: no OAuth flow in a pod.
+        "oauth": false,
+        "timeout": MCP_TIMEOUT_MS,
+        "enabled": true,
+    })
 }
 
 /// The provider entry: the API key by `{env:...}` substitution (OpenCode resolves it in
@@ -378,7 +419,12 @@ fn provider_config(v: &ValidSidecar) -> Option<Value> {
 /// and the Secret's values. It goes on the pod template, so any change rolls the pods.
 pub fn config_hash(config: &str, material: &SecretMaterial) -> String {
     let mut hasher = Sha256::new();
-    for part in [config, &material.password, &material.callback_key] {
+    for part in [
+        config,
+        &material.password,
+        &material.callback_key,
+        &material.mcp_token,
+    ] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
@@ -448,6 +494,8 @@ fn opencode_env(v: &ValidSidecar, config: &str) -> Vec<EnvVar> {
         // Without it, a configured plugin stalls the first request about 71 s on npm retries.
         env("npm_config_fetch_retries", "0"),
         env_from_secret("OPENCODE_SERVER_PASSWORD", &secret, PASSWORD_KEY),
+        env_from_secret(MCP_TOKEN_ENV, &secret, MCP_TOKEN_KEY),
+        env_from_field(POD_NAME_ENV, "metadata.name"),
     ];
     env_vars.extend(STATE_DIRS.iter().map(|(name, path)| env(name, *path)));
     if let Some(key) = &v.provider.api_key {
@@ -878,18 +926,25 @@ mod tests {
         .unwrap();
         assert_eq!(
             config,
-            opencode_config(&valid_sidecar(json!({
-                "organizationId": "org-a", "model": "anthropic/claude-sonnet-4-5"
-            })))
+            opencode_config(
+                &valid_sidecar(json!({
+                    "organizationId": "org-a", "model": "anthropic/claude-sonnet-4-5"
+                })),
+                &settings()
+            )
         );
     }
 
     #[test]
     fn the_opencode_config_denies_questions_and_turns_off_updates_and_sharing() {
-        let config = opencode_config(&valid_sidecar(json!({
-            "organizationId": "o", "model": "anthropic/claude-sonnet-4-5",
-            "smallModel": "anthropic/claude-haiku-4-5", "plugins": ["oh-my-opencode"]
-        })));
+        let mut config = opencode_config(
+            &valid_sidecar(json!({
+                "organizationId": "o", "model": "anthropic/claude-sonnet-4-5",
+                "smallModel": "anthropic/claude-haiku-4-5", "plugins": ["oh-my-opencode"]
+            })),
+            &settings(),
+        );
+        config.as_object_mut().unwrap().remove("mcp");
         assert_eq!(
             config,
             json!({
@@ -909,7 +964,7 @@ mod tests {
             "organizationId": "o", "model": "llm/big", "smallModel": "llm/small",
             "provider": {"baseURL": "http://llm.internal/v1", "apiKeySecretRef": {"name": "llm", "key": "api-key"}}
         }));
-        let config = opencode_config(&v);
+        let config = opencode_config(&v, &settings());
         assert_eq!(
             config["provider"],
             json!({"llm": {
@@ -1008,11 +1063,65 @@ mod tests {
     }
 
     #[test]
+    fn the_mcp_gateway_is_a_remote_mcp_server_with_the_token_by_env_and_the_fleet_identity() {
+        let c = minimal();
+        let opencode = container(&c, "opencode");
+        let config: Value = serde_json::from_str(
+            env_value(opencode, "OPENCODE_CONFIG_CONTENT")
+                .and_then(|e| e.value.as_deref())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config["mcp"],
+            json!({"nubabel": {
+                "type": "remote",
+                "url": "http://callback.test:8080/mcp",
+                "headers": {
+                    "Authorization": "Bearer {env:NUBABEL_MCP_TOKEN}",
+                    "x-nubabel-organization": "org-a",
+                    "x-nubabel-sidecar": "team-a/tenant-a",
+                    "x-nubabel-pod": "{env:NUBABEL_POD_NAME}",
+                },
+                "oauth": false,
+                "timeout": 30000,
+                "enabled": true,
+            }})
+        );
+        // The token itself is only in the Secret, never in the pod spec.
+        assert!(
+            !serde_json::to_string(&c.stateful_set)
+                .unwrap()
+                .contains(&material().mcp_token)
+        );
+        let token = env_value(opencode, MCP_TOKEN_ENV).unwrap();
+        let reference = token
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!(
+            (reference.name.as_str(), reference.key.as_str()),
+            ("tenant-a-sidecar", MCP_TOKEN_KEY)
+        );
+        let pod = env_value(opencode, POD_NAME_ENV).unwrap();
+        assert_eq!(
+            pod.value_from
+                .as_ref()
+                .and_then(|f| f.field_ref.as_ref())
+                .unwrap()
+                .field_path,
+            "metadata.name"
+        );
+    }
+
+    #[test]
     fn the_secret_holds_the_password_the_key_and_the_organization() {
         let c = minimal();
         let data = c.secret.data.as_ref().unwrap();
         assert_eq!(data[PASSWORD_KEY].0, b"opencode-password-1");
         assert_eq!(data[SIGNING_KEY].0, material().callback_key.as_bytes());
+        assert_eq!(data[MCP_TOKEN_KEY].0, material().mcp_token.as_bytes());
         assert_eq!(
             c.secret.metadata.annotations.as_ref().unwrap()[ORGANIZATION_ANNOTATION],
             "org-a"
