@@ -272,6 +272,8 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         .map(|pod| PodLoad {
             name: pod.name_any(),
             ready: pod_ready(pod),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
             running_tasks: others
                 .iter()
                 .filter(|t| occupies_pod(t) == Some(pod.name_any().as_str()))
@@ -482,6 +484,43 @@ async fn dispatch(
         source,
     };
 
+    // A mapped session may be gone with its pod (a restart without storage).
+    let opencode_session = match opencode_session {
+        Some(id) => match opencode.session(&id).await {
+            Ok(_) => Some(id),
+            Err(e) if e.is_not_found() && resuming => {
+                // The prompt, if it was sent, went with the session: never send it again.
+                return finish(
+                    task,
+                    ctx,
+                    TaskPhase::Failed,
+                    reasons::SIDECAR_POD_LOST,
+                    &format!(
+                        "OpenCode session {id} no longer exists on pod {pod} (the pod was \
+                         restarted without storage) while the prompt was being sent"
+                    ),
+                    None,
+                )
+                .await;
+            }
+            Err(e) if e.is_not_found() => {
+                publish(
+                    ctx,
+                    task,
+                    EventType::Normal,
+                    reasons::SESSION_LOST,
+                    format!(
+                        "OpenCode session {id} of session {session} no longer exists on pod \
+                         {pod}; starting a new one there"
+                    ),
+                )
+                .await;
+                None
+            }
+            Err(e) => return Err(fail(e)),
+        },
+        None => None,
+    };
     let opencode_session = match opencode_session {
         Some(id) => id,
         None => {
@@ -639,7 +678,10 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
                 ctx,
                 TaskPhase::Failed,
                 reasons::SIDECAR_POD_LOST,
-                &format!("OpenCode session {session} no longer exists on pod {pod}"),
+                &format!(
+                    "OpenCode session {session} no longer exists on pod {pod}: the pod was \
+                     restarted and the turn went with it"
+                ),
                 None,
             )
             .await;

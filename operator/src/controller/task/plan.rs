@@ -47,6 +47,9 @@ pub mod reasons {
     pub const CANCELLED: &str = "Cancelled";
     /// The pod that ran the task is gone, and with it the turn.
     pub const SIDECAR_POD_LOST: &str = "SidecarPodLost";
+    /// The session's OpenCode session is gone (its pod restarted without storage); the turn
+    /// starts a new one.
+    pub const SESSION_LOST: &str = "SessionLost";
 }
 
 /// A pod of the task's fleet as the planner sees it.
@@ -58,6 +61,10 @@ pub struct PodLoad {
     pub ready: bool,
     /// Tasks it is running now.
     pub running_tasks: i32,
+    /// Whether it is being deleted (its processes are stopping).
+    pub terminating: bool,
+    /// When this pod (this incarnation of the name) was created.
+    pub created: Option<Timestamp>,
 }
 
 /// Where a Nubabel session lives, from the data layer.
@@ -227,18 +234,36 @@ pub fn plan(observed: &Observed<'_>) -> Step {
                 ),
             };
         }
-        let pod_alive = status
-            .sidecar_pod
-            .as_ref()
-            .is_some_and(|pod| observed.pods.iter().any(|p| &p.name == pod));
-        if !pod_alive {
+        let pod_name = status.sidecar_pod.as_deref().unwrap_or("?");
+        let pod = observed.pods.iter().find(|p| p.name == pod_name);
+        let lost = match pod {
+            None => Some(format!("sidecar pod {pod_name} is gone")),
+            Some(p) if p.terminating => Some(format!("sidecar pod {pod_name} is being deleted")),
+            // A StatefulSet recreates a pod under the same name: a pod younger than the
+            // dispatch is not the one that had the prompt.
+            Some(p)
+                if p.created
+                    .is_some_and(|c| c.as_second() > dispatched.0.as_second()) =>
+            {
+                Some(format!("sidecar pod {pod_name} was replaced"))
+            }
+            Some(_) => None,
+        };
+        if let Some(what) = lost {
+            let storage = match observed.sidecar {
+                Resolved::Sidecar(sidecar) if sidecar.spec.storage.is_some() => {
+                    "; the session is kept on its storage, but the turn in flight was \
+                     interrupted: send a new task with the same sessionId to continue"
+                }
+                _ => {
+                    " and the turn went with it (the fleet has no storage, so its sessions \
+                      lived on an emptyDir)"
+                }
+            };
             return Step::Finish {
                 phase: TaskPhase::Failed,
                 reason: reasons::SIDECAR_POD_LOST,
-                message: format!(
-                    "sidecar pod {} is gone; the turn was lost with it",
-                    status.sidecar_pod.as_deref().unwrap_or("?")
-                ),
+                message: format!("{what}{storage}"),
             };
         }
         return Step::Check;
@@ -440,6 +465,8 @@ mod tests {
             name: name.to_owned(),
             ready,
             running_tasks: running,
+            terminating: false,
+            created: Some(at(-100)),
         }
     }
 
@@ -689,6 +716,39 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_running_task_whose_pod_is_deleted_or_replaced_fails_saying_which() {
+        let task = running(task(), 5);
+        let fleet = sidecar("org-a");
+        let deleting = [PodLoad {
+            terminating: true,
+            ..pod("fleet-0", false, 1)
+        }];
+        let replaced = [PodLoad {
+            created: Some(at(7)),
+            ..pod("fleet-0", true, 0)
+        }];
+        for (pods, what) in [(&deleting, "is being deleted"), (&replaced, "was replaced")] {
+            match plan(&observe(&task, &fleet, pods)) {
+                Step::Finish {
+                    phase: TaskPhase::Failed,
+                    reason: reasons::SIDECAR_POD_LOST,
+                    message,
+                } => {
+                    assert!(message.contains(what), "{message}");
+                    assert!(message.contains("no storage"), "{message}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The same pod, created before the dispatch, keeps the task running.
+        let same = [PodLoad {
+            created: Some(at(5)),
+            ..pod("fleet-0", true, 1)
+        }];
+        assert_eq!(plan(&observe(&task, &fleet, &same)), Step::Check);
     }
 
     #[test]
