@@ -9,7 +9,8 @@
 
 pub mod plan;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -124,6 +125,32 @@ pub struct Context {
     backoff: Backoff,
     /// Every task the controller sees, for load and queue order.
     tasks: Store<DelegatedTask>,
+    /// Tasks finished here whose finish the cache may not show yet.
+    just_finished: JustFinished,
+}
+
+/// The uids of tasks this operator finished recently, so a queued task woken by the finish
+/// does not count their slot as taken while the cache catches up; dropped once the cache
+/// shows the task finished.
+#[derive(Clone, Default)]
+struct JustFinished(Arc<Mutex<HashSet<String>>>);
+
+impl JustFinished {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, uid: String) {
+        self.lock().insert(uid);
+    }
+
+    fn forget(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+
+    fn snapshot(&self) -> HashSet<String> {
+        self.lock().clone()
+    }
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -236,6 +263,9 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
 
     // Finished tasks need nothing else observed.
     let finished = phase(task).is_finished();
+    if finished && let Some(uid) = task.uid() {
+        ctx.just_finished.forget(&uid);
+    }
     let resolved = if finished {
         None
     } else {
@@ -261,11 +291,14 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         _ => Vec::new(),
     };
 
+    // Tasks this operator finished count as finished even before the cache shows it.
+    let just_finished = ctx.just_finished.snapshot();
     let others: Vec<Arc<DelegatedTask>> = ctx
         .tasks
         .state()
         .into_iter()
         .filter(|t| t.namespace().as_deref() == Some(namespace.as_str()) && t.uid() != task.uid())
+        .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
         .collect();
     let loads: Vec<PodLoad> = pods
         .iter()
@@ -288,15 +321,18 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         t.status.as_ref().and_then(|s| s.sidecar.clone()) == sidecar_name
             || t.spec.sidecar_ref.as_ref().map(|r| r.name.clone()) == sidecar_name
     };
-    let older_task_waiting = others.iter().any(|t| {
-        phase(t) == TaskPhase::Queued
-            && same_fleet(t)
-            && is_older(t, task)
-            && matches!(
-                dispatched_condition_reason(t).as_deref(),
-                Some(reasons::NO_CAPACITY | reasons::WAITING_FOR_OLDER_TASKS)
-            )
-    });
+    let older_tasks_waiting = others
+        .iter()
+        .filter(|t| {
+            phase(t) == TaskPhase::Queued
+                && same_fleet(t)
+                && is_older(t, task)
+                && matches!(
+                    dispatched_condition_reason(t).as_deref(),
+                    Some(reasons::NO_CAPACITY | reasons::WAITING_FOR_OLDER_TASKS)
+                )
+        })
+        .count();
     let my_session = session_id(task);
     let session_busy = task.spec.session_id.is_some()
         && others.iter().any(|t| {
@@ -327,7 +363,7 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         sidecar,
         pods: &loads,
         session: location.as_ref(),
-        older_task_waiting,
+        older_tasks_waiting,
         session_busy,
         now,
     };
@@ -833,6 +869,9 @@ async fn finish(
         .await?;
     }
     write_status(task, ctx, status).await?;
+    if let Some(uid) = task.uid() {
+        ctx.just_finished.insert(uid);
+    }
     let type_ = if matches!(phase, TaskPhase::Succeeded | TaskPhase::Cancelled) {
         EventType::Normal
     } else {
@@ -958,12 +997,33 @@ pub async fn run(
             .map(|t| ObjectRef::from_obj(t.as_ref()))
             .collect::<Vec<ObjectRef<DelegatedTask>>>()
     });
+    // A task that finishes frees a slot: wake the queued tasks of its namespace at once
+    // instead of at their next recheck (finished tasks rarely change again, so this is about
+    // one wake per finish; wakes of one task coalesce in the controller's queue).
+    let queue_store = store.clone();
+    let controller = controller.watches(
+        shared.watched::<DelegatedTask>(),
+        watcher::Config::default(),
+        move |finished: DelegatedTask| {
+            if !phase(&finished).is_finished() {
+                return Vec::new();
+            }
+            let namespace = finished.namespace();
+            queue_store
+                .state()
+                .iter()
+                .filter(|t| t.namespace() == namespace && phase(t) == TaskPhase::Queued)
+                .map(|t| ObjectRef::from_obj(t.as_ref()))
+                .collect::<Vec<ObjectRef<DelegatedTask>>>()
+        },
+    );
     let ctx = Arc::new(Context {
         metrics: shared.metrics.controller(CONTROLLER_NAME),
         mappings: SessionMappings::new(pool.clone()),
         pool,
         backoff: Backoff::default(),
         tasks: store,
+        just_finished: JustFinished::default(),
         shared,
     });
     controller

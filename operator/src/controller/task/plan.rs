@@ -98,9 +98,9 @@ pub struct Observed<'a> {
     pub pods: &'a [PodLoad],
     /// Where the task's session lives, when it has lived anywhere.
     pub session: Option<&'a SessionLocation>,
-    /// Whether an older unfinished task of the same fleet waits for capacity (first come,
-    /// first served per tenant).
-    pub older_task_waiting: bool,
+    /// How many older tasks of the same fleet wait for capacity (first come, first served per
+    /// tenant: a task takes a slot only when they cannot all have one).
+    pub older_tasks_waiting: usize,
     /// Whether another task of the same session is running.
     pub session_busy: bool,
     /// Now.
@@ -339,10 +339,23 @@ pub fn plan(observed: &Observed<'_>) -> Step {
             message: "another task of this session is still running".to_owned(),
         };
     }
-    if observed.older_task_waiting {
+    let capacity = sidecar
+        .spec
+        .max_sessions_per_pod
+        .unwrap_or(DEFAULT_MAX_SESSIONS_PER_POD);
+    let free_slots: usize = observed
+        .pods
+        .iter()
+        .filter(|p| p.ready)
+        .map(|p| usize::try_from(capacity - p.running_tasks).unwrap_or(0))
+        .sum();
+    if observed.older_tasks_waiting > 0 && observed.older_tasks_waiting >= free_slots {
         return Step::Queue {
             reason: reasons::WAITING_FOR_OLDER_TASKS,
-            message: "older tasks of this organization wait for capacity first".to_owned(),
+            message: format!(
+                "{} older task(s) of this organization wait for the {free_slots} free slot(s) first",
+                observed.older_tasks_waiting
+            ),
         };
     }
 
@@ -356,10 +369,6 @@ pub fn plan(observed: &Observed<'_>) -> Step {
         return Step::Dispatch(Target::Existing(location.clone()));
     }
 
-    let capacity = sidecar
-        .spec
-        .max_sessions_per_pod
-        .unwrap_or(DEFAULT_MAX_SESSIONS_PER_POD);
     let least_loaded = observed
         .pods
         .iter()
@@ -480,7 +489,7 @@ mod tests {
             sidecar: Resolved::Sidecar(sidecar),
             pods,
             session: None,
-            older_task_waiting: false,
+            older_tasks_waiting: 0,
             session_busy: false,
             now: at(10),
         }
@@ -565,11 +574,12 @@ mod tests {
     }
 
     #[test]
-    fn a_younger_task_waits_behind_an_older_queued_one() {
+    fn a_younger_task_waits_while_older_queued_ones_need_every_free_slot() {
         let (task, fleet) = (task(), sidecar("org-a"));
-        let pods = [pod("fleet-0", true, 0)];
+        // Two slots free (capacity 2), two older tasks waiting: they go first.
+        let pods = [pod("fleet-0", true, 0), pod("fleet-1", true, 2)];
         let observed = Observed {
-            older_task_waiting: true,
+            older_tasks_waiting: 2,
             ..observe(&task, &fleet, &pods)
         };
         assert!(matches!(
@@ -579,6 +589,17 @@ mod tests {
                 ..
             }
         ));
+        // One older task waiting and two free slots: there is room for both at once.
+        let observed = Observed {
+            older_tasks_waiting: 1,
+            ..observe(&task, &fleet, &pods)
+        };
+        assert_eq!(
+            plan(&observed),
+            Step::Dispatch(Target::NewSession {
+                pod: "fleet-0".to_owned()
+            })
+        );
     }
 
     #[test]
