@@ -250,7 +250,12 @@ pub fn error_policy(task: Arc<DelegatedTask>, error: &Error, ctx: Arc<Context>) 
     ctx.metrics.reconcile_failed(error.category());
     tracing::warn!(task = %task.name_any(), error = %error, "task reconcile failed");
     let key = task.uid().unwrap_or_else(|| task.name_any());
-    Action::requeue(ctx.backoff.next_delay(&key))
+    let delay = ctx.backoff.next_delay(&key);
+    // Backoff never carries a running task past its deadline unseen.
+    Action::requeue(match plan::deadline_left(&task, Timestamp::now()) {
+        Some(left) => delay.min(left),
+        None => delay,
+    })
 }
 
 async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
@@ -392,8 +397,19 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
             reason,
             message,
         } => {
-            abort(task, ctx, &pods).await;
-            finish(task, ctx, phase, reason, &message, None).await
+            // A turn that ended while no check ran (e.g. during an error backoff) is not
+            // aborted after the fact: its outcome counts.
+            let ended = phase == TaskPhase::TimedOut
+                && check(task, ctx, &pods).await.unwrap_or_else(|error| {
+                    tracing::info!(task = %task.name_any(), %error, "no last look before the deadline abort");
+                    false
+                });
+            if ended {
+                Ok(())
+            } else {
+                abort(task, ctx, &pods).await;
+                finish(task, ctx, phase, reason, &message, None).await
+            }
         }
         Step::Dispatch(target) => {
             let sidecar = resolved
@@ -401,7 +417,7 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                 .ok_or(Error::MissingMetadata("sidecar"))?;
             dispatch(task, ctx, &sidecar, &pods, target, &my_session).await
         }
-        Step::Check => check(task, ctx, &pods).await,
+        Step::Check => check(task, ctx, &pods).await.map(|_| ()),
     };
     outcome?;
     ctx.backoff.reset(&task.uid().unwrap_or_default());
@@ -684,14 +700,14 @@ async fn dispatch(
     Ok(())
 }
 
-/// Looks at OpenCode: a finished turn ends the task.
-async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), Error> {
+/// Looks at OpenCode: a finished turn ends the task. True when it did.
+async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<bool, Error> {
     let status = task.status.clone().unwrap_or_default();
     let (Some(pod), Some(session)) = (
         status.sidecar_pod.clone(),
         status.opencode_session_id.clone(),
     ) else {
-        return Ok(());
+        return Ok(false);
     };
     let opencode = opencode_for(ctx, task, pods, &pod).await?;
     let fail = |source| Error::Opencode {
@@ -704,7 +720,7 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
         .map_err(fail)?
         .contains_key(&session);
     if busy {
-        return Ok(());
+        return Ok(false);
     }
     let messages = match opencode.messages(&session, None).await {
         Ok(messages) => messages,
@@ -720,15 +736,16 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
                 ),
                 None,
             )
-            .await;
+            .await
+            .map(|()| true);
         }
         Err(e) => return Err(fail(e)),
     };
     let Some(prompt_id) = status.prompt_message_id.as_deref() else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(start) = messages.iter().position(|m| m.info.id == prompt_id) else {
-        return Ok(());
+        return Ok(false);
     };
     let answers: Vec<MessageWithParts> = messages[start + 1..]
         .iter()
@@ -736,7 +753,7 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
         .cloned()
         .collect();
     let Some(last) = answers.last() else {
-        return Ok(());
+        return Ok(false);
     };
     if let Some(error) = &last.info.error {
         let message = error.message().unwrap_or("the agent failed").to_owned();
@@ -748,12 +765,13 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
             &message,
             None,
         )
-        .await;
+        .await
+        .map(|()| true);
     }
     let done =
         last.info.time.completed.is_some() && last.info.finish.as_deref() != Some("tool-calls");
     if !done {
-        return Ok(());
+        return Ok(false);
     }
     let output = nubabel_opencode::final_assistant_text(&answers).unwrap_or_default();
     finish(
@@ -765,6 +783,7 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
         Some(output),
     )
     .await
+    .map(|()| true)
 }
 
 async fn abort(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) {

@@ -394,6 +394,13 @@ pub fn plan(observed: &Observed<'_>) -> Step {
     }
 }
 
+/// Time left until a dispatched task's deadline (at least a second), `None` before dispatch.
+pub fn deadline_left(task: &DelegatedTask, now: Timestamp) -> Option<Duration> {
+    let dispatched = task.status.as_ref()?.dispatch_time.as_ref()?;
+    let left = task.spec.timeout_seconds - seconds_since(dispatched, now);
+    Some(Duration::from_secs(left.max(1).unsigned_abs()))
+}
+
 /// When a task in `step` should be looked at again at the latest.
 pub fn requeue_after(task: &DelegatedTask, step: &Step, now: Timestamp) -> Option<Duration> {
     match step {
@@ -408,18 +415,7 @@ pub fn requeue_after(task: &DelegatedTask, step: &Step, now: Timestamp) -> Optio
             Some(pending_left.map_or(QUEUED_RECHECK, |left| left.min(QUEUED_RECHECK)))
         }
         Step::Check | Step::Dispatch(_) => {
-            let deadline_left = task
-                .status
-                .as_ref()
-                .and_then(|s| s.dispatch_time.as_ref())
-                .map(|d| {
-                    Duration::from_secs(
-                        (task.spec.timeout_seconds - seconds_since(d, now))
-                            .max(1)
-                            .unsigned_abs(),
-                    )
-                });
-            Some(deadline_left.map_or(RUNNING_RECHECK, |left| left.min(RUNNING_RECHECK)))
+            Some(deadline_left(task, now).map_or(RUNNING_RECHECK, |left| left.min(RUNNING_RECHECK)))
         }
         Step::Abort { .. } | Step::Finish { .. } | Step::Delete => None,
     }
@@ -698,6 +694,15 @@ mod tests {
             requeue_after(&task, &step, at(10)),
             Some(Duration::from_secs(2))
         );
+    }
+
+    #[test]
+    fn error_backoff_is_capped_at_the_time_left_before_the_deadline() {
+        let mut task = running(task(), 0);
+        task.spec.timeout_seconds = 30;
+        assert_eq!(deadline_left(&task, at(10)), Some(Duration::from_secs(20)));
+        assert_eq!(deadline_left(&task, at(40)), Some(Duration::from_secs(1)));
+        assert_eq!(deadline_left(&super::tests::task(), at(10)), None);
     }
 
     #[test]
