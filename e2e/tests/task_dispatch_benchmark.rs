@@ -166,6 +166,43 @@ async fn benchmark_task_dispatch_latency_and_throughput() -> Result<()> {
             count as f64 / all_done_in
         );
         println!("fake LLM requests: {}", received.len());
+        // What happened to the tasks that did not succeed, for the write-up.
+        for t in finished.iter().filter(|t| {
+            t.status.as_ref().and_then(|s| s.phase) != Some(TaskPhase::Succeeded)
+        }) {
+            let status = t.status.clone().unwrap_or_default();
+            let prompt = t.spec.prompt.clone();
+            let mark = prompt.rsplit(' ').next().unwrap_or_default().to_owned();
+            let requests: Vec<String> = received
+                .iter()
+                .filter(|r| r.body.to_string().contains(&mark))
+                .map(|r| format!("{:.1}s", seconds_between(started_wall, r.at)))
+                .collect();
+            println!(
+                "not succeeded: {} {:?} {:?} pod {:?} session {:?} dispatched {:?}; LLM requests at {requests:?}",
+                t.metadata.name.clone().unwrap_or_default(),
+                status.phase,
+                status.error,
+                status.sidecar_pod,
+                status.opencode_session_id,
+                status.dispatch_time.map(|d| d.0.to_string()),
+            );
+            if let (Some(pod), Some(session)) = (&status.sidecar_pod, &status.opencode_session_id)
+                && let Ok(opencode) = system.opencode_on("fleet", pod).await
+                && let Ok(messages) = opencode.messages(session, None).await
+            {
+                for m in messages {
+                    println!(
+                        "  {:?} finish {:?} completed {:?} error {:?} parts {}",
+                        m.info.role,
+                        m.info.finish,
+                        m.info.time.completed,
+                        m.info.error.as_ref().map(|e| e.name.clone()),
+                        m.parts.len()
+                    );
+                }
+            }
+        }
         anyhow::ensure!(
             first_seen.len() == count,
             "only {} of {count} prompts reached the LLM",
