@@ -52,6 +52,11 @@ const EVENT_ACTION: &str = "Reconcile";
 /// Clock skew tolerated when matching a prompt found in OpenCode to a dispatch attempt.
 const CLOCK_SKEW: Duration = Duration::from_secs(5);
 
+/// How often, and how far apart, a sent prompt is looked for in the session's messages
+/// (`prompt_async` answers before OpenCode stores the message).
+const PROMPT_LISTING_TRIES: u32 = 20;
+const PROMPT_LISTING_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Errors of one reconcile; each has a stable category for metrics and events.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -641,28 +646,55 @@ async fn dispatch(
         None
     };
 
+    // OpenCode accepted the prompt earlier but had not listed it: never send it again.
+    let accepted_before =
+        resuming && dispatched_condition_reason(task).as_deref() == Some(reasons::PROMPT_SENT);
     let message_id = match already {
         Some(id) => id,
+        None if accepted_before => {
+            tracing::debug!(task = %task.name_any(), "the accepted prompt is not listed yet");
+            return Ok(());
+        }
         None => {
             let mut request = PromptRequest::text(task.spec.prompt.clone());
             if let Some(agent) = &task.spec.agent {
                 request = request.with_agent(agent.clone());
             }
             let sent = opencode.prompt_async(&opencode_session, &request).await;
-            // Success or not, the session's messages say whether OpenCode has the prompt.
-            let after = opencode
-                .messages(&opencode_session, None)
-                .await
-                .map_err(fail)?;
-            let found = prompt_messages(&after, &task.spec.prompt)
-                .into_iter()
-                .find(|m| !known.contains(&m.info.id))
-                .map(|m| m.info.id.clone());
+            // Success or not, the session's messages say whether OpenCode has the prompt;
+            // `prompt_async` answers before the message is stored, so look a few times.
+            let mut found = None;
+            for _ in 0..PROMPT_LISTING_TRIES {
+                let after = opencode
+                    .messages(&opencode_session, None)
+                    .await
+                    .map_err(fail)?;
+                found = prompt_messages(&after, &task.spec.prompt)
+                    .into_iter()
+                    .find(|m| !known.contains(&m.info.id))
+                    .map(|m| m.info.id.clone());
+                if found.is_some() {
+                    break;
+                }
+                tokio::time::sleep(PROMPT_LISTING_INTERVAL).await;
+            }
             match (found, sent) {
                 (Some(id), _) => id,
                 (None, Err(source)) => return Err(fail(source)),
                 (None, Ok(())) => {
-                    // Accepted but not listed yet: the next reconcile resumes and finds it.
+                    // Accepted but not listed yet: record that, so no reconcile sends it again.
+                    set(
+                        &mut status,
+                        task,
+                        types::DISPATCHED,
+                        cstatus::UNKNOWN,
+                        reasons::PROMPT_SENT,
+                        format!(
+                            "OpenCode session {opencode_session} on pod {pod} accepted the prompt; \
+                             waiting for it to be listed"
+                        ),
+                    );
+                    write_status(task, ctx, status).await?;
                     return Ok(());
                 }
             }

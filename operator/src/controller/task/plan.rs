@@ -37,6 +37,9 @@ pub mod reasons {
     pub const DISPATCHING: &str = "Dispatching";
     /// OpenCode accepted the prompt.
     pub const PROMPT_ACCEPTED: &str = "PromptAccepted";
+    /// OpenCode accepted the prompt but has not listed it in the session yet; it is never sent
+    /// again.
+    pub const PROMPT_SENT: &str = "PromptSent";
     /// The agent finished.
     pub const COMPLETED: &str = "Completed";
     /// The task ran past `timeoutSeconds`.
