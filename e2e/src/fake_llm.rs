@@ -15,14 +15,14 @@
 //! A tool call is answered only when the request offers tools and the last message is the
 //! user's; after a tool result the reply is `The tool said: <output>`, so an agent loop ends.
 //! Title-generation requests (no tools, a "title" system prompt) get a short fixed title. Every
-//! request body is recorded for assertions.
+//! request body is recorded, with its arrival time, for assertions and measurements.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -270,9 +270,18 @@ pub fn error_body(status: u16, message: &str) -> Value {
     json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
 }
 
+/// One request as the fake LLM received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// When its body had been read (wall clock, for comparing with other processes' times).
+    pub at: SystemTime,
+    /// The request body.
+    pub body: Value,
+}
+
 #[derive(Default)]
 struct Shared {
-    requests: Mutex<Vec<Value>>,
+    requests: Mutex<Vec<Received>>,
     counter: AtomicU64,
 }
 
@@ -353,6 +362,11 @@ impl FakeLlm {
 
     /// Every request body received so far, oldest first.
     pub fn requests(&self) -> Vec<Value> {
+        self.received().into_iter().map(|r| r.body).collect()
+    }
+
+    /// Every request received so far with its arrival time, oldest first.
+    pub fn received(&self) -> Vec<Received> {
         self.shared
             .requests
             .lock()
@@ -403,7 +417,10 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Res
         .requests
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .push(request.clone());
+        .push(Received {
+            at: SystemTime::now(),
+            body: request.clone(),
+        });
     let n = shared.counter.fetch_add(1, Ordering::Relaxed) + 1;
     let reply = script(&request);
     if let Reply::Error { status, message } = &reply {

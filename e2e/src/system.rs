@@ -22,15 +22,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser as _;
+use futures::StreamExt as _;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subject};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use nubabel_crds::v1alpha1::OpencodeSidecar;
 use nubabel_data::identity::OrganizationId;
 use nubabel_data::stream_token::{self, StreamTokenKey};
-use serde_json::json;
+use nubabel_opencode::{ClientConfig, OpencodeClient};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -419,25 +421,42 @@ impl System {
             .stop_grace(Duration::from_secs(5));
         let log = self.run_dir.path().join("operator.log");
         let mut operator = SupervisedProcess::spawn(spec, log).await?;
-        // Ready once it found the CRDs and the API server's capabilities; an operator that
-        // dies at start fails here, with its log, instead of as pods that never appear.
-        let readyz = format!("http://{}/readyz", self.operator_http);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        operator
-            .wait_until_ready(
-                "the operator's /readyz",
-                Duration::from_secs(60),
-                async || {
-                    let status = http.get(&readyz).send().await?.status();
-                    ensure!(status.is_success(), "/readyz answered {status}");
-                    Ok(())
-                },
-            )
-            .await?;
+        await_operator_ready(&mut operator, self.operator_http).await?;
         self.operator = Some(operator);
         Ok(())
+    }
+
+    /// Kills the operator with SIGKILL, as a crash or a lost node ends it: no graceful
+    /// shutdown, nothing finished. [`System::restart_operator`] starts it again.
+    pub async fn kill_operator(&mut self) -> Result<()> {
+        let operator = self
+            .operator
+            .as_mut()
+            .context("the operator is not running")?;
+        let pid = operator.pid().context("the operator has exited already")?;
+        crate::process::send_signal(pid, libc::SIGKILL)
+            .with_context(|| format!("killing the operator (pid {pid})"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while operator.poll_exit()?.is_none() {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the operator survived SIGKILL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts the operator again with the same flags (appending to the same log) and waits
+    /// until it is ready; after [`System::kill_operator`] it starts from nothing but what the
+    /// API server and the database hold.
+    pub async fn restart_operator(&mut self) -> Result<()> {
+        let operator = self
+            .operator
+            .as_mut()
+            .context("the operator was never started")?;
+        operator.restart().await?;
+        await_operator_ready(operator, self.operator_http).await
     }
 
     /// The test namespace the system serves.
@@ -591,6 +610,77 @@ impl System {
         Ok(String::from_utf8(value.0)?)
     }
 
+    /// An OpenCode client for pod `pod` of sidecar `sidecar`: the pod's IP and the sidecar's
+    /// password, as the operator reaches it.
+    pub async fn opencode_on(&self, sidecar: &str, pod: &str) -> Result<OpencodeClient> {
+        let pods: Api<Pod> = Api::namespaced(self.env.client.clone(), &self.namespace);
+        let ip = pods
+            .get(pod)
+            .await
+            .with_context(|| format!("reading pod {pod}"))?
+            .status
+            .and_then(|s| s.pod_ip)
+            .with_context(|| format!("pod {pod} has no IP"))?;
+        let password = self.opencode_password(sidecar).await?;
+        Ok(OpencodeClient::new(
+            ClientConfig::new(format!("http://{ip}:4096")).with_password(password),
+        )?)
+    }
+
+    /// Opens the callback API's SSE stream of `session` (a Nubabel or an OpenCode session id)
+    /// with stream token `token`, whatever the answer.
+    pub async fn open_session_stream(
+        &self,
+        session: &str,
+        token: &str,
+    ) -> Result<reqwest::Response> {
+        let url = format!(
+            "{}/api/sidecar/sessions/{session}/stream",
+            self.callback_url()
+        );
+        reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(token)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))
+    }
+
+    /// Reads the callback API's SSE stream of `session` from its first event until `until`
+    /// holds for an event; returns every event read, in order.
+    pub async fn read_session_stream(
+        &self,
+        session: &str,
+        token: &str,
+        until: impl Fn(&StreamEvent) -> bool,
+    ) -> Result<Vec<StreamEvent>> {
+        let response = self.open_session_stream(session, token).await?;
+        ensure!(
+            response.status().is_success(),
+            "the stream of {session} answered {}",
+            response.status()
+        );
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        let mut events = Vec::new();
+        while let Some(chunk) = body.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk?));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let Some(event) = StreamEvent::parse(&frame)? else {
+                    continue; // the retry hint or a keep-alive comment
+                };
+                let done = until(&event);
+                events.push(event);
+                if done {
+                    return Ok(events);
+                }
+            }
+        }
+        bail!("the stream of {session} ended before the awaited event; got {events:?}")
+    }
+
     /// Stops the operator, the shim (and with it every pod's processes), the callback API
     /// and the fake LLM, and removes the operator's ClusterRoleBinding.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -643,6 +733,70 @@ fn vault_key() -> Result<String> {
         &base64::engine::general_purpose::STANDARD,
         bytes,
     ))
+}
+
+/// One event of the callback API's SSE stream of a session.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// The event's sequence number in its session (the SSE `id`).
+    pub id: u64,
+    /// `progress` or `state` (the SSE `event`).
+    pub event: String,
+    /// The JSON of the `data:` line: `{seq, eventId, kind, type, receivedAt, data}`.
+    pub data: Value,
+}
+
+impl StreamEvent {
+    /// Parses one SSE frame; `None` for a frame without data (a retry hint, a comment).
+    pub fn parse(frame: &str) -> Result<Option<Self>> {
+        let mut event = Self {
+            id: 0,
+            event: String::new(),
+            data: Value::Null,
+        };
+        let mut has_data = false;
+        for line in frame.lines() {
+            if let Some(id) = line.strip_prefix("id:") {
+                event.id = id.trim().parse().context("the SSE id is not a number")?;
+            } else if let Some(name) = line.strip_prefix("event:") {
+                name.trim().clone_into(&mut event.event);
+            } else if let Some(data) = line.strip_prefix("data:") {
+                event.data =
+                    serde_json::from_str(data.trim()).context("the SSE data is not JSON")?;
+                has_data = true;
+            }
+        }
+        Ok(has_data.then_some(event))
+    }
+
+    /// The event's type (`busy`, `tool_execute_start`, `session_idle`, ...).
+    pub fn type_(&self) -> &str {
+        self.data["type"].as_str().unwrap_or_default()
+    }
+}
+
+/// Waits until the operator answers `/readyz`: it found the CRDs and the API server's
+/// capabilities. An operator that dies at start fails here, with its log, instead of as pods
+/// that never appear.
+async fn await_operator_ready(
+    operator: &mut SupervisedProcess,
+    http_addr: SocketAddr,
+) -> Result<()> {
+    let readyz = format!("http://{http_addr}/readyz");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    operator
+        .wait_until_ready(
+            "the operator's /readyz",
+            Duration::from_secs(60),
+            async || {
+                let status = http.get(&readyz).send().await?.status();
+                ensure!(status.is_success(), "/readyz answered {status}");
+                Ok(())
+            },
+        )
+        .await
 }
 
 impl Drop for System {

@@ -5,89 +5,16 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kube::api::{Api, Patch, PatchParams};
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use kube::api::{Patch, PatchParams};
+use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, await_condition, create, within};
 use serde_json::json;
+use task_support::{await_fleet_ready, await_phase, task};
+
+mod task_support;
 
 const LIMIT: Duration = Duration::from_secs(240);
-const TASK_WAIT: Duration = Duration::from_secs(90);
-
-fn task(
-    name: &str,
-    organization: &str,
-    sidecar: Option<&str>,
-    session: Option<&str>,
-    prompt: &str,
-) -> DelegatedTask {
-    let mut spec = json!({"organizationId": organization, "prompt": prompt, "timeoutSeconds": 120});
-    if let Some(sidecar) = sidecar {
-        spec["sidecarRef"] = json!({"name": sidecar});
-    }
-    if let Some(session) = session {
-        spec["sessionId"] = json!(session);
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "nubabel.io/v1alpha1",
-        "kind": "DelegatedTask",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .unwrap()
-}
-
-fn phase_of(task: Option<&DelegatedTask>) -> Option<TaskPhase> {
-    task.and_then(|t| t.status.as_ref()).and_then(|s| s.phase)
-}
-
-async fn await_phase(
-    api: &Api<DelegatedTask>,
-    name: &str,
-    wanted: TaskPhase,
-    system: &System,
-) -> Result<DelegatedTask> {
-    let finished = await_condition(
-        api,
-        name,
-        "the task to finish",
-        |t: Option<&DelegatedTask>| phase_of(t).is_some_and(TaskPhase::is_finished),
-        TASK_WAIT,
-    )
-    .await
-    .with_context(|| system.diagnostics())?
-    .context("the task disappeared")?;
-    let status = finished.status.clone().unwrap_or_default();
-    anyhow::ensure!(
-        status.phase == Some(wanted),
-        "task {name} ended {:?}, not {wanted:?}: error {:?}\n{}",
-        status.phase,
-        status.error,
-        system.diagnostics()
-    );
-    Ok(finished)
-}
-
-async fn await_fleet_ready(
-    system: &System,
-    namespace: &TestNamespace,
-    name: &str,
-    replicas: i32,
-) -> Result<()> {
-    await_condition(
-        &namespace.api::<OpencodeSidecar>(),
-        name,
-        "the sidecar fleet to be ready",
-        move |s: Option<&OpencodeSidecar>| {
-            s.and_then(|s| s.status.as_ref())
-                .is_some_and(|s| s.ready_replicas == replicas)
-        },
-        Duration::from_secs(120),
-    )
-    .await
-    .with_context(|| system.diagnostics())?;
-    Ok(())
-}
 
 #[tokio::test]
 async fn a_task_runs_on_real_opencode_and_a_second_turn_continues_its_session() -> Result<()> {
@@ -144,6 +71,45 @@ async fn a_task_runs_on_real_opencode_and_a_second_turn_continues_its_session() 
         )
         .await
         .with_context(|| system.diagnostics())?;
+
+        // The callback API's SSE stream of the session delivered the same tool events.
+        let progress = tasks
+            .get("turn-1")
+            .await?
+            .status
+            .and_then(|s| s.progress)
+            .context("no progress")?;
+        let token = system.stream_token("org-a", Some("conversation-1"))?;
+        let streamed = tokio::time::timeout(
+            Duration::from_secs(30),
+            system.read_session_stream("conversation-1", &token, |e| e.type_() == "session_idle"),
+        )
+        .await
+        .context("the stream did not deliver the end of the turn")??;
+        let tool_events = |type_: &str| -> Vec<&serde_json::Value> {
+            streamed
+                .iter()
+                .filter(|e| e.event == "progress" && e.type_() == type_)
+                .map(|e| &e.data["data"])
+                .collect()
+        };
+        let (starts, ends) = (
+            tool_events("tool_execute_start"),
+            tool_events("tool_execute_end"),
+        );
+        assert_eq!(starts.len() as i64, progress.tools_started);
+        assert_eq!(ends.len() as i64, progress.tools_completed);
+        assert_eq!(
+            ends.last().and_then(|e| e["tool"].as_str()),
+            progress.last_tool.as_deref()
+        );
+        assert!(
+            ends.iter()
+                .any(|e| e.to_string().contains("hello-from-tool")),
+            "the tool's output travels with its end: {ends:?}"
+        );
+        let ids: Vec<u64> = streamed.iter().map(|e| e.id).collect();
+        assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
 
         // The whole answer is kept in the database.
         let uid: uuid::Uuid = first.metadata.uid.clone().unwrap().parse()?;
@@ -255,15 +221,7 @@ async fn failures_end_tasks_with_a_reason_and_stop_the_agent() -> Result<()> {
             &task("slow", "org-b", Some("fleet"), None, "SLOW:60 please"),
         )
         .await?;
-        await_condition(
-            &tasks,
-            "slow",
-            "the task to run",
-            |t: Option<&DelegatedTask>| phase_of(t) == Some(TaskPhase::Running),
-            TASK_WAIT,
-        )
-        .await
-        .with_context(|| system.diagnostics())?;
+        task_support::await_running(&tasks, "slow", &system).await?;
         tasks
             .patch(
                 "slow",

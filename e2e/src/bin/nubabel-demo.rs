@@ -1,18 +1,84 @@
 //! `nubabel-demo`: the quick start's main job. Inside the local stack (`nubabel-local run`), it
 //! starts the callback API, the operator, a node shim and the scripted fake LLM, applies a
 //! tenant's `OpencodeSidecar` and a `DelegatedTask`, and prints the task's progress and answer
-//! as they happen. Real OpenCode servers do the work; only the LLM is scripted.
+//! as they happen. Real OpenCode servers do the work; only the LLM is scripted, unless an API
+//! key of a real provider is in the environment (`ANTHROPIC_API_KEY` or `OPENAI_API_KEY`): then
+//! the sidecar names that provider's model and gets the key through a Secret.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, create, kubectl, within};
 
 const PROMPT: &str = "TOOLCALL: check that the workspace has a shell, then say what you found.";
+/// The Secret (and its key) that holds a real provider's API key.
+const PROVIDER_SECRET: (&str, &str) = ("acme-llm", "api-key");
+/// Overrides the model of a real provider (`<provider>/<model>`).
+const MODEL_ENV: &str = "NUBABEL_DEMO_MODEL";
+
+/// The LLM the demo's sidecar talks to.
+#[derive(Debug, PartialEq, Eq)]
+enum DemoLlm {
+    /// The scripted fake LLM (the default).
+    Fake,
+    /// A real provider, with the API key found in the environment.
+    Provider {
+        /// OpenCode's provider id.
+        id: &'static str,
+        /// `<provider>/<model>`.
+        model: String,
+        /// The environment variable the key came from.
+        key_env: &'static str,
+        /// The API key.
+        key: String,
+    },
+}
+
+/// Picks the LLM from the environment: Anthropic's key first, then OpenAI's; empty values do
+/// not count. `NUBABEL_DEMO_MODEL` replaces the provider's default model.
+fn choose_llm(var: impl Fn(&str) -> Option<String>) -> DemoLlm {
+    const PROVIDERS: [(&str, &str, &str); 2] = [
+        (
+            "ANTHROPIC_API_KEY",
+            "anthropic",
+            "anthropic/claude-sonnet-4-5",
+        ),
+        ("OPENAI_API_KEY", "openai", "openai/gpt-4.1"),
+    ];
+    let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+    for (key_env, id, model) in PROVIDERS {
+        if let Some(key) = set(key_env) {
+            let model = set(MODEL_ENV)
+                .filter(|m| m.starts_with(&format!("{id}/")))
+                .unwrap_or_else(|| model.to_owned());
+            return DemoLlm::Provider {
+                id,
+                model,
+                key_env,
+                key,
+            };
+        }
+    }
+    DemoLlm::Fake
+}
+
+/// Points the sidecar at a real provider: its model, and its key from [`PROVIDER_SECRET`].
+fn use_provider(sidecar: &mut OpencodeSidecar, id: &str, model: &str) -> Result<()> {
+    let (name, key) = PROVIDER_SECRET;
+    sidecar.spec.model = model.to_owned();
+    sidecar.spec.small_model = None;
+    sidecar.spec.provider = Some(serde_json::from_value(serde_json::json!({
+        "id": id,
+        "apiKeySecretRef": {"name": name, "key": key},
+    }))?);
+    Ok(())
+}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -29,7 +95,31 @@ async fn demo() -> Result<()> {
     );
     let system = System::start(&env, &namespace).await?;
 
-    let sidecar = system.sidecar_manifest("acme", "org-acme", 1)?;
+    let mut sidecar = system.sidecar_manifest("acme", "org-acme", 1)?;
+    match choose_llm(|name| std::env::var(name).ok()) {
+        DemoLlm::Fake => println!(
+            "LLM: the scripted fake (set ANTHROPIC_API_KEY or OPENAI_API_KEY for a real one)"
+        ),
+        DemoLlm::Provider {
+            id,
+            model,
+            key_env,
+            key,
+        } => {
+            let (name, secret_key) = PROVIDER_SECRET;
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    ..ObjectMeta::default()
+                },
+                string_data: Some([(secret_key.to_owned(), key)].into()),
+                ..Secret::default()
+            };
+            create(&namespace.api::<Secret>(), &secret).await?;
+            use_provider(&mut sidecar, id, &model)?;
+            println!("LLM: {model}, with the key from {key_env} in Secret {name}");
+        }
+    }
     create(&namespace.api::<OpencodeSidecar>(), &sidecar).await?;
     println!(
         "applied OpencodeSidecar acme (organization org-acme, 1 replica); waiting for a ready pod"
@@ -138,4 +228,79 @@ async fn demo() -> Result<()> {
         bail!("the task ended {:?}: {:?}", status.phase, status.error);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn without_a_key_the_demo_uses_the_fake_llm() {
+        assert_eq!(choose_llm(env(&[])), DemoLlm::Fake);
+        assert_eq!(choose_llm(env(&[("OPENAI_API_KEY", "  ")])), DemoLlm::Fake);
+    }
+
+    #[test]
+    fn a_provider_key_picks_that_provider_anthropic_first() {
+        let both = env(&[("OPENAI_API_KEY", "sk-o"), ("ANTHROPIC_API_KEY", "sk-a")]);
+        assert_eq!(
+            choose_llm(both),
+            DemoLlm::Provider {
+                id: "anthropic",
+                model: "anthropic/claude-sonnet-4-5".to_owned(),
+                key_env: "ANTHROPIC_API_KEY",
+                key: "sk-a".to_owned(),
+            }
+        );
+        let openai = env(&[
+            ("OPENAI_API_KEY", "sk-o"),
+            (MODEL_ENV, "openai/gpt-4o-mini"),
+        ]);
+        assert_eq!(
+            choose_llm(openai),
+            DemoLlm::Provider {
+                id: "openai",
+                model: "openai/gpt-4o-mini".to_owned(),
+                key_env: "OPENAI_API_KEY",
+                key: "sk-o".to_owned(),
+            }
+        );
+        // A model of another provider does not override.
+        let mismatched = env(&[("OPENAI_API_KEY", "sk-o"), (MODEL_ENV, "anthropic/x")]);
+        assert!(matches!(
+            choose_llm(mismatched),
+            DemoLlm::Provider { model, .. } if model == "openai/gpt-4.1"
+        ));
+    }
+
+    #[test]
+    fn a_real_provider_replaces_the_fake_and_takes_its_key_from_the_secret() {
+        let mut sidecar: OpencodeSidecar = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nubabel.io/v1alpha1",
+            "kind": "OpencodeSidecar",
+            "metadata": {"name": "acme"},
+            "spec": {"organizationId": "org-acme", "model": "fake/fake-model",
+                     "provider": {"id": "fake", "baseURL": "http://127.0.2.1:1/v1"}}
+        }))
+        .unwrap();
+        use_provider(&mut sidecar, "anthropic", "anthropic/claude-sonnet-4-5").unwrap();
+        let spec = serde_json::to_value(&sidecar.spec).unwrap();
+        assert_eq!(spec["model"], "anthropic/claude-sonnet-4-5");
+        assert_eq!(
+            spec["provider"],
+            serde_json::json!({"id": "anthropic", "apiKeySecretRef": {"name": "acme-llm", "key": "api-key"}})
+        );
+    }
 }

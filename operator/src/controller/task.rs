@@ -9,7 +9,8 @@
 
 pub mod plan;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -50,6 +51,11 @@ const EVENT_ACTION: &str = "Reconcile";
 
 /// Clock skew tolerated when matching a prompt found in OpenCode to a dispatch attempt.
 const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// How often, and how far apart, a sent prompt is looked for in the session's messages
+/// (`prompt_async` answers before OpenCode stores the message).
+const PROMPT_LISTING_TRIES: u32 = 20;
+const PROMPT_LISTING_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Errors of one reconcile; each has a stable category for metrics and events.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +130,32 @@ pub struct Context {
     backoff: Backoff,
     /// Every task the controller sees, for load and queue order.
     tasks: Store<DelegatedTask>,
+    /// Tasks finished here whose finish the cache may not show yet.
+    just_finished: JustFinished,
+}
+
+/// The uids of tasks this operator finished recently, so a queued task woken by the finish
+/// does not count their slot as taken while the cache catches up; dropped once the cache
+/// shows the task finished.
+#[derive(Clone, Default)]
+struct JustFinished(Arc<Mutex<HashSet<String>>>);
+
+impl JustFinished {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, uid: String) {
+        self.lock().insert(uid);
+    }
+
+    fn forget(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+
+    fn snapshot(&self) -> HashSet<String> {
+        self.lock().clone()
+    }
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -223,7 +255,12 @@ pub fn error_policy(task: Arc<DelegatedTask>, error: &Error, ctx: Arc<Context>) 
     ctx.metrics.reconcile_failed(error.category());
     tracing::warn!(task = %task.name_any(), error = %error, "task reconcile failed");
     let key = task.uid().unwrap_or_else(|| task.name_any());
-    Action::requeue(ctx.backoff.next_delay(&key))
+    let delay = ctx.backoff.next_delay(&key);
+    // Backoff never carries a running task past its deadline unseen.
+    Action::requeue(match plan::deadline_left(&task, Timestamp::now()) {
+        Some(left) => delay.min(left),
+        None => delay,
+    })
 }
 
 async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
@@ -236,6 +273,9 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
 
     // Finished tasks need nothing else observed.
     let finished = phase(task).is_finished();
+    if finished && let Some(uid) = task.uid() {
+        ctx.just_finished.forget(&uid);
+    }
     let resolved = if finished {
         None
     } else {
@@ -261,17 +301,22 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         _ => Vec::new(),
     };
 
+    // Tasks this operator finished count as finished even before the cache shows it.
+    let just_finished = ctx.just_finished.snapshot();
     let others: Vec<Arc<DelegatedTask>> = ctx
         .tasks
         .state()
         .into_iter()
         .filter(|t| t.namespace().as_deref() == Some(namespace.as_str()) && t.uid() != task.uid())
+        .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
         .collect();
     let loads: Vec<PodLoad> = pods
         .iter()
         .map(|pod| PodLoad {
             name: pod.name_any(),
             ready: pod_ready(pod),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
             running_tasks: others
                 .iter()
                 .filter(|t| occupies_pod(t) == Some(pod.name_any().as_str()))
@@ -286,15 +331,18 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         t.status.as_ref().and_then(|s| s.sidecar.clone()) == sidecar_name
             || t.spec.sidecar_ref.as_ref().map(|r| r.name.clone()) == sidecar_name
     };
-    let older_task_waiting = others.iter().any(|t| {
-        phase(t) == TaskPhase::Queued
-            && same_fleet(t)
-            && is_older(t, task)
-            && matches!(
-                dispatched_condition_reason(t).as_deref(),
-                Some(reasons::NO_CAPACITY | reasons::WAITING_FOR_OLDER_TASKS)
-            )
-    });
+    let older_tasks_waiting = others
+        .iter()
+        .filter(|t| {
+            phase(t) == TaskPhase::Queued
+                && same_fleet(t)
+                && is_older(t, task)
+                && matches!(
+                    dispatched_condition_reason(t).as_deref(),
+                    Some(reasons::NO_CAPACITY | reasons::WAITING_FOR_OLDER_TASKS)
+                )
+        })
+        .count();
     let my_session = session_id(task);
     let session_busy = task.spec.session_id.is_some()
         && others.iter().any(|t| {
@@ -325,7 +373,7 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         sidecar,
         pods: &loads,
         session: location.as_ref(),
-        older_task_waiting,
+        older_tasks_waiting,
         session_busy,
         now,
     };
@@ -354,8 +402,19 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
             reason,
             message,
         } => {
-            abort(task, ctx, &pods).await;
-            finish(task, ctx, phase, reason, &message, None).await
+            // A turn that ended while no check ran (e.g. during an error backoff) is not
+            // aborted after the fact: its outcome counts.
+            let ended = phase == TaskPhase::TimedOut
+                && check(task, ctx, &pods).await.unwrap_or_else(|error| {
+                    tracing::info!(task = %task.name_any(), %error, "no last look before the deadline abort");
+                    false
+                });
+            if ended {
+                Ok(())
+            } else {
+                abort(task, ctx, &pods).await;
+                finish(task, ctx, phase, reason, &message, None).await
+            }
         }
         Step::Dispatch(target) => {
             let sidecar = resolved
@@ -363,7 +422,7 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                 .ok_or(Error::MissingMetadata("sidecar"))?;
             dispatch(task, ctx, &sidecar, &pods, target, &my_session).await
         }
-        Step::Check => check(task, ctx, &pods).await,
+        Step::Check => check(task, ctx, &pods).await.map(|_| ()),
     };
     outcome?;
     ctx.backoff.reset(&task.uid().unwrap_or_default());
@@ -482,6 +541,43 @@ async fn dispatch(
         source,
     };
 
+    // A mapped session may be gone with its pod (a restart without storage).
+    let opencode_session = match opencode_session {
+        Some(id) => match opencode.session(&id).await {
+            Ok(_) => Some(id),
+            Err(e) if e.is_not_found() && resuming => {
+                // The prompt, if it was sent, went with the session: never send it again.
+                return finish(
+                    task,
+                    ctx,
+                    TaskPhase::Failed,
+                    reasons::SIDECAR_POD_LOST,
+                    &format!(
+                        "OpenCode session {id} no longer exists on pod {pod} (the pod was \
+                         restarted without storage) while the prompt was being sent"
+                    ),
+                    None,
+                )
+                .await;
+            }
+            Err(e) if e.is_not_found() => {
+                publish(
+                    ctx,
+                    task,
+                    EventType::Normal,
+                    reasons::SESSION_LOST,
+                    format!(
+                        "OpenCode session {id} of session {session} no longer exists on pod \
+                         {pod}; starting a new one there"
+                    ),
+                )
+                .await;
+                None
+            }
+            Err(e) => return Err(fail(e)),
+        },
+        None => None,
+    };
     let opencode_session = match opencode_session {
         Some(id) => id,
         None => {
@@ -550,28 +646,55 @@ async fn dispatch(
         None
     };
 
+    // OpenCode accepted the prompt earlier but had not listed it: never send it again.
+    let accepted_before =
+        resuming && dispatched_condition_reason(task).as_deref() == Some(reasons::PROMPT_SENT);
     let message_id = match already {
         Some(id) => id,
+        None if accepted_before => {
+            tracing::debug!(task = %task.name_any(), "the accepted prompt is not listed yet");
+            return Ok(());
+        }
         None => {
             let mut request = PromptRequest::text(task.spec.prompt.clone());
             if let Some(agent) = &task.spec.agent {
                 request = request.with_agent(agent.clone());
             }
             let sent = opencode.prompt_async(&opencode_session, &request).await;
-            // Success or not, the session's messages say whether OpenCode has the prompt.
-            let after = opencode
-                .messages(&opencode_session, None)
-                .await
-                .map_err(fail)?;
-            let found = prompt_messages(&after, &task.spec.prompt)
-                .into_iter()
-                .find(|m| !known.contains(&m.info.id))
-                .map(|m| m.info.id.clone());
+            // Success or not, the session's messages say whether OpenCode has the prompt;
+            // `prompt_async` answers before the message is stored, so look a few times.
+            let mut found = None;
+            for _ in 0..PROMPT_LISTING_TRIES {
+                let after = opencode
+                    .messages(&opencode_session, None)
+                    .await
+                    .map_err(fail)?;
+                found = prompt_messages(&after, &task.spec.prompt)
+                    .into_iter()
+                    .find(|m| !known.contains(&m.info.id))
+                    .map(|m| m.info.id.clone());
+                if found.is_some() {
+                    break;
+                }
+                tokio::time::sleep(PROMPT_LISTING_INTERVAL).await;
+            }
             match (found, sent) {
                 (Some(id), _) => id,
                 (None, Err(source)) => return Err(fail(source)),
                 (None, Ok(())) => {
-                    // Accepted but not listed yet: the next reconcile resumes and finds it.
+                    // Accepted but not listed yet: record that, so no reconcile sends it again.
+                    set(
+                        &mut status,
+                        task,
+                        types::DISPATCHED,
+                        cstatus::UNKNOWN,
+                        reasons::PROMPT_SENT,
+                        format!(
+                            "OpenCode session {opencode_session} on pod {pod} accepted the prompt; \
+                             waiting for it to be listed"
+                        ),
+                    );
+                    write_status(task, ctx, status).await?;
                     return Ok(());
                 }
             }
@@ -609,14 +732,14 @@ async fn dispatch(
     Ok(())
 }
 
-/// Looks at OpenCode: a finished turn ends the task.
-async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), Error> {
+/// Looks at OpenCode: a finished turn ends the task. True when it did.
+async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<bool, Error> {
     let status = task.status.clone().unwrap_or_default();
     let (Some(pod), Some(session)) = (
         status.sidecar_pod.clone(),
         status.opencode_session_id.clone(),
     ) else {
-        return Ok(());
+        return Ok(false);
     };
     let opencode = opencode_for(ctx, task, pods, &pod).await?;
     let fail = |source| Error::Opencode {
@@ -629,7 +752,7 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
         .map_err(fail)?
         .contains_key(&session);
     if busy {
-        return Ok(());
+        return Ok(false);
     }
     let messages = match opencode.messages(&session, None).await {
         Ok(messages) => messages,
@@ -639,18 +762,22 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
                 ctx,
                 TaskPhase::Failed,
                 reasons::SIDECAR_POD_LOST,
-                &format!("OpenCode session {session} no longer exists on pod {pod}"),
+                &format!(
+                    "OpenCode session {session} no longer exists on pod {pod}: the pod was \
+                     restarted and the turn went with it"
+                ),
                 None,
             )
-            .await;
+            .await
+            .map(|()| true);
         }
         Err(e) => return Err(fail(e)),
     };
     let Some(prompt_id) = status.prompt_message_id.as_deref() else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(start) = messages.iter().position(|m| m.info.id == prompt_id) else {
-        return Ok(());
+        return Ok(false);
     };
     let answers: Vec<MessageWithParts> = messages[start + 1..]
         .iter()
@@ -658,7 +785,7 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
         .cloned()
         .collect();
     let Some(last) = answers.last() else {
-        return Ok(());
+        return Ok(false);
     };
     if let Some(error) = &last.info.error {
         let message = error.message().unwrap_or("the agent failed").to_owned();
@@ -670,12 +797,13 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
             &message,
             None,
         )
-        .await;
+        .await
+        .map(|()| true);
     }
     let done =
         last.info.time.completed.is_some() && last.info.finish.as_deref() != Some("tool-calls");
     if !done {
-        return Ok(());
+        return Ok(false);
     }
     let output = nubabel_opencode::final_assistant_text(&answers).unwrap_or_default();
     finish(
@@ -687,6 +815,7 @@ async fn check(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) -> Result<(), 
         Some(output),
     )
     .await
+    .map(|()| true)
 }
 
 async fn abort(task: &DelegatedTask, ctx: &Context, pods: &[Pod]) {
@@ -791,6 +920,9 @@ async fn finish(
         .await?;
     }
     write_status(task, ctx, status).await?;
+    if let Some(uid) = task.uid() {
+        ctx.just_finished.insert(uid);
+    }
     let type_ = if matches!(phase, TaskPhase::Succeeded | TaskPhase::Cancelled) {
         EventType::Normal
     } else {
@@ -916,12 +1048,33 @@ pub async fn run(
             .map(|t| ObjectRef::from_obj(t.as_ref()))
             .collect::<Vec<ObjectRef<DelegatedTask>>>()
     });
+    // A task that finishes frees a slot: wake the queued tasks of its namespace at once
+    // instead of at their next recheck (finished tasks rarely change again, so this is about
+    // one wake per finish; wakes of one task coalesce in the controller's queue).
+    let queue_store = store.clone();
+    let controller = controller.watches(
+        shared.watched::<DelegatedTask>(),
+        watcher::Config::default(),
+        move |finished: DelegatedTask| {
+            if !phase(&finished).is_finished() {
+                return Vec::new();
+            }
+            let namespace = finished.namespace();
+            queue_store
+                .state()
+                .iter()
+                .filter(|t| t.namespace() == namespace && phase(t) == TaskPhase::Queued)
+                .map(|t| ObjectRef::from_obj(t.as_ref()))
+                .collect::<Vec<ObjectRef<DelegatedTask>>>()
+        },
+    );
     let ctx = Arc::new(Context {
         metrics: shared.metrics.controller(CONTROLLER_NAME),
         mappings: SessionMappings::new(pool.clone()),
         pool,
         backoff: Backoff::default(),
         tasks: store,
+        just_finished: JustFinished::default(),
         shared,
     });
     controller

@@ -37,6 +37,9 @@ pub mod reasons {
     pub const DISPATCHING: &str = "Dispatching";
     /// OpenCode accepted the prompt.
     pub const PROMPT_ACCEPTED: &str = "PromptAccepted";
+    /// OpenCode accepted the prompt but has not listed it in the session yet; it is never sent
+    /// again.
+    pub const PROMPT_SENT: &str = "PromptSent";
     /// The agent finished.
     pub const COMPLETED: &str = "Completed";
     /// The task ran past `timeoutSeconds`.
@@ -47,6 +50,9 @@ pub mod reasons {
     pub const CANCELLED: &str = "Cancelled";
     /// The pod that ran the task is gone, and with it the turn.
     pub const SIDECAR_POD_LOST: &str = "SidecarPodLost";
+    /// The session's OpenCode session is gone (its pod restarted without storage); the turn
+    /// starts a new one.
+    pub const SESSION_LOST: &str = "SessionLost";
 }
 
 /// A pod of the task's fleet as the planner sees it.
@@ -58,6 +64,10 @@ pub struct PodLoad {
     pub ready: bool,
     /// Tasks it is running now.
     pub running_tasks: i32,
+    /// Whether it is being deleted (its processes are stopping).
+    pub terminating: bool,
+    /// When this pod (this incarnation of the name) was created.
+    pub created: Option<Timestamp>,
 }
 
 /// Where a Nubabel session lives, from the data layer.
@@ -91,9 +101,9 @@ pub struct Observed<'a> {
     pub pods: &'a [PodLoad],
     /// Where the task's session lives, when it has lived anywhere.
     pub session: Option<&'a SessionLocation>,
-    /// Whether an older unfinished task of the same fleet waits for capacity (first come,
-    /// first served per tenant).
-    pub older_task_waiting: bool,
+    /// How many older tasks of the same fleet wait for capacity (first come, first served per
+    /// tenant: a task takes a slot only when they cannot all have one).
+    pub older_tasks_waiting: usize,
     /// Whether another task of the same session is running.
     pub session_busy: bool,
     /// Now.
@@ -227,18 +237,36 @@ pub fn plan(observed: &Observed<'_>) -> Step {
                 ),
             };
         }
-        let pod_alive = status
-            .sidecar_pod
-            .as_ref()
-            .is_some_and(|pod| observed.pods.iter().any(|p| &p.name == pod));
-        if !pod_alive {
+        let pod_name = status.sidecar_pod.as_deref().unwrap_or("?");
+        let pod = observed.pods.iter().find(|p| p.name == pod_name);
+        let lost = match pod {
+            None => Some(format!("sidecar pod {pod_name} is gone")),
+            Some(p) if p.terminating => Some(format!("sidecar pod {pod_name} is being deleted")),
+            // A StatefulSet recreates a pod under the same name: a pod younger than the
+            // dispatch is not the one that had the prompt.
+            Some(p)
+                if p.created
+                    .is_some_and(|c| c.as_second() > dispatched.0.as_second()) =>
+            {
+                Some(format!("sidecar pod {pod_name} was replaced"))
+            }
+            Some(_) => None,
+        };
+        if let Some(what) = lost {
+            let storage = match observed.sidecar {
+                Resolved::Sidecar(sidecar) if sidecar.spec.storage.is_some() => {
+                    "; the session is kept on its storage, but the turn in flight was \
+                     interrupted: send a new task with the same sessionId to continue"
+                }
+                _ => {
+                    " and the turn went with it (the fleet has no storage, so its sessions \
+                      lived on an emptyDir)"
+                }
+            };
             return Step::Finish {
                 phase: TaskPhase::Failed,
                 reason: reasons::SIDECAR_POD_LOST,
-                message: format!(
-                    "sidecar pod {} is gone; the turn was lost with it",
-                    status.sidecar_pod.as_deref().unwrap_or("?")
-                ),
+                message: format!("{what}{storage}"),
             };
         }
         return Step::Check;
@@ -314,10 +342,23 @@ pub fn plan(observed: &Observed<'_>) -> Step {
             message: "another task of this session is still running".to_owned(),
         };
     }
-    if observed.older_task_waiting {
+    let capacity = sidecar
+        .spec
+        .max_sessions_per_pod
+        .unwrap_or(DEFAULT_MAX_SESSIONS_PER_POD);
+    let free_slots: usize = observed
+        .pods
+        .iter()
+        .filter(|p| p.ready)
+        .map(|p| usize::try_from(capacity - p.running_tasks).unwrap_or(0))
+        .sum();
+    if observed.older_tasks_waiting > 0 && observed.older_tasks_waiting >= free_slots {
         return Step::Queue {
             reason: reasons::WAITING_FOR_OLDER_TASKS,
-            message: "older tasks of this organization wait for capacity first".to_owned(),
+            message: format!(
+                "{} older task(s) of this organization wait for the {free_slots} free slot(s) first",
+                observed.older_tasks_waiting
+            ),
         };
     }
 
@@ -331,10 +372,6 @@ pub fn plan(observed: &Observed<'_>) -> Step {
         return Step::Dispatch(Target::Existing(location.clone()));
     }
 
-    let capacity = sidecar
-        .spec
-        .max_sessions_per_pod
-        .unwrap_or(DEFAULT_MAX_SESSIONS_PER_POD);
     let least_loaded = observed
         .pods
         .iter()
@@ -360,6 +397,13 @@ pub fn plan(observed: &Observed<'_>) -> Step {
     }
 }
 
+/// Time left until a dispatched task's deadline (at least a second), `None` before dispatch.
+pub fn deadline_left(task: &DelegatedTask, now: Timestamp) -> Option<Duration> {
+    let dispatched = task.status.as_ref()?.dispatch_time.as_ref()?;
+    let left = task.spec.timeout_seconds - seconds_since(dispatched, now);
+    Some(Duration::from_secs(left.max(1).unsigned_abs()))
+}
+
 /// When a task in `step` should be looked at again at the latest.
 pub fn requeue_after(task: &DelegatedTask, step: &Step, now: Timestamp) -> Option<Duration> {
     match step {
@@ -374,18 +418,7 @@ pub fn requeue_after(task: &DelegatedTask, step: &Step, now: Timestamp) -> Optio
             Some(pending_left.map_or(QUEUED_RECHECK, |left| left.min(QUEUED_RECHECK)))
         }
         Step::Check | Step::Dispatch(_) => {
-            let deadline_left = task
-                .status
-                .as_ref()
-                .and_then(|s| s.dispatch_time.as_ref())
-                .map(|d| {
-                    Duration::from_secs(
-                        (task.spec.timeout_seconds - seconds_since(d, now))
-                            .max(1)
-                            .unsigned_abs(),
-                    )
-                });
-            Some(deadline_left.map_or(RUNNING_RECHECK, |left| left.min(RUNNING_RECHECK)))
+            Some(deadline_left(task, now).map_or(RUNNING_RECHECK, |left| left.min(RUNNING_RECHECK)))
         }
         Step::Abort { .. } | Step::Finish { .. } | Step::Delete => None,
     }
@@ -440,6 +473,8 @@ mod tests {
             name: name.to_owned(),
             ready,
             running_tasks: running,
+            terminating: false,
+            created: Some(at(-100)),
         }
     }
 
@@ -453,7 +488,7 @@ mod tests {
             sidecar: Resolved::Sidecar(sidecar),
             pods,
             session: None,
-            older_task_waiting: false,
+            older_tasks_waiting: 0,
             session_busy: false,
             now: at(10),
         }
@@ -538,11 +573,12 @@ mod tests {
     }
 
     #[test]
-    fn a_younger_task_waits_behind_an_older_queued_one() {
+    fn a_younger_task_waits_while_older_queued_ones_need_every_free_slot() {
         let (task, fleet) = (task(), sidecar("org-a"));
-        let pods = [pod("fleet-0", true, 0)];
+        // Two slots free (capacity 2), two older tasks waiting: they go first.
+        let pods = [pod("fleet-0", true, 0), pod("fleet-1", true, 2)];
         let observed = Observed {
-            older_task_waiting: true,
+            older_tasks_waiting: 2,
             ..observe(&task, &fleet, &pods)
         };
         assert!(matches!(
@@ -552,6 +588,17 @@ mod tests {
                 ..
             }
         ));
+        // One older task waiting and two free slots: there is room for both at once.
+        let observed = Observed {
+            older_tasks_waiting: 1,
+            ..observe(&task, &fleet, &pods)
+        };
+        assert_eq!(
+            plan(&observed),
+            Step::Dispatch(Target::NewSession {
+                pod: "fleet-0".to_owned()
+            })
+        );
     }
 
     #[test]
@@ -653,6 +700,15 @@ mod tests {
     }
 
     #[test]
+    fn error_backoff_is_capped_at_the_time_left_before_the_deadline() {
+        let mut task = running(task(), 0);
+        task.spec.timeout_seconds = 30;
+        assert_eq!(deadline_left(&task, at(10)), Some(Duration::from_secs(20)));
+        assert_eq!(deadline_left(&task, at(40)), Some(Duration::from_secs(1)));
+        assert_eq!(deadline_left(&super::tests::task(), at(10)), None);
+    }
+
+    #[test]
     fn cancelling_a_running_task_aborts_it_and_a_queued_one_just_ends() {
         let fleet = sidecar("org-a");
         let pods = [pod("fleet-0", true, 1)];
@@ -689,6 +745,39 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_running_task_whose_pod_is_deleted_or_replaced_fails_saying_which() {
+        let task = running(task(), 5);
+        let fleet = sidecar("org-a");
+        let deleting = [PodLoad {
+            terminating: true,
+            ..pod("fleet-0", false, 1)
+        }];
+        let replaced = [PodLoad {
+            created: Some(at(7)),
+            ..pod("fleet-0", true, 0)
+        }];
+        for (pods, what) in [(&deleting, "is being deleted"), (&replaced, "was replaced")] {
+            match plan(&observe(&task, &fleet, pods)) {
+                Step::Finish {
+                    phase: TaskPhase::Failed,
+                    reason: reasons::SIDECAR_POD_LOST,
+                    message,
+                } => {
+                    assert!(message.contains(what), "{message}");
+                    assert!(message.contains("no storage"), "{message}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The same pod, created before the dispatch, keeps the task running.
+        let same = [PodLoad {
+            created: Some(at(5)),
+            ..pod("fleet-0", true, 1)
+        }];
+        assert_eq!(plan(&observe(&task, &fleet, &same)), Step::Check);
     }
 
     #[test]
