@@ -4,8 +4,8 @@
 //! from the handler's `#[utoipa::path]`, so the document cannot list a route the router does
 //! not serve or miss one it does. `docs/openapi.json` is a committed copy, checked by a test.
 
-pub mod delegate;
 pub mod connections;
+pub mod delegate;
 pub mod health;
 pub mod invoke;
 pub mod mcp;

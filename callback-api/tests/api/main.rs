@@ -6,8 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod callbacks;
-mod delegate;
 mod connections;
+mod delegate;
 mod egress;
 mod helpers;
 mod mappings;
