@@ -175,6 +175,19 @@ pub fn prompt_may_be_sent(task: &DelegatedTask) -> bool {
     })
 }
 
+/// When sending began, for a task whose prompt OpenCode accepted but has not listed yet.
+fn prompt_sent_since(
+    task: &DelegatedTask,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    task.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == nubabel_crds::conditions::types::DISPATCHED)
+        .filter(|c| c.reason == reasons::PROMPT_SENT)
+        .map(|c| &c.last_transition_time)
+}
+
 fn seconds_since(
     then: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     now: Timestamp,
@@ -315,6 +328,20 @@ pub fn plan(observed: &Observed<'_>) -> Step {
     }
 
     if sent {
+        // OpenCode took the prompt but never listed it: it is never sent again, so without a
+        // deadline of its own such a task would wait forever. Count from when sending began.
+        if let Some(since) = prompt_sent_since(task)
+            && seconds_since(since, now) >= task.spec.timeout_seconds
+        {
+            return Step::Abort {
+                phase: TaskPhase::TimedOut,
+                reason: reasons::DEADLINE_EXCEEDED,
+                message: format!(
+                    "OpenCode accepted the prompt but did not list it within timeoutSeconds ({} s)",
+                    task.spec.timeout_seconds
+                ),
+            };
+        }
         // Interrupted between choosing a session and recording the dispatch: finish it on the
         // same session and pod, where the prompt may already be.
         if let (Some(session), Some(pod)) = (&status.opencode_session_id, &status.sidecar_pod) {
@@ -503,6 +530,44 @@ mod tests {
             ..DelegatedTaskStatus::default()
         });
         task
+    }
+
+    #[test]
+    fn a_prompt_accepted_but_never_listed_times_out_at_the_deadline() {
+        let (mut task, fleet) = (task(), sidecar("org-a"));
+        task.spec.timeout_seconds = 30;
+        let mut status = DelegatedTaskStatus {
+            sidecar_pod: Some("fleet-0".to_owned()),
+            opencode_session_id: Some("ses_1".to_owned()),
+            ..DelegatedTaskStatus::default()
+        };
+        status
+            .conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Dispatched".to_owned(),
+                status: "Unknown".to_owned(),
+                reason: reasons::PROMPT_SENT.to_owned(),
+                message: "accepted".to_owned(),
+                last_transition_time: time(5),
+                observed_generation: None,
+            });
+        task.status = Some(status);
+        let pods = [pod("fleet-0", true, 1)];
+        let mut observed = observe(&task, &fleet, &pods);
+        observed.now = at(34);
+        assert!(matches!(
+            plan(&observed),
+            Step::Dispatch(Target::Existing(_))
+        ));
+        observed.now = at(35);
+        assert!(matches!(
+            plan(&observed),
+            Step::Abort {
+                phase: TaskPhase::TimedOut,
+                reason: reasons::DEADLINE_EXCEEDED,
+                ..
+            }
+        ));
     }
 
     #[test]
