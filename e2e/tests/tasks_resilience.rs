@@ -242,15 +242,27 @@ async fn deleting_a_running_task_aborts_its_agent_before_the_task_goes() -> Resu
             )
             .await
             .with_context(|| system.diagnostics())?;
-            // The finalizer aborted the turn before it let the task go: no waiting for 60 tokens.
+            // The finalizer aborted the turn before it let the task go: the session is idle
+            // within 30 s, where the slow answer alone takes 60.
             await_session_not_busy(&opencode, &session).await?;
             let messages = opencode.messages(&session, None).await?;
-            let last = messages.last().context("no messages")?;
-            assert_eq!(
-                last.info.error.as_ref().map(|e| e.name.as_str()),
-                Some("MessageAbortedError"),
-                "the turn ended by the abort"
+            // No reply finished; one cut mid-answer carries MessageAbortedError (an abort
+            // before OpenCode began the reply, as on a loaded machine, leaves none or one
+            // without an error).
+            assert!(
+                messages
+                    .iter()
+                    .all(|m| m.info.finish.as_deref() != Some("stop")),
+                "a reply finished despite the abort"
             );
+            for reply in messages.iter().filter(|m| m.info.role == Role::Assistant) {
+                if let Some(error) = &reply.info.error {
+                    assert_eq!(
+                        error.name, "MessageAbortedError",
+                        "the turn ended by the abort"
+                    );
+                }
+            }
             let note = await_event(namespace, "doomed", "Normal", "Cancelled").await?;
             assert!(note.contains("deleted task"), "{note}");
             Ok(())
