@@ -263,6 +263,7 @@ async fn main() -> Result<()> {
         .env("NUBABEL_SIGNING_MASTER_KEY", MASTER_KEY)
         .env("NUBABEL_STREAM_TOKEN_KEY", STREAM_KEY)
         .env("NUBABEL_STATUS_MIRROR", "false")
+        .env("NUBABEL_DELEGATE_API", "false")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
