@@ -568,6 +568,23 @@ impl System {
         pod_log_tails(self.run_dir.path(), lines)
     }
 
+    /// Waits until sidecar `name` in this namespace has `replicas` ready pods.
+    pub async fn await_fleet_ready(&self, name: &str, replicas: i32) -> Result<()> {
+        crate::testing::await_condition(
+            &Api::<OpencodeSidecar>::namespaced(self.env.client.clone(), &self.namespace),
+            name,
+            "the sidecar fleet to be ready",
+            move |s: Option<&OpencodeSidecar>| {
+                s.and_then(|s| s.status.as_ref())
+                    .is_some_and(|s| s.ready_replicas == replicas)
+            },
+            Duration::from_secs(120),
+        )
+        .await
+        .with_context(|| self.diagnostics())?;
+        Ok(())
+    }
+
     /// Everything worth reading when a test fails: the operator's log and the pods' logs.
     pub fn diagnostics(&self) -> String {
         format!(

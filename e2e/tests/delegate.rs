@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_data::{api_tokens, identity::OrganizationId};
 use nubabel_e2e::fake_llm::TOOL_OUTPUT;
 use nubabel_e2e::opencode_server::FAKE_MODEL;
@@ -28,18 +28,7 @@ async fn delegate_waits_for_the_answer_and_the_same_session_continues_the_conver
             &system.sidecar_manifest("fleet", "org-d", 1)?,
         )
         .await?;
-        await_condition(
-            &namespace.api::<OpencodeSidecar>(),
-            "fleet",
-            "the sidecar fleet to be ready",
-            |s: Option<&OpencodeSidecar>| {
-                s.and_then(|s| s.status.as_ref())
-                    .is_some_and(|s| s.ready_replicas == 1)
-            },
-            Duration::from_secs(120),
-        )
-        .await
-        .with_context(|| system.diagnostics())?;
+        system.await_fleet_ready("fleet", 1).await?;
         let token = api_tokens::issue(
             system.db(),
             &OrganizationId::parse("org-d")?,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::fake_llm::TOOL_RESULT_PREFIX;
 use nubabel_e2e::mcp_upstream::McpUpstream;
 use nubabel_e2e::node_shim::HOST_IP;
@@ -30,18 +30,7 @@ async fn a_task_calls_a_tenant_tool_through_the_gateway_with_the_tenants_token()
             .register_mcp_connection("org-a", "alpha", &upstream.url(), TENANT_TOKEN)
             .await?;
         create(&namespace.api(), &system.sidecar_manifest("fleet", "org-a", 1)?).await?;
-        await_condition(
-            &namespace.api::<OpencodeSidecar>(),
-            "fleet",
-            "the sidecar fleet to be ready",
-            |s: Option<&OpencodeSidecar>| {
-                s.and_then(|s| s.status.as_ref())
-                    .is_some_and(|s| s.ready_replicas == 1)
-            },
-            Duration::from_secs(120),
-        )
-        .await
-        .with_context(|| system.diagnostics())?;
+        system.await_fleet_ready("fleet", 1).await?;
 
         // OpenCode names the gateway's tools `nubabel_<provider>_<tool>`.
         let prompt = r#"MCPCALL:nubabel_alpha_echo:{"text": "from-the-e2e-task"}"#;

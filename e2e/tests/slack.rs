@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kube::api::ListParams;
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::fake_llm::TOOL_OUTPUT;
 use nubabel_e2e::fake_slack::{FakeSlack, SlackCall, message_event, signed_headers};
 use nubabel_e2e::system::System;
@@ -100,18 +100,7 @@ async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_c
             &system.sidecar_manifest("fleet", "org-s", 1)?,
         )
         .await?;
-        await_condition(
-            &namespace.api::<OpencodeSidecar>(),
-            "fleet",
-            "the sidecar fleet to be ready",
-            |s: Option<&OpencodeSidecar>| {
-                s.and_then(|s| s.status.as_ref())
-                    .is_some_and(|s| s.ready_replicas == 1)
-            },
-            Duration::from_secs(120),
-        )
-        .await
-        .with_context(|| system.diagnostics())?;
+        system.await_fleet_ready("fleet", 1).await?;
         let http = reqwest::Client::new();
         let tasks = namespace.api::<DelegatedTask>();
         let thread = "1800000000.000100";

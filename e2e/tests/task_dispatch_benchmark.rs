@@ -12,7 +12,7 @@ use kube::api::ListParams;
 use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, create, within};
-use task_support::{await_fleet_ready, task};
+use task_support::task;
 
 mod task_support;
 
@@ -68,7 +68,7 @@ async fn benchmark_task_dispatch_latency_and_throughput() -> Result<()> {
         let mut sidecar = system.sidecar_manifest("fleet", "org-bench", pods)?;
         sidecar.spec.max_sessions_per_pod = Some(slots);
         create(&namespace.api(), &sidecar).await?;
-        await_fleet_ready(&system, &namespace, "fleet", pods).await?;
+        system.await_fleet_ready("fleet", pods).await?;
         let tasks = namespace.api::<DelegatedTask>();
 
         // Warm up each pod (first prompts load OpenCode's provider and agent code).

@@ -10,7 +10,7 @@ use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, await_condition, create, within};
 use serde_json::json;
-use task_support::{await_fleet_ready, await_phase, task};
+use task_support::{await_phase, task};
 
 mod task_support;
 
@@ -27,7 +27,7 @@ async fn a_task_runs_on_real_opencode_and_a_second_turn_continues_its_session() 
             &system.sidecar_manifest("fleet", "org-a", 1)?,
         )
         .await?;
-        await_fleet_ready(&system, &namespace, "fleet", 1).await?;
+        system.await_fleet_ready("fleet", 1).await?;
         let tasks = namespace.api::<DelegatedTask>();
 
         // Turn one: a tool call, then the answer.
@@ -187,7 +187,7 @@ async fn failures_end_tasks_with_a_reason_and_stop_the_agent() -> Result<()> {
             "OrganizationMismatch"
         );
 
-        await_fleet_ready(&system, &namespace, "fleet", 1).await?;
+        system.await_fleet_ready("fleet", 1).await?;
 
         // The LLM refuses the request: Failed with OpenCode's error name.
         create(

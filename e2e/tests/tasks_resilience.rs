@@ -12,7 +12,7 @@ use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, await_condition, create, within};
 use nubabel_opencode::{MessageWithParts, OpencodeClient, Part, Role};
-use task_support::{await_event, await_fleet_ready, await_phase, await_running, task};
+use task_support::{await_event, await_phase, await_running, task};
 
 mod task_support;
 
@@ -96,8 +96,8 @@ async fn tenants_share_a_namespace_but_never_pods_sessions_or_events() -> Result
                 &system.sidecar_manifest("fleet-b", "org-b", 1)?,
             )
             .await?;
-            await_fleet_ready(system, namespace, "fleet-a", 1).await?;
-            await_fleet_ready(system, namespace, "fleet-b", 1).await?;
+            system.await_fleet_ready("fleet-a", 1).await?;
+            system.await_fleet_ready("fleet-b", 1).await?;
             let tasks = namespace.api::<DelegatedTask>();
 
             // Named or resolved by organization, each tenant's tasks land on its own fleet.
@@ -207,7 +207,7 @@ async fn deleting_a_running_task_aborts_its_agent_before_the_task_goes() -> Resu
                 &system.sidecar_manifest("fleet", "org-d", 1)?,
             )
             .await?;
-            await_fleet_ready(system, namespace, "fleet", 1).await?;
+            system.await_fleet_ready("fleet", 1).await?;
             let tasks = namespace.api::<DelegatedTask>();
             create(
                 &tasks,
@@ -282,7 +282,7 @@ async fn an_operator_killed_mid_task_neither_loses_nor_repeats_the_prompt() -> R
                 &system.sidecar_manifest("fleet", "org-r", 1)?,
             )
             .await?;
-            await_fleet_ready(system, namespace, "fleet", 1).await?;
+            system.await_fleet_ready("fleet", 1).await?;
             let tasks = namespace.api::<DelegatedTask>();
 
             // Killed while the agent works; back before it finishes.
@@ -360,7 +360,7 @@ async fn a_sidecar_pod_killed_mid_task_fails_the_task_and_the_session_starts_ane
                 &system.sidecar_manifest("fleet", "org-k", 1)?,
             )
             .await?;
-            await_fleet_ready(system, namespace, "fleet", 1).await?;
+            system.await_fleet_ready("fleet", 1).await?;
             let tasks = namespace.api::<DelegatedTask>();
             create(
                 &tasks,
@@ -401,7 +401,7 @@ async fn a_sidecar_pod_killed_mid_task_fails_the_task_and_the_session_starts_ane
             )
             .await
             .with_context(|| system.diagnostics())?;
-            await_fleet_ready(system, namespace, "fleet", 1).await?;
+            system.await_fleet_ready("fleet", 1).await?;
             create(
                 &tasks,
                 &task(

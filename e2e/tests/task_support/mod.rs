@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestNamespace, await_condition};
 use serde_json::json;
@@ -89,28 +89,6 @@ pub async fn await_running(
     .await
     .with_context(|| system.diagnostics())?
     .context("the task disappeared")
-}
-
-/// Waits until sidecar `name` has `replicas` ready pods.
-pub async fn await_fleet_ready(
-    system: &System,
-    namespace: &TestNamespace,
-    name: &str,
-    replicas: i32,
-) -> Result<()> {
-    await_condition(
-        &namespace.api::<OpencodeSidecar>(),
-        name,
-        "the sidecar fleet to be ready",
-        move |s: Option<&OpencodeSidecar>| {
-            s.and_then(|s| s.status.as_ref())
-                .is_some_and(|s| s.ready_replicas == replicas)
-        },
-        Duration::from_secs(120),
-    )
-    .await
-    .with_context(|| system.diagnostics())?;
-    Ok(())
 }
 
 /// Waits for an event of `type_` and `reason` about object `name`; returns its note.
