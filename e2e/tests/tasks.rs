@@ -256,3 +256,75 @@ async fn failures_end_tasks_with_a_reason_and_stop_the_agent() -> Result<()> {
     system.shutdown().await?;
     namespace.delete().await
 }
+
+#[tokio::test]
+async fn tasks_created_together_never_overfill_a_pod() -> Result<()> {
+    let env = TestEnv::from_env().await?;
+    let namespace = TestNamespace::create(&env.client, "tasks-capacity").await?;
+    let system = System::start(&env, &namespace).await?;
+    within(LIMIT, "running three tasks on a pod with one slot", async {
+        let mut sidecar = system.sidecar_manifest("fleet", "org-c", 1)?;
+        sidecar.spec.max_sessions_per_pod = Some(1);
+        create(&namespace.api(), &sidecar).await?;
+        system.await_fleet_ready("fleet", 1).await?;
+        let tasks = namespace.api::<DelegatedTask>();
+
+        // Three tasks at once: the operator reconciles them concurrently, each before the
+        // others' placements come back through the watch.
+        let names = ["first", "second", "third"];
+        let manifests: Vec<DelegatedTask> = names
+            .iter()
+            .map(|name| {
+                task(
+                    name,
+                    "org-c",
+                    Some("fleet"),
+                    None,
+                    &format!("SLOW:3 marker-{name}"),
+                )
+            })
+            .collect();
+        futures::future::try_join_all(manifests.iter().map(|manifest| create(&tasks, manifest)))
+            .await?;
+
+        // At no moment do two unfinished tasks hold the pod's one slot.
+        let deadline = std::time::Instant::now() + Duration::from_secs(150);
+        let mut finished = 0;
+        while finished < names.len() {
+            let listed = tasks.list(&Default::default()).await?.items;
+            let holding: Vec<String> = listed
+                .iter()
+                .filter(|t| {
+                    let status = t.status.clone().unwrap_or_default();
+                    status.sidecar_pod.is_some()
+                        && !status.phase.is_some_and(TaskPhase::is_finished)
+                })
+                .map(kube::ResourceExt::name_any)
+                .collect();
+            assert!(
+                holding.len() <= 1,
+                "{holding:?} hold the one slot at once\n{}",
+                system.diagnostics()
+            );
+            finished = listed
+                .iter()
+                .filter(|t| task_support::phase_of(Some(t)).is_some_and(TaskPhase::is_finished))
+                .count();
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{finished} of 3 tasks finished\n{}",
+                system.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for name in names {
+            let done = await_phase(&tasks, name, TaskPhase::Succeeded, &system).await?;
+            let output = done.status.unwrap().output.unwrap_or_default();
+            assert!(output.contains("slow-2"), "{name}: {output}");
+        }
+        Ok(())
+    })
+    .await?;
+    system.shutdown().await?;
+    namespace.delete().await
+}

@@ -18,4 +18,5 @@ pub use types::{
     Health, MessageError, MessageInfo, MessageWithParts, ModelRef, Part, PartInput,
     PermissionRequest, PromptRequest, QuestionRequest, Role, Session, SessionError, SessionStatus,
     TextPart, ToolPart, ToolState, ToolStatus, final_assistant_text, last_assistant_error,
+    user_prompts,
 };

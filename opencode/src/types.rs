@@ -449,6 +449,28 @@ pub fn final_assistant_text(messages: &[MessageWithParts]) -> Option<String> {
     (!texts.is_empty()).then(|| texts.join("\n"))
 }
 
+/// The user messages whose text (their text parts, joined by newlines) is exactly `prompt`: where
+/// a prompt sent to a session shows up in its messages.
+pub fn user_prompts<'a>(
+    messages: &'a [MessageWithParts],
+    prompt: &'a str,
+) -> impl Iterator<Item = &'a MessageWithParts> {
+    messages
+        .iter()
+        .filter(|message| message.info.role == Role::User)
+        .filter(move |message| {
+            let texts: Vec<&str> = message
+                .parts
+                .iter()
+                .filter_map(|part| match part {
+                    Part::Text(text) => Some(text.text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            texts.join("\n") == prompt
+        })
+}
+
 /// The error of the last assistant message, if it failed.
 pub fn last_assistant_error(messages: &[MessageWithParts]) -> Option<&MessageError> {
     messages

@@ -9,7 +9,7 @@
 
 pub mod plan;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +56,9 @@ const CLOCK_SKEW: Duration = Duration::from_secs(5);
 /// (`prompt_async` answers before OpenCode stores the message).
 const PROMPT_LISTING_TRIES: u32 = 20;
 const PROMPT_LISTING_INTERVAL: Duration = Duration::from_millis(250);
+/// When a slot chosen for a task was taken by another task placed meanwhile, how soon the task
+/// is planned again.
+const PLACEMENT_RETRY: Duration = Duration::from_millis(500);
 
 /// Errors of one reconcile; each has a stable category for metrics and events.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +135,69 @@ pub struct Context {
     tasks: Store<DelegatedTask>,
     /// Tasks finished here whose finish the cache may not show yet.
     just_finished: JustFinished,
+    /// Pods this operator sent tasks to, which the cache may not show yet.
+    placements: Placements,
+}
+
+/// The other unfinished tasks of a namespace, by uid, each with the pod the cache shows it on.
+type Live = HashMap<String, Option<String>>;
+
+/// The pod each task is placed on by this operator, by task uid, from the moment it is chosen
+/// until the task finishes or goes back to the queue. Load comes from the cache, which shows a
+/// placement only after its status write comes back through the watch, and tasks reconcile
+/// concurrently: without this ledger, tasks created together all see the same pod free and
+/// overfill it. Only the leader reconciles, so the ledger is the one place placements are
+/// decided; after a restart the cache has every status written before.
+#[derive(Clone, Default)]
+struct Placements(Arc<Mutex<HashMap<String, (String, String)>>>);
+
+impl Placements {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tasks of `live` (uid → the pod the cache shows it on, if any) on pod `namespace/pod`,
+    /// by the cache or by this ledger.
+    fn occupants(
+        placements: &HashMap<String, (String, String)>,
+        live: &Live,
+        namespace: &str,
+        pod: &str,
+    ) -> usize {
+        live.iter()
+            .filter(|(uid, cached)| {
+                cached.as_deref() == Some(pod)
+                    || placements
+                        .get(*uid)
+                        .is_some_and(|(ns, placed)| ns == namespace && placed == pod)
+            })
+            .count()
+    }
+
+    /// Places task `uid` on `namespace/pod` if the pod has a free slot counting every task of
+    /// `live` on it, or unconditionally without `capacity` (a session continuing on its pod).
+    fn reserve(
+        &self,
+        uid: &str,
+        namespace: &str,
+        pod: &str,
+        live: &Live,
+        capacity: Option<i32>,
+    ) -> bool {
+        let mut placements = self.lock();
+        if let Some(capacity) = capacity {
+            let taken = Self::occupants(&placements, live, namespace, pod);
+            if i32::try_from(taken).unwrap_or(i32::MAX) >= capacity {
+                return false;
+            }
+        }
+        placements.insert(uid.to_owned(), (namespace.to_owned(), pod.to_owned()));
+        true
+    }
+
+    fn release(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
 }
 
 /// The uids of tasks this operator finished recently, so a queued task woken by the finish
@@ -310,19 +376,31 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         .filter(|t| t.namespace().as_deref() == Some(namespace.as_str()) && t.uid() != task.uid())
         .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
         .collect();
-    let loads: Vec<PodLoad> = pods
+    // Every other live task of the namespace and the pod the cache shows it on; with this
+    // operator's placements, what each pod runs.
+    let live: Live = others
         .iter()
-        .map(|pod| PodLoad {
-            name: pod.name_any(),
-            ready: pod_ready(pod),
-            terminating: pod.metadata.deletion_timestamp.is_some(),
-            created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            running_tasks: others
-                .iter()
-                .filter(|t| occupies_pod(t) == Some(pod.name_any().as_str()))
-                .count() as i32,
-        })
+        .filter(|t| !phase(t).is_finished())
+        .filter_map(|t| Some((t.uid()?, occupies_pod(t).map(str::to_owned))))
         .collect();
+    let loads: Vec<PodLoad> = {
+        let placements = ctx.placements.lock();
+        pods.iter()
+            .map(|pod| PodLoad {
+                name: pod.name_any(),
+                ready: pod_ready(pod),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
+                created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                running_tasks: i32::try_from(Placements::occupants(
+                    &placements,
+                    &live,
+                    &namespace,
+                    &pod.name_any(),
+                ))
+                .unwrap_or(i32::MAX),
+            })
+            .collect()
+    };
     let sidecar_name = resolved
         .as_ref()
         .and_then(|r| r.as_ref().ok())
@@ -420,6 +498,27 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
             let sidecar = resolved
                 .and_then(Result::ok)
                 .ok_or(Error::MissingMetadata("sidecar"))?;
+            // A new session takes a slot only if another task placed meanwhile did not take it.
+            let (pod, capacity) = match &target {
+                Target::Existing(location) => (location.pod.as_str(), None),
+                Target::NewSession { pod } => (
+                    pod.as_str(),
+                    Some(
+                        sidecar
+                            .spec
+                            .max_sessions_per_pod
+                            .unwrap_or(plan::DEFAULT_MAX_SESSIONS_PER_POD),
+                    ),
+                ),
+            };
+            let uid = task.uid().unwrap_or_default();
+            if !ctx
+                .placements
+                .reserve(&uid, &namespace, pod, &live, capacity)
+            {
+                tracing::debug!(task = %task.name_any(), pod, "slot taken meanwhile; planning again");
+                return Ok(Action::requeue(PLACEMENT_RETRY));
+            }
             dispatch(task, ctx, &sidecar, &pods, target, &my_session).await
         }
         Step::Check => check(task, ctx, &pods).await.map(|_| ()),
@@ -431,6 +530,9 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
 
 /// Makes sure the agent of a deleted task stops.
 async fn cleanup(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
+    if let Some(uid) = task.uid() {
+        ctx.placements.release(&uid);
+    }
     if !phase(task).is_finished() && plan::prompt_may_be_sent(task) {
         let namespace = task.namespace().unwrap_or_default();
         let pods = Api::<Pod>::namespaced(ctx.shared.client.clone(), &namespace)
@@ -491,26 +593,12 @@ async fn opencode_for(
     })
 }
 
-/// The user messages of a session that carry exactly `prompt`, with their creation time.
+/// The user messages of a session that carry exactly `prompt`.
 fn prompt_messages<'a>(
     messages: &'a [MessageWithParts],
-    prompt: &str,
+    prompt: &'a str,
 ) -> Vec<&'a MessageWithParts> {
-    messages
-        .iter()
-        .filter(|m| m.info.role == Role::User)
-        .filter(|m| {
-            let text: Vec<&str> = m
-                .parts
-                .iter()
-                .filter_map(|p| match p {
-                    nubabel_opencode::Part::Text(t) => Some(t.text.as_str()),
-                    _ => None,
-                })
-                .collect();
-            text.join("\n") == prompt
-        })
-        .collect()
+    nubabel_opencode::user_prompts(messages, prompt).collect()
 }
 
 async fn dispatch(
@@ -840,6 +928,9 @@ async fn queue(
     reason: &str,
     message: &str,
 ) -> Result<(), Error> {
+    if let Some(uid) = task.uid() {
+        ctx.placements.release(&uid);
+    }
     let mut status = own_status(task);
     let was_queued = status.phase == Some(TaskPhase::Queued);
     status.phase = Some(TaskPhase::Queued);
@@ -921,6 +1012,7 @@ async fn finish(
     }
     write_status(task, ctx, status).await?;
     if let Some(uid) = task.uid() {
+        ctx.placements.release(&uid);
         ctx.just_finished.insert(uid);
     }
     let type_ = if matches!(phase, TaskPhase::Succeeded | TaskPhase::Cancelled) {
@@ -1075,6 +1167,7 @@ pub async fn run(
         backoff: Backoff::default(),
         tasks: store,
         just_finished: JustFinished::default(),
+        placements: Placements::default(),
         shared,
     });
     controller
@@ -1102,5 +1195,52 @@ mod tests {
         assert!(bounded.len() <= MAX_OUTPUT_BYTES);
         assert!(bounded.ends_with("kept in the database]"));
         assert_eq!(bounded_output("short"), "short");
+    }
+
+    fn live(tasks: &[(&str, Option<&str>)]) -> Live {
+        tasks
+            .iter()
+            .map(|(uid, pod)| ((*uid).to_owned(), pod.map(str::to_owned)))
+            .collect()
+    }
+
+    #[test]
+    fn tasks_placed_together_never_take_more_slots_than_a_pod_has() {
+        let placements = Placements::default();
+        // Three tasks created together: the cache shows none of them on a pod yet.
+        let fresh = live(&[("a", None), ("b", None), ("c", None)]);
+        let others = |me: &str| {
+            let mut others = fresh.clone();
+            others.remove(me);
+            others
+        };
+        assert!(placements.reserve("a", "ns", "pod-0", &others("a"), Some(2)));
+        assert!(placements.reserve("b", "ns", "pod-0", &others("b"), Some(2)));
+        assert!(!placements.reserve("c", "ns", "pod-0", &others("c"), Some(2)));
+        assert!(placements.reserve("c", "ns", "pod-1", &others("c"), Some(2)));
+
+        // A task the cache shows on the pod counts once, placed here or not.
+        let cached = live(&[("a", Some("pod-0")), ("x", Some("pod-0"))]);
+        assert_eq!(
+            Placements::occupants(&placements.lock(), &cached, "ns", "pod-0"),
+            2
+        );
+        // A pod of the same name in another namespace is another pod.
+        assert!(placements.reserve("d", "other", "pod-0", &live(&[]), Some(1)));
+    }
+
+    #[test]
+    fn a_released_slot_is_free_again_and_a_continuing_session_is_always_placed() {
+        let placements = Placements::default();
+        let others = live(&[("a", None)]);
+        assert!(placements.reserve("a", "ns", "pod-0", &live(&[]), Some(1)));
+        assert!(!placements.reserve("b", "ns", "pod-0", &others, Some(1)));
+        // The session of b lives on pod-0: it continues there whatever the load.
+        assert!(placements.reserve("b", "ns", "pod-0", &others, None));
+
+        // Released (finished or queued again), `a` and `b` take no slot, live or not.
+        placements.release("a");
+        placements.release("b");
+        assert!(placements.reserve("c", "ns", "pod-0", &others, Some(1)));
     }
 }
