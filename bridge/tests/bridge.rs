@@ -94,6 +94,11 @@ impl Api {
             mcp_tenant_concurrency: 8,
             mcp_queue_timeout_ms: 5_000,
             mcp_tools_cache_seconds: 60,
+            commit_max_batch: 64,
+            header_read_timeout_seconds: 10,
+            callback_tenant_concurrency: 256,
+            sse_tenant_streams: 500,
+            commit_concurrency: 4,
         };
         let application = Application::build(config).await?;
         let url = format!("http://127.0.0.1:{}", application.port());

@@ -93,7 +93,8 @@ struct RateResult {
     rate: u64,
     sent: u64,
     ok: u64,
-    errors: u64,
+    /// Failed requests by status (0: no answer).
+    errors: std::collections::BTreeMap<u16, u64>,
     throughput: f64,
     latency: Histogram<u64>,
 }
@@ -102,7 +103,9 @@ struct RateResult {
 async fn run_rate(target: &Arc<Target>, rate: u64) -> RateResult {
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
     let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(
+        std::collections::BTreeMap::<u16, u64>::new(),
+    ));
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let total = rate * RUN.as_secs();
     let start = Instant::now();
@@ -120,8 +123,9 @@ async fn run_rate(target: &Arc<Target>, rate: u64) -> RateResult {
                     latency.lock().await.record(micros).unwrap();
                     ok.fetch_add(1, Ordering::Relaxed);
                 }
-                _ => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                failed => {
+                    let status = failed.map_or(0, |status| status.as_u16());
+                    *errors.lock().unwrap().entry(status).or_default() += 1;
                 }
             }
         }));
@@ -135,7 +139,7 @@ async fn run_rate(target: &Arc<Target>, rate: u64) -> RateResult {
         rate,
         sent: total,
         ok: ok.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
+        errors: errors.lock().unwrap().clone(),
         throughput: ok.load(Ordering::Relaxed) as f64 / elapsed,
         latency,
     }
@@ -264,6 +268,8 @@ async fn main() -> Result<()> {
         .env("NUBABEL_STREAM_TOKEN_KEY", STREAM_KEY)
         .env("NUBABEL_STATUS_MIRROR", "false")
         .env("NUBABEL_DELEGATE_API", "false")
+        // 1,000 subscribers of one tenant is the point of the fan-out run.
+        .env("NUBABEL_SSE_TENANT_STREAMS", "2000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -323,23 +329,34 @@ async fn main() -> Result<()> {
         RUN.as_secs()
     );
     println!(
-        "| target rate/s | sent | ok | errors | throughput/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |"
+        "| target rate/s | sent | ok | errors (count × status) | throughput/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | events per commit |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for rate in rates("BENCH_ACK_RATES", &[250, 500, 1000, 2000]) {
+        let before = commits(&target).await?;
         let r = run_rate(&target, rate).await;
+        let after = commits(&target).await?;
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.rate,
             r.sent,
             r.ok,
-            r.errors,
+            if r.errors.is_empty() {
+                "0".to_owned()
+            } else {
+                r.errors
+                    .iter()
+                    .map(|(status, n)| format!("{n} × {status}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             r.throughput,
             ms(&r.latency, 0.5),
             ms(&r.latency, 0.9),
             ms(&r.latency, 0.99),
             ms(&r.latency, 0.999),
-            r.latency.max() as f64 / 1000.0
+            r.latency.max() as f64 / 1000.0,
+            (after.0 - before.0) / (after.1 - before.1).max(1.0),
         );
     }
 
@@ -389,6 +406,26 @@ async fn main() -> Result<()> {
     }
     server.kill().await?;
     Ok(())
+}
+
+/// Events committed and group commits so far, from the API's metrics.
+async fn commits(target: &Target) -> Result<(f64, f64)> {
+    let text = target
+        .client
+        .get(format!("{}/metrics", target.address))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("nubabel_callback_api_append_batch_size_sum"),
+        value("nubabel_callback_api_append_batch_size_count"),
+    ))
 }
 
 /// Rates from a comma-separated environment variable, or the defaults.

@@ -162,6 +162,26 @@ pub struct Config {
     /// Seconds a connection's tool list is reused before it is listed upstream again.
     #[arg(long, env = "NUBABEL_MCP_TOOLS_CACHE_SECONDS", default_value_t = 60)]
     pub mcp_tools_cache_seconds: u64,
+
+    /// Callbacks one tenant may have in flight on one replica; more get 429.
+    #[arg(long, env = "NUBABEL_CALLBACK_TENANT_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub callback_tenant_concurrency: u32,
+
+    /// SSE streams one tenant may hold open on one replica; more get 429.
+    #[arg(long, env = "NUBABEL_SSE_TENANT_STREAMS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sse_tenant_streams: u32,
+
+    /// Seconds a client has to send a request's head; slower connections are closed.
+    #[arg(long, env = "NUBABEL_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_read_timeout_seconds: u64,
+
+    /// Most callbacks committed together in one transaction (group commit).
+    #[arg(long, env = "NUBABEL_COMMIT_MAX_BATCH", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub commit_max_batch: u32,
+
+    /// Most group commits in flight at once; each holds one Postgres connection.
+    #[arg(long, env = "NUBABEL_COMMIT_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub commit_concurrency: u32,
 }
 
 impl Config {
@@ -177,6 +197,23 @@ impl Config {
             tenant_concurrency: usize::try_from(self.mcp_tenant_concurrency).unwrap_or(usize::MAX),
             queue_timeout: Duration::from_millis(self.mcp_queue_timeout_ms),
             tools_cache_ttl: Duration::from_secs(self.mcp_tools_cache_seconds),
+        }
+    }
+
+    /// The per-tenant limits, counting refusals in `metrics`.
+    pub fn tenant_limits(&self, metrics: &crate::metrics::Metrics) -> crate::limits::TenantLimits {
+        crate::limits::TenantLimits::new(
+            usize::try_from(self.callback_tenant_concurrency).unwrap_or(usize::MAX),
+            usize::try_from(self.sse_tenant_streams).unwrap_or(usize::MAX),
+            &metrics.tenant_limited,
+        )
+    }
+
+    /// How callbacks are batched into commits.
+    pub fn commit_settings(&self) -> crate::committer::CommitSettings {
+        crate::committer::CommitSettings {
+            max_batch: usize::try_from(self.commit_max_batch).unwrap_or(64),
+            concurrency: usize::try_from(self.commit_concurrency).unwrap_or(4),
         }
     }
 

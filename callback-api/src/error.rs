@@ -14,6 +14,8 @@ use utoipa::ToSchema;
 
 /// Seconds a client should wait before retrying when Postgres is unavailable.
 pub const RETRY_AFTER_SECONDS: u64 = 5;
+/// Seconds a client should wait before retrying when its tenant is at a limit.
+pub const LIMITED_RETRY_AFTER_SECONDS: u64 = 1;
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,9 @@ pub enum ApiError {
     /// 422: the event id was used before with a different body or session.
     #[error("webhook-id was already used for a different event")]
     EventIdReused,
+    /// 429: the tenant is at one of its limits; nothing was read or written.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// 503: Postgres is unreachable; nothing was written.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -95,6 +100,7 @@ impl ApiError {
             }
             Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             Self::EventIdReused => (StatusCode::UNPROCESSABLE_ENTITY, "event_id_reused"),
+            Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -130,10 +136,15 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = match status {
+            StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
+            StatusCode::TOO_MANY_REQUESTS => Some(LIMITED_RETRY_AFTER_SECONDS),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Some(report) = report {
             response.extensions_mut().insert(report);

@@ -5,11 +5,13 @@
 //! SSE streams of every replica, and summarised into the task's `status.progress`.
 
 pub mod auth;
+pub mod committer;
 pub mod config;
 pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod fanout;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod mirror;

@@ -63,6 +63,22 @@ pub struct MirrorLabels {
     pub result: &'static str,
 }
 
+/// Labels of the tenant-limit counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `callbacks` or `streams`.
+    pub limit: &'static str,
+}
+
+/// Labels of the MCP tool-call counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct McpCallLabels {
+    /// `mcp` (the gateway) or `rest` (`POST /api/sidecar/mcp/invoke`).
+    pub via: &'static str,
+    /// `success`, `tool_error`, `upstream_error`, `credential_error`, `timeout` or `busy`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the API exports.
 pub struct Metrics {
     registry: Registry,
@@ -80,6 +96,14 @@ pub struct Metrics {
     pub fanout_degraded: Gauge,
     /// Status-mirror writes by result.
     pub status_writes: Family<MirrorLabels, Counter>,
+    /// Events per group commit.
+    pub append_batch_size: Histogram,
+    /// Requests refused with 429 by a per-tenant limit.
+    pub tenant_limited: Family<LimitLabels, Counter>,
+    /// MCP tool calls by path and outcome.
+    pub mcp_tool_calls: Family<McpCallLabels, Counter>,
+    /// Time of MCP tool calls (waiting for a slot included), by path and outcome.
+    pub mcp_tool_call_duration: Family<McpCallLabels, Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -110,6 +134,8 @@ impl Metrics {
         let sse_streams = Gauge::default();
         let fanout_degraded = Gauge::default();
         let status_writes = Family::<MirrorLabels, Counter>::default();
+        let append_batch_size =
+            Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
         registry.register("http_requests", "HTTP requests", http_requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -137,6 +163,32 @@ impl Metrics {
             "DelegatedTask status writes",
             status_writes.clone(),
         );
+        let mcp_tool_calls = Family::<McpCallLabels, Counter>::default();
+        let mcp_tool_call_duration =
+            Family::<McpCallLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0])
+            });
+        registry.register(
+            "mcp_tool_calls",
+            "MCP tool calls by path and outcome",
+            mcp_tool_calls.clone(),
+        );
+        registry.register(
+            "mcp_tool_call_duration_seconds",
+            "Time of MCP tool calls, waiting for a slot included",
+            mcp_tool_call_duration.clone(),
+        );
+        let tenant_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "tenant_limited",
+            "Requests refused with 429 by a per-tenant limit",
+            tenant_limited.clone(),
+        );
+        registry.register(
+            "append_batch_size",
+            "Events committed together in one transaction",
+            append_batch_size.clone(),
+        );
         Self {
             registry: root,
             http_requests,
@@ -146,6 +198,10 @@ impl Metrics {
             sse_streams,
             fanout_degraded,
             status_writes,
+            append_batch_size,
+            tenant_limited,
+            mcp_tool_calls,
+            mcp_tool_call_duration,
         }
     }
 

@@ -13,9 +13,10 @@ use nubabel_data::{
 };
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    committer::Committer,
     config::Config,
     credentials::Broker,
     egress::{Allowlist, Egress},
@@ -37,6 +38,8 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     state: AppState,
+    header_read_timeout: Duration,
+    reencryption: Option<JoinHandle<()>>,
 }
 
 impl Application {
@@ -100,9 +103,9 @@ impl Application {
             )),
             _ => None,
         };
-        if let Some(keyring) = &keyring {
-            reencrypt_in_background(db.clone(), Arc::clone(keyring));
-        }
+        let reencryption = keyring
+            .as_ref()
+            .map(|keyring| reencrypt_in_background(db.clone(), Arc::clone(keyring)));
         let state = AppState {
             credentials: Arc::new(Broker::new(
                 db.clone(),
@@ -112,6 +115,8 @@ impl Application {
             )),
             egress,
             mcp: Arc::new(crate::mcp::Gateway::new(config.mcp_gateway())),
+            limits: config.tenant_limits(&metrics),
+            committer: Committer::start(db.clone(), config.commit_settings(), Arc::clone(&metrics)),
             fanout: Fanout::start(db.clone(), redis.clone(), Arc::clone(&metrics)),
             db,
             redis,
@@ -140,7 +145,16 @@ impl Application {
             listener,
             port,
             state,
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+            reencryption,
         })
+    }
+
+    /// The startup re-encryption of connections sealed under older vault keys (present when a
+    /// vault is configured). It runs whether or not anyone awaits it; awaiting it tells when
+    /// the rows that were stale at startup are done.
+    pub fn take_reencryption(&mut self) -> Option<JoinHandle<()>> {
+        self.reencryption.take()
     }
 
     /// The port the application listens on.
@@ -171,10 +185,7 @@ impl Application {
             _ => Vec::new(),
         };
         let app = routes::router(self.state, REQUEST_TIMEOUT);
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving http");
+        let served = serve(self.listener, app, self.header_read_timeout, shutdown).await;
         for task in background {
             task.abort();
         }
@@ -187,10 +198,54 @@ impl Application {
     }
 }
 
+/// Serves HTTP/1.1 on `listener` until `shutdown` completes, then waits for open connections to
+/// finish. A client that has not sent a request's whole head within `header_read_timeout` is
+/// disconnected, so connections trickling headers (slowloris) cannot pile up; bodies are bounded
+/// by the request timeout of the router.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors or a connection reset before it was accepted: the
+                // listener itself is fine.
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
+}
+
 /// Re-encrypts connections sealed under older vault keys, so the old keys can be dropped
 /// after a rotation. Replicas starting together do not collide: rows are taken with
 /// `for update skip locked`.
-fn reencrypt_in_background(db: sqlx::PgPool, keyring: Arc<Keyring>) {
+fn reencrypt_in_background(db: sqlx::PgPool, keyring: Arc<Keyring>) -> JoinHandle<()> {
     tokio::spawn(async move {
         match connections::reencrypt_stale(&db, &keyring).await {
             Ok(0) => {}
@@ -201,7 +256,7 @@ fn reencrypt_in_background(db: sqlx::PgPool, keyring: Arc<Keyring>) {
             ),
             Err(error) => tracing::error!(%error, "re-encrypting connections failed"),
         }
-    });
+    })
 }
 
 async fn shutdown_signal() {

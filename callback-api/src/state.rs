@@ -7,6 +7,7 @@ use nubabel_data::{signing::MasterKey, stream_token::StreamTokenKey, streams::Re
 use sqlx::PgPool;
 
 use crate::{
+    committer::Committer,
     fanout::Fanout,
     metrics::Metrics,
     mirror::{KubeStatusWriter, StatusMirror},
@@ -114,6 +115,10 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     /// Limits and intervals.
     pub settings: Arc<Settings>,
+    /// Group commit of callbacks.
+    pub committer: Committer,
+    /// Per-tenant limits of callbacks in flight and open streams.
+    pub limits: crate::limits::TenantLimits,
     /// Fan-out to SSE streams across replicas.
     pub fanout: Fanout,
     /// The status mirror, when enabled.

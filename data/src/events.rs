@@ -6,6 +6,10 @@
 //! bump `last_seq` and apply the state or the progress summary. A retried delivery conflicts on
 //! `(organization_id, event_id)`; then nothing is inserted and nothing else changes, not even
 //! the sequence.
+//!
+//! [`append_batch`] appends several events in one transaction and one round trip (the
+//! `append_events` function), each exactly as on its own; the callback API uses it for group
+//! commit.
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -144,32 +148,83 @@ pub enum Appended {
     IdReused,
 }
 
+/// An event ready to append: everything the statement binds, owned, so it can wait in a batch.
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    session_pk: Uuid,
+    organization_id: String,
+    event_id: String,
+    kind: EventKind,
+    event_type: String,
+    body: Value,
+    fingerprint: [u8; 32],
+    delta: ProgressDelta,
+    state: Option<String>,
+    metadata: Option<Value>,
+}
+
+impl PreparedEvent {
+    /// Prepares `event`: its stored body, fingerprint and summary delta.
+    pub fn new(event: &NewEvent<'_>) -> Self {
+        let (kind, event_type, body, delta, state, metadata) = match &event.payload {
+            EventPayload::Progress {
+                event_type,
+                progress,
+            } => (
+                EventKind::Progress,
+                *event_type,
+                (*progress).clone(),
+                ProgressDelta::from_progress(event_type, progress),
+                None,
+                None,
+            ),
+            EventPayload::State { state, metadata } => (
+                EventKind::State,
+                *state,
+                json!({ "state": state, "metadata": metadata }),
+                ProgressDelta::default(),
+                Some((*state).to_owned()),
+                Some((*metadata).clone()),
+            ),
+        };
+        Self {
+            session_pk: event.session_pk,
+            organization_id: event.organization_id.as_str().to_owned(),
+            event_id: event.event_id.to_owned(),
+            kind,
+            event_type: event_type.to_owned(),
+            body,
+            fingerprint: fingerprint(kind, event.session_pk, event.raw_body),
+            delta,
+            state,
+            metadata,
+        }
+    }
+
+    fn committed(&self, row: &PgRow) -> Result<Appended> {
+        Ok(Appended::New(Box::new(Committed {
+            event: StoredEvent {
+                seq: row.try_get("last_seq")?,
+                event_id: self.event_id.clone(),
+                kind: self.kind,
+                event_type: self.event_type.clone(),
+                body: self.body.clone(),
+                received_at: timestamp(row.try_get("received_at_us")?)?,
+            },
+            task: TaskRef::from_row(row)?,
+            summary: summary_from_row(row)?,
+        })))
+    }
+}
+
 /// Appends one event to its session's log, exactly once per event id.
 pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
-    let (kind, event_type, body, delta) = match &event.payload {
-        EventPayload::Progress {
-            event_type,
-            progress,
-        } => (
-            EventKind::Progress,
-            *event_type,
-            (*progress).clone(),
-            Some(ProgressDelta::from_progress(event_type, progress)),
-        ),
-        EventPayload::State { state, metadata } => (
-            EventKind::State,
-            *state,
-            json!({ "state": state, "metadata": metadata }),
-            None,
-        ),
-    };
-    let (state, metadata) = match &event.payload {
-        EventPayload::State { state, metadata } => (Some(*state), Some(*metadata)),
-        EventPayload::Progress { .. } => (None, None),
-    };
-    let fingerprint = fingerprint(kind, event.session_pk, event.raw_body);
-    let delta = delta.unwrap_or_default();
+    append_prepared(pool, &PreparedEvent::new(event)).await
+}
 
+/// Appends one prepared event to its session's log, exactly once per event id.
+pub async fn append_prepared(pool: &PgPool, event: &PreparedEvent) -> Result<Appended> {
+    let delta = &event.delta;
     // One statement, so one round trip and an implicit transaction. The insert reads the
     // session's `last_seq` under its row lock (concurrent appends to one session queue there and
     // read the number their predecessor wrote); the update applies the summary only when the
@@ -208,61 +263,114 @@ pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
          select * from bumped",
     )
     .bind(event.session_pk)
-    .bind(i64::from(kind == EventKind::Progress))
+    .bind(i64::from(event.kind == EventKind::Progress))
     .bind(delta.tools_started)
     .bind(delta.tools_completed)
     .bind(delta.last_tool.as_deref())
     .bind(delta.last_message.as_deref())
-    .bind(state)
-    .bind(metadata)
-    .bind(event.organization_id.as_str())
-    .bind(event.event_id)
-    .bind(kind.as_str())
-    .bind(event_type)
-    .bind(&body)
-    .bind(fingerprint.as_slice())
+    .bind(event.state.as_deref())
+    .bind(event.metadata.as_ref())
+    .bind(&event.organization_id)
+    .bind(&event.event_id)
+    .bind(event.kind.as_str())
+    .bind(&event.event_type)
+    .bind(&event.body)
+    .bind(event.fingerprint.as_slice())
     .fetch_optional(pool)
     .await?;
 
-    let Some(session) = row else {
+    match row {
+        Some(session) => event.committed(&session),
         // Nothing inserted: the session is gone, or a delivery with this id is committed.
-        return existing(pool, event, kind, &fingerprint).await;
-    };
-    let seq: i64 = session.try_get("last_seq")?;
-
-    Ok(Appended::New(Box::new(Committed {
-        event: StoredEvent {
-            seq,
-            event_id: event.event_id.to_owned(),
-            kind,
-            event_type: event_type.to_owned(),
-            body,
-            received_at: timestamp(session.try_get("received_at_us")?)?,
-        },
-        task: TaskRef::from_row(&session)?,
-        summary: summary_from_row(&session)?,
-    })))
+        None => existing(pool, event).await,
+    }
 }
 
-async fn existing(
-    pool: &PgPool,
-    event: &NewEvent<'_>,
-    kind: EventKind,
-    fingerprint: &[u8; 32],
-) -> Result<Appended> {
+/// Appends several events in one transaction, each exactly as [`append_prepared`] would, and
+/// gives one result per event, in the order given.
+///
+/// Events of one session keep their relative order. When the batch as a whole fails (an event
+/// Postgres refuses, say), each event is tried on its own, so one bad event fails only itself.
+pub async fn append_batch(pool: &PgPool, events: &[PreparedEvent]) -> Vec<Result<Appended>> {
+    if let [event] = events {
+        return vec![append_prepared(pool, event).await];
+    }
+    match append_together(pool, events).await {
+        Ok(results) => results,
+        Err(error) => {
+            tracing::debug!(error = %error, events = events.len(), "batch append failed; appending one by one");
+            futures::future::join_all(events.iter().map(|event| append_prepared(pool, event))).await
+        }
+    }
+}
+
+async fn append_together(pool: &PgPool, events: &[PreparedEvent]) -> Result<Vec<Result<Appended>>> {
+    // Sessions are locked in this order; sorting by session makes every batch lock them in the
+    // same order (no deadlock between replicas), and the stable sort keeps each session's
+    // events in arrival order.
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by_key(|&index| events[index].session_pk);
+    let sorted: Vec<&PreparedEvent> = order.iter().map(|&index| &events[index]).collect();
+    // One array per parameter of `append_events`, in the sorted order.
+    fn column<'e, T>(sorted: &[&'e PreparedEvent], f: impl Fn(&'e PreparedEvent) -> T) -> Vec<T> {
+        sorted.iter().map(|event| f(event)).collect()
+    }
+    let rows = sqlx::query(
+        "select * from append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(column(&sorted, |e| e.session_pk))
+    .bind(column(&sorted, |e| e.organization_id.as_str()))
+    .bind(column(&sorted, |e| e.event_id.as_str()))
+    .bind(column(&sorted, |e| e.kind.as_str()))
+    .bind(column(&sorted, |e| e.event_type.as_str()))
+    .bind(column(&sorted, |e| &e.body))
+    .bind(column(&sorted, |e| e.fingerprint.as_slice()))
+    .bind(column(&sorted, |e| {
+        i64::from(e.kind == EventKind::Progress)
+    }))
+    .bind(column(&sorted, |e| e.delta.tools_started))
+    .bind(column(&sorted, |e| e.delta.tools_completed))
+    .bind(column(&sorted, |e| e.delta.last_tool.as_deref()))
+    .bind(column(&sorted, |e| e.delta.last_message.as_deref()))
+    .bind(column(&sorted, |e| e.state.as_deref()))
+    .bind(column(&sorted, |e| e.metadata.as_ref()))
+    .fetch_all(pool)
+    .await?;
+
+    let mut results: Vec<Option<Result<Appended>>> = events.iter().map(|_| None).collect();
+    for row in &rows {
+        let ord: i32 = row.try_get("ord")?;
+        let index = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|position| order.get(position).copied())
+            .ok_or_else(|| Error::Corrupt(format!("append_events returned position {ord}")))?;
+        results[index] = Some(events[index].committed(row));
+    }
+    // Events without a row were not inserted: a duplicate, a reused id or a session gone.
+    let mut out = Vec::with_capacity(events.len());
+    for (event, result) in events.iter().zip(results) {
+        out.push(match result {
+            Some(result) => result,
+            None => existing(pool, event).await,
+        });
+    }
+    Ok(out)
+}
+
+async fn existing(pool: &PgPool, event: &PreparedEvent) -> Result<Appended> {
     let row = sqlx::query(
         "select session_pk, seq, kind, fingerprint
          from session_events
          where organization_id = $1 and event_id = $2",
     )
-    .bind(event.organization_id.as_str())
-    .bind(event.event_id)
+    .bind(&event.organization_id)
+    .bind(&event.event_id)
     .fetch_optional(pool)
     .await?
     .ok_or(Error::SessionNotFound)?;
     let same = row.try_get::<Uuid, _>("session_pk")? == event.session_pk
-        && row.try_get::<String, _>("kind")? == kind.as_str()
-        && row.try_get::<Vec<u8>, _>("fingerprint")? == fingerprint.as_slice();
+        && row.try_get::<String, _>("kind")? == event.kind.as_str()
+        && row.try_get::<Vec<u8>, _>("fingerprint")? == event.fingerprint.as_slice();
     Ok(if same {
         Appended::Duplicate {
             seq: row.try_get("seq")?,

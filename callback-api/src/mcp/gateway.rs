@@ -296,6 +296,16 @@ impl Gateway {
             }
         };
         let duration = started.elapsed();
+        let labels = crate::metrics::McpCallLabels {
+            via: caller.via,
+            outcome: outcome.as_str(),
+        };
+        state.metrics.mcp_tool_calls.get_or_create(&labels).inc();
+        state
+            .metrics
+            .mcp_tool_call_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
         tracing::info!(
             organization_id,
             provider,

@@ -10,7 +10,7 @@ use axum::{
     extract::{Path, State},
 };
 use nubabel_data::{
-    events::{self, Appended, EventKind, EventPayload, NewEvent},
+    events::{Appended, EventKind, EventPayload, NewEvent, PreparedEvent},
     identity::OrganizationId,
     sessions::{SessionRef, resolve_session, validate_session_id},
 };
@@ -98,6 +98,7 @@ pub struct Accepted {
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing, stale or invalid signature", body = ErrorBody),
         (status = 404, description = "No such session for this tenant", body = ErrorBody),
+        (status = 429, description = "The tenant has too many callbacks in flight on this replica; nothing was written (see Retry-After)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing or invalid, or the webhook-id was used for another event", body = ErrorBody),
@@ -109,6 +110,10 @@ async fn update_session(
     Path(session_id): Path<String>,
     callback: SignedCallback,
 ) -> Result<Json<Accepted>, ApiError> {
+    let _in_flight = state
+        .limits
+        .callbacks
+        .acquire(callback.sidecar.organization_id().as_str())?;
     let update: SessionUpdate = parse_body(&callback.body)?;
     validate_type("state", &update.state)?;
     let metadata = Value::Object(update.metadata.unwrap_or_default());
@@ -135,6 +140,7 @@ async fn update_session(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing, stale or invalid signature", body = ErrorBody),
         (status = 404, description = "No such session for this tenant", body = ErrorBody),
+        (status = 429, description = "The tenant has too many callbacks in flight on this replica; nothing was written (see Retry-After)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing or invalid, or the webhook-id was used for another event", body = ErrorBody),
@@ -146,6 +152,10 @@ async fn record_progress(
     Path(session_id): Path<String>,
     callback: SignedCallback,
 ) -> Result<Json<Accepted>, ApiError> {
+    let _in_flight = state
+        .limits
+        .callbacks
+        .acquire(callback.sidecar.organization_id().as_str())?;
     let ProgressCallback { progress } = parse_body(&callback.body)?;
     validate_type("progress.type", &progress.event_type)?;
     let mut body = progress.fields;
@@ -262,14 +272,14 @@ pub(crate) async fn append_event(
         EventPayload::Progress { .. } => EventKind::Progress,
         EventPayload::State { .. } => EventKind::State,
     };
-    let event = NewEvent {
+    let event = PreparedEvent::new(&NewEvent {
         session_pk: session.pk,
         organization_id,
         event_id,
         payload,
         raw_body,
-    };
-    let appended = match events::append(&state.db, &event).await {
+    });
+    let appended = match state.committer.append(event).await {
         Err(nubabel_data::Error::SessionNotFound) => {
             state.sessions.evict(session.pk);
             return Err(ApiError::SessionNotFound);

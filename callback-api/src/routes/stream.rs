@@ -24,7 +24,7 @@ use nubabel_data::{
 };
 use serde_json::json;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
@@ -61,6 +61,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 400, description = "Last-Event-ID is not a number", body = ErrorBody),
         (status = 401, description = "Missing, expired or invalid stream token", body = ErrorBody),
         (status = 404, description = "No such session for this token", body = ErrorBody),
+        (status = 429, description = "The tenant has too many streams open on this replica (see Retry-After)", body = ErrorBody),
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
@@ -85,12 +86,21 @@ async fn stream_session(
     {
         return Err(ApiError::SessionNotFound);
     }
+    // Held as long as the response body: the client closing the stream gives it back.
+    let open = state
+        .limits
+        .streams
+        .acquire(grant.organization_id.as_str())?;
     // Subscribe before replaying, so nothing committed in between is missed.
     let subscription = state.fanout.subscribe(session.pk).await?;
     let (sender, receiver) = mpsc::channel(CONNECTION_BUFFER);
     tokio::spawn(pump(state.clone(), session.pk, after, subscription, sender));
 
-    let mut response = Sse::new(ReceiverStream::new(receiver))
+    let events = ReceiverStream::new(receiver).map(move |event| {
+        let _open = &open;
+        event
+    });
+    let mut response = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.settings.sse_keep_alive))
         .into_response();
     // nginx (and ingress-nginx) would otherwise buffer the stream.

@@ -32,6 +32,8 @@ pub struct TestApp {
     pub database_url: String,
     pub redis_url: String,
     pub client: reqwest::Client,
+    /// The startup re-encryption of stale vault rows, when the app has a vault.
+    pub reencryption: Option<tokio::task::JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -74,6 +76,11 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         mcp_tenant_concurrency: 8,
         mcp_queue_timeout_ms: 1_000,
         mcp_tools_cache_seconds: 60,
+        commit_max_batch: 64,
+        header_read_timeout_seconds: 10,
+        callback_tenant_concurrency: 256,
+        sse_tenant_streams: 500,
+        commit_concurrency: 4,
     }
 }
 
@@ -120,7 +127,8 @@ pub async fn build_app_with(
     }
     let mut config = test_config(database_url, redis_url);
     configure(&mut config);
-    let application = Application::build(config).await?;
+    let mut application = Application::build(config).await?;
+    let reencryption = application.take_reencryption();
     let state = application.state().clone();
     let address = format!("http://127.0.0.1:{}", application.port());
     let db = application.state().db.clone();
@@ -135,6 +143,7 @@ pub async fn build_app_with(
             database_url: database_url.to_owned(),
             redis_url: redis_url.to_owned(),
             client: reqwest::Client::new(),
+            reencryption,
             shutdown: Some(shutdown),
         },
         state,

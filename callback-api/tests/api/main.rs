@@ -5,11 +5,13 @@
 // shared by the tests live outside them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod batches;
 mod callbacks;
 mod connections;
 mod delegate;
 mod egress;
 mod helpers;
+mod limits;
 mod mappings;
 mod mcp;
 mod mirror;

@@ -442,6 +442,22 @@ async fn the_tenant_limit_bounds_concurrent_calls_and_the_rest_fail_after_waitin
     }
     assert_eq!(upstream.peak_concurrent_calls(), 2);
     assert_eq!(b_answer["result"].get("isError"), None, "{b_answer}");
+    // Counted by outcome: three calls ran (two of A, one of B), two found no slot.
+    let metrics = reqwest::get(format!("{}/metrics", app.address))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (outcome, count) in [("success", 3), ("busy", 2)] {
+        let line = format!(
+            r#"nubabel_callback_api_mcp_tool_calls_total{{via="mcp",outcome="{outcome}"}} {count}"#
+        );
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
+    assert!(metrics.contains(
+        r#"nubabel_callback_api_mcp_tool_call_duration_seconds_count{via="mcp",outcome="busy"} 2"#
+    ));
 }
 
 async fn post_state(app: &TestApp, sidecar: &SidecarIdentity, session: &str, state: &str) {

@@ -135,7 +135,7 @@ async fn rotating_the_master_key_keeps_old_rows_readable_and_reencrypts_them() -
 
     // A replica with the new key in front re-encrypts at startup, in the background.
     let rotated_keys = format!("{NEW_KEY},{VAULT_KEYS}");
-    let (rotated, rotated_state) = build_app_with(&database_url, &redis_url, |c| {
+    let (mut rotated, rotated_state) = build_app_with(&database_url, &redis_url, |c| {
         loopback(c);
         c.vault_keys = Some(rotated_keys.clone().into());
     })
@@ -150,12 +150,12 @@ async fn rotating_the_master_key_keeps_old_rows_readable_and_reencrypts_them() -
             .expose_secret(),
         "Bearer token-one"
     );
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while key_ids(&rotated.db, &org).await.unwrap() != ["k2"] {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await?;
+    let reencryption = rotated
+        .reencryption
+        .take()
+        .expect("a vault re-encrypts at startup");
+    tokio::time::timeout(Duration::from_secs(10), reencryption).await??;
+    assert_eq!(key_ids(&rotated.db, &org).await?, ["k2"]);
 
     // A row written by a replica still on the old key is re-encrypted by the admin endpoint.
     register_bearer(&old_app, &org, "two", "token-two").await?;

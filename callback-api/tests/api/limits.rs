@@ -1,0 +1,173 @@
+//! Per-tenant limits: a tenant past its limit gets 429 with Retry-After, nothing is written,
+//! and other tenants are not affected.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::{progress, sidecar, spawn_app_configured, unique};
+
+async fn assert_limited(response: Response, what: &str) -> Result<()> {
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["code"], "too_many_requests");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(what), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_callbacks_in_flight_gets_429_and_nothing_is_written() -> Result<()> {
+    let app = spawn_app_configured(|config| config.callback_tenant_concurrency = 2).await?;
+    let busy = sidecar(&unique("org"));
+    let calm = sidecar(&unique("org"));
+    let held = app.register(&busy, &unique("s"), &unique("ses")).await?;
+    let other = app.register(&calm, &unique("s"), &unique("ses")).await?;
+
+    // Hold the session's row so the tenant's first two callbacks stay in flight.
+    let mut lock = app.db.begin().await?;
+    sqlx::query("select 1 from sessions where id = $1 for update")
+        .bind(held.session_pk)
+        .execute(&mut *lock)
+        .await?;
+    let (id1, id2, id3) = (unique("msg"), unique("msg"), unique("msg"));
+    let (body1, body2, body3) = (progress(1), progress(2), progress(3));
+    let in_flight = futures::future::join(
+        app.callback(&busy, &held.session_id, "progress", &id1, &body1),
+        app.callback(&busy, &held.session_id, "progress", &id2, &body2),
+    );
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let third = app
+            .callback(&busy, &held.session_id, "progress", &id3, &body3)
+            .await?;
+        assert_limited(third, "2 callbacks in flight").await?;
+        let calm_answer = app
+            .callback(
+                &calm,
+                &other.session_id,
+                "progress",
+                &unique("msg"),
+                &progress(1),
+            )
+            .await?;
+        assert_eq!(calm_answer.status(), StatusCode::OK);
+        lock.rollback().await?;
+        anyhow::Ok(())
+    };
+    let ((first, second), checked) = tokio::join!(in_flight, meanwhile);
+    checked?;
+    assert_eq!(first?.status(), StatusCode::OK);
+    assert_eq!(second?.status(), StatusCode::OK);
+
+    let stored: Vec<String> = sqlx::query_scalar(
+        "select event_id from session_events where session_pk = $1 order by seq",
+    )
+    .bind(held.session_pk)
+    .fetch_all(&app.db)
+    .await?;
+    assert_eq!(stored.len(), 2);
+    assert!(!stored.contains(&id3), "the refused callback was written");
+    // Once the tenant is below its limit, the refused callback goes through on retry.
+    let retry = app
+        .callback(&busy, &held.session_id, "progress", &id3, &body3)
+        .await?;
+    assert_eq!(retry.status(), StatusCode::OK);
+    let metrics = reqwest::get(format!("{}/metrics", app.address))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains(r#"nubabel_callback_api_tenant_limited_total{limit="callbacks"} 1"#),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_open_streams_gets_429_until_it_closes_one() -> Result<()> {
+    let app = spawn_app_configured(|config| config.sse_tenant_streams = 2).await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let other_org = unique("org");
+    let other = sidecar(&other_org);
+    let session = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let other_session = app.register(&other, &unique("s"), &unique("ses")).await?;
+    let token = app.stream_token(&org, None);
+
+    let first = app.open_stream(&session.session_id, &token, None).await?;
+    let second = app.open_stream(&session.session_id, &token, None).await?;
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let third = app.open_stream(&session.session_id, &token, None).await?;
+    assert_limited(third, "2 streams open").await?;
+    let elsewhere = app
+        .open_stream(
+            &other_session.session_id,
+            &app.stream_token(&other_org, None),
+            None,
+        )
+        .await?;
+    assert_eq!(elsewhere.status(), StatusCode::OK);
+
+    // Closing a stream gives its place back (the server notices the closed connection).
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = app.open_stream(&session.session_id, &token, None).await?;
+        if again.status() == StatusCode::OK {
+            break;
+        }
+        assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+        if Instant::now() > deadline {
+            bail!("the closed stream's place never came back");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(second);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_trickling_its_request_head_is_closed() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app_configured(|config| config.header_read_timeout_seconds = 1).await?;
+    let address = app.address.trim_start_matches("http://").to_owned();
+
+    // Half a request head, then nothing (slowloris): the server hangs up.
+    let mut slow = tokio::net::TcpStream::connect(&address).await?;
+    slow.write_all(b"POST /api/sidecar/sessions/s/progress HTTP/1.1\r\nHost: x\r\n")
+        .await?;
+    let started = Instant::now();
+    let mut buffer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buffer))
+        .await
+        .map_err(|_| anyhow::anyhow!("the server kept the trickling connection open"))??;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+
+    // A head sent in time, on a connection that then stays idle between requests, is served.
+    let mut prompt = tokio::net::TcpStream::connect(&address).await?;
+    prompt
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut answer = [0u8; 12];
+    prompt.read_exact(&mut answer).await?;
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    Ok(())
+}
