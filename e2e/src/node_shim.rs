@@ -157,6 +157,12 @@ pub struct ShimOptions {
     /// containers that mount a ServiceAccount token get a kubeconfig for it; without it they
     /// get no Kubernetes credentials.
     pub api_server: Option<String>,
+    /// The namespaces whose claims this shim provisions volumes for; `None` means every
+    /// namespace. Shims of concurrent tests share one cluster, and a claim's volume lives in
+    /// the run directory of the shim that provisioned it, so each test's shim must provision
+    /// its own claims only: a volume provisioned by another test's shim vanishes when that
+    /// test ends and removes its run directory.
+    pub claim_namespaces: Option<Vec<String>>,
 }
 
 /// A running node shim. Stop it with [`NodeShim::shutdown`]; dropping it aborts its tasks and
@@ -428,7 +434,16 @@ async fn provision_volumes(shared: Arc<Shared>, mut shutdown: watch::Receiver<bo
             .as_ref()
             .and_then(|s| s.volume_name.as_ref())
             .is_some();
-        if bound || claim.metadata.deletion_timestamp.is_some() {
+        let ours = shared
+            .options
+            .claim_namespaces
+            .as_ref()
+            .is_none_or(|namespaces| {
+                namespaces
+                    .iter()
+                    .any(|n| Some(n.as_str()) == claim.metadata.namespace.as_deref())
+            });
+        if bound || !ours || claim.metadata.deletion_timestamp.is_some() {
             continue;
         }
         if let Err(e) = provision(&shared, &volumes, &claim).await {

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 
 use crate::control_plane::write_kubeconfig;
 use crate::fake_llm::FakeLlm;
-use crate::node_shim::{HOST_IP, ImageMap, NodeShim};
+use crate::node_shim::{HOST_IP, ImageMap, NodeShim, ShimOptions};
 use crate::opencode_server::{FAKE_MODEL, opencode_bin};
 use crate::pki::random_token;
 use crate::process::{ProcessSpec, SupervisedProcess};
@@ -197,6 +197,7 @@ impl System {
 
         let run_dir = tempfile::Builder::new()
             .prefix(&format!("nubabel-system-{ns}-"))
+            .disable_cleanup(crate::testing::keep_namespaces())
             .tempdir()
             .context("creating the system's run directory")?;
         let fake_llm = FakeLlm::start_on(IpAddr::V4(HOST_IP))?;
@@ -235,11 +236,15 @@ impl System {
             let _ = stopped.await;
         }));
 
-        let shim = NodeShim::start(
+        let shim = NodeShim::start_with(
             env.client.clone(),
             &format!("{ns}-node"),
             images,
             run_dir.path(),
+            ShimOptions {
+                claim_namespaces: Some(vec![ns.clone()]),
+                ..ShimOptions::default()
+            },
         )
         .await?;
 

@@ -19,7 +19,8 @@ use crate::control_plane::client_from_kubeconfig;
 use crate::pki::random_token;
 use crate::tools::ToolPaths;
 
-/// Set to `1` to keep each test's namespace for inspection after the test.
+/// Set to `1` to keep each test's namespace, and its system's run directory (container logs,
+/// volumes), for inspection after the test.
 pub const KEEP_NAMESPACES_ENV: &str = "NUBABEL_E2E_KEEP_NAMESPACES";
 /// Label on every test namespace, so leftovers can be found and deleted in bulk.
 pub const TEST_NAMESPACE_LABEL: &str = "nubabel.io/e2e";
@@ -153,7 +154,7 @@ impl Drop for TestNamespace {
     }
 }
 
-fn keep_namespaces() -> bool {
+pub(crate) fn keep_namespaces() -> bool {
     std::env::var(KEEP_NAMESPACES_ENV).is_ok_and(|value| value == "1")
 }
 

@@ -349,6 +349,7 @@ async fn helm_install_runs_tasks_and_upgrade_and_uninstall_behave() -> Result<()
         run_dir.path(),
         ShimOptions {
             api_server: Some(api_server(&env.kubeconfig)?),
+            claim_namespaces: Some(vec![system.name().to_owned(), tenant.name().to_owned()]),
         },
     )
     .await?;

@@ -422,11 +422,7 @@ async fn a_sidecar_pod_killed_mid_task_fails_the_task_and_the_session_starts_ane
     .await
 }
 
-// Passed in four runs alone or with the other tests of this file; in one run of the whole
-// suite the restarted pod's OpenCode did not have the session and the third turn started a new
-// one. Until that is understood it runs on demand (`-- --ignored`), not in CI.
 #[tokio::test]
-#[ignore = "flaky: once, in the full suite, the restarted pod's OpenCode lacked the session"]
 async fn with_storage_a_conversation_outlives_its_pod() -> Result<()> {
     with_system(
         "tasks-storage",
