@@ -165,6 +165,29 @@ pub async fn claim_final(pool: &PgPool, task_uid: Uuid, stale_after_seconds: i64
     Ok(claimed.rows_affected() == 1)
 }
 
+/// How many messages of the final answer of task `task_uid` were posted so far.
+pub async fn final_parts_posted(pool: &PgPool, task_uid: Uuid) -> Result<usize> {
+    let posted: Option<i32> =
+        sqlx::query_scalar("select final_parts_posted from slack_threads where task_uid = $1")
+            .bind(task_uid)
+            .fetch_optional(pool)
+            .await?;
+    Ok(posted.map_or(0, |n| usize::try_from(n).unwrap_or(0)))
+}
+
+/// Records that the first `parts` messages of the final answer are posted.
+pub async fn record_final_parts(pool: &PgPool, task_uid: Uuid, parts: usize) -> Result<()> {
+    sqlx::query(
+        "update slack_threads set final_parts_posted = greatest(final_parts_posted, $2)
+         where task_uid = $1",
+    )
+    .bind(task_uid)
+    .bind(i32::try_from(parts).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Records that the final answer was posted.
 pub async fn record_final(pool: &PgPool, task_uid: Uuid) -> Result<()> {
     sqlx::query("update slack_threads set final_posted_at = now() where task_uid = $1")

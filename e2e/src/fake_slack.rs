@@ -4,7 +4,8 @@
 //!
 //! Every call is recorded with whether it carried the expected bot token; a wrong token gets
 //! Slack's `{"ok": false, "error": "invalid_auth"}`. [`FakeSlack::rate_limit_next`] makes the
-//! next call of a method answer 429 with `Retry-After`, as Slack's tier limits do.
+//! next call of a method answer 429 with `Retry-After`, as Slack's tier limits do;
+//! [`FakeSlack::fail_call`] makes a later call answer `{"ok": false, "error": ...}`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,6 +31,8 @@ pub struct SlackCall {
     pub authorized: bool,
     /// The HTTP status the fake answered.
     pub status: u16,
+    /// Whether the answer was a success (`"ok": true`).
+    pub ok: bool,
 }
 
 impl SlackCall {
@@ -45,6 +48,8 @@ struct Shared {
     calls: Vec<SlackCall>,
     next_ts: u64,
     rate_limited: Vec<(String, u64)>,
+    /// Method, how many of its calls still succeed before the failing one, and the error.
+    failing: Vec<(String, usize, String)>,
 }
 
 /// A running fake Slack Web API. Stops when dropped.
@@ -114,6 +119,14 @@ impl FakeSlack {
             .push((method.to_owned(), retry_after_seconds));
     }
 
+    /// Lets `succeeding` more calls of `method` through, then answers the next one with
+    /// Slack's `{"ok": false, "error": error}` (recorded with status 200, as Slack sends it).
+    pub fn fail_call(&self, method: &str, succeeding: usize, error: &str) {
+        lock(&self.shared)
+            .failing
+            .push((method.to_owned(), succeeding, error.to_owned()));
+    }
+
     /// Waits until `done` holds for the calls so far; returns them.
     pub async fn wait_for(
         &self,
@@ -160,6 +173,7 @@ async fn call(
             body,
             authorized,
             status: 429,
+            ok: false,
         });
         return (
             StatusCode::TOO_MANY_REQUESTS,
@@ -172,6 +186,8 @@ async fn call(
             StatusCode::OK,
             json!({"ok": false, "error": "invalid_auth"}),
         )
+    } else if let Some(error) = take_failure(&mut shared.failing, &method) {
+        (StatusCode::OK, json!({"ok": false, "error": error}))
     } else {
         match method.as_str() {
             "chat.postMessage" => {
@@ -198,8 +214,19 @@ async fn call(
         body,
         authorized,
         status: status.as_u16(),
+        ok: answer["ok"] == true,
     });
     (status, axum::Json(answer)).into_response()
+}
+
+/// Counts a call of `method` against the armed failures; returns the error when it is due.
+fn take_failure(failing: &mut Vec<(String, usize, String)>, method: &str) -> Option<String> {
+    let index = failing.iter().position(|(m, _, _)| m == method)?;
+    if failing[index].1 == 0 {
+        return Some(failing.remove(index).2);
+    }
+    failing[index].1 -= 1;
+    None
 }
 
 /// An `event_callback` body for a message event of `kind` (`app_mention` or `message` in a DM).

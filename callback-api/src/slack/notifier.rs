@@ -34,6 +34,15 @@ const FINAL_CLAIM_STALE_SECONDS: i64 = 300;
 const EVENT_ID_RETENTION_SECONDS: i64 = 24 * 3600;
 /// Attempts per message when Slack rate-limits or fails.
 const POST_ATTEMPTS: u32 = 5;
+/// Pauses between attempts to post a final answer whose posting failed (each attempt already
+/// retries rate limits and transport errors [`POST_ATTEMPTS`] times).
+const FINAL_RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(600),
+];
 
 /// The notifier of one replica. Cheap to clone.
 #[derive(Clone)]
@@ -157,8 +166,22 @@ impl Notifier {
             let notifier = self.clone();
             let task = task.clone();
             tokio::spawn(async move {
+                // A failed answer is tried again later, not only on the task's next change.
+                for (attempt, delay) in FINAL_RETRY_DELAYS.iter().enumerate() {
+                    match notifier.finish(&task, uid, &thread).await {
+                        Ok(()) => return,
+                        Err(error) => tracing::warn!(
+                            task = %task.name_any(),
+                            error = %error,
+                            attempt = attempt + 1,
+                            retry_in_seconds = delay.as_secs(),
+                            "posting the answer to slack failed"
+                        ),
+                    }
+                    tokio::time::sleep(*delay).await;
+                }
                 if let Err(error) = notifier.finish(&task, uid, &thread).await {
-                    tracing::warn!(task = %task.name_any(), error = %error, "posting the answer to slack failed");
+                    tracing::error!(task = %task.name_any(), error = %error, "posting the answer to slack failed; giving up until the task changes");
                 }
             });
         } else {
@@ -302,16 +325,21 @@ impl Notifier {
             _ => task.status.as_ref().and_then(|s| s.output.clone()),
         };
         let thread_ts = thread.thread_ts.clone().or_else(|| thread.ack_ts.clone());
+        // A long answer takes several messages; after a failure the next attempt posts only
+        // the ones the thread does not show yet.
+        let already = store::final_parts_posted(db, uid).await?;
         let posted = async {
-            for message in text::final_messages(task, output.as_deref()) {
+            let messages = text::final_messages(task, output.as_deref());
+            for (index, message) in messages.iter().enumerate().skip(already) {
                 self.with_retries(|| {
                     self.inner.bot.client.post_message(
                         &thread.channel,
                         thread_ts.as_deref(),
-                        &message,
+                        message,
                     )
                 })
                 .await?;
+                store::record_final_parts(db, uid, index + 1).await?;
             }
             anyhow::Ok(())
         }

@@ -365,3 +365,98 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
         .await?;
     setup.namespace.delete().await
 }
+
+#[tokio::test]
+async fn a_long_answer_takes_several_messages_and_a_failed_one_is_posted_again_alone() -> Result<()>
+{
+    let setup = setup("slack-parts").await?;
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let mut config = test_config(&database_url, &redis_url);
+    configure(&setup)(&mut config);
+    let app = spawn_app_configured(|c| *c = config.clone()).await?;
+
+    let event = message_event(
+        "Ev3001",
+        TEAM,
+        "C0CHAN",
+        "1700000300.000100",
+        None,
+        "<@U0BOT> write a lot",
+    );
+    assert_eq!(
+        post_event(&app, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let api = setup.namespace.api::<DelegatedTask>();
+    let name = tasks_of(&api, 1).await?.remove(0).name_any();
+    setup
+        .slack
+        .wait_for("the acknowledgement", WAIT, |calls| {
+            calls.iter().any(|c| c.method == "chat.postMessage" && c.ok)
+        })
+        .await?;
+
+    // Three messages' worth of answer; Slack fails the second one once.
+    let output = (1..=100)
+        .map(|line| format!("line {line:03}: {}", "x".repeat(80)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let parts = nubabel_callback_api::slack::text::split(
+        &output,
+        nubabel_callback_api::slack::text::MAX_MESSAGE_CHARS,
+    );
+    assert_eq!(parts.len(), 3);
+    setup
+        .slack
+        .fail_call("chat.postMessage", 1, "internal_error");
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Succeeded", "output": output}})),
+    )
+    .await?;
+
+    setup
+        .slack
+        .wait_for("every part of the answer", WAIT, |calls| {
+            parts.iter().all(|part| {
+                calls
+                    .iter()
+                    .any(|c| c.method == "chat.postMessage" && c.ok && c.text() == part)
+            })
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let posts = setup.slack.calls_to("chat.postMessage");
+    let answers: Vec<_> = posts
+        .iter()
+        .filter(|c| parts.contains(&c.text().to_owned()))
+        .collect();
+    // Part one once, part two refused then posted, part three once: nothing repeated.
+    let sequence: Vec<_> = answers
+        .iter()
+        .map(|c| {
+            let index = parts
+                .iter()
+                .position(|p| p == c.text())
+                .unwrap_or(usize::MAX);
+            (index + 1, c.ok)
+        })
+        .collect();
+    assert_eq!(sequence, [(1, true), (2, false), (2, true), (3, true)]);
+    assert!(
+        answers
+            .iter()
+            .all(|c| c.body["thread_ts"] == "1700000300.000100")
+    );
+    setup
+        .slack
+        .wait_for("the acknowledgement to say done", WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "chat.update" && c.text().contains("Done"))
+        })
+        .await?;
+    setup.namespace.delete().await
+}
