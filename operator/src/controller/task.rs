@@ -29,7 +29,7 @@ use nubabel_crds::v1alpha1::{
     DelegatedTask, DelegatedTaskStatus, MAX_OUTPUT_BYTES, OpencodeSidecar, TaskError, TaskPhase,
 };
 use nubabel_data::identity::SidecarIdentity;
-use nubabel_data::sessions::{NewMapping, SessionMappings, TaskRef};
+use nubabel_data::sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef};
 use nubabel_opencode::{ClientConfig, MessageWithParts, OpencodeClient, PromptRequest, Role};
 use plan::{Observed, PodLoad, Resolved, SessionLocation, Step, Target, reasons};
 use sqlx::PgPool;
@@ -438,13 +438,9 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         }
         _ => None,
     };
-    let location = mapping
-        .as_ref()
-        .filter(|m| Some(&m.sidecar_name) == sidecar_name.as_ref())
-        .map(|m| SessionLocation {
-            opencode_session_id: m.opencode_session_id.clone(),
-            pod: m.pod_name.clone(),
-        });
+    let location = sidecar_name
+        .as_deref()
+        .and_then(|sidecar| location_in(mapping.as_ref(), &namespace, sidecar));
 
     let observed = Observed {
         task,
@@ -550,6 +546,22 @@ async fn cleanup(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     Ok(Action::await_change())
+}
+
+/// Where a session's conversation lives, if it lives in fleet `sidecar` of `namespace`: a
+/// session of the tenant last served by another fleet, or by a same-named fleet in another
+/// namespace, continues nowhere here and starts a new OpenCode session.
+fn location_in(
+    mapping: Option<&SessionMapping>,
+    namespace: &str,
+    sidecar: &str,
+) -> Option<SessionLocation> {
+    mapping
+        .filter(|m| m.sidecar_namespace == namespace && m.sidecar_name == sidecar)
+        .map(|m| SessionLocation {
+            opencode_session_id: m.opencode_session_id.clone(),
+            pod: m.pod_name.clone(),
+        })
 }
 
 async fn opencode_for(
@@ -1195,6 +1207,30 @@ mod tests {
         assert!(bounded.len() <= MAX_OUTPUT_BYTES);
         assert!(bounded.ends_with("kept in the database]"));
         assert_eq!(bounded_output("short"), "short");
+    }
+
+    #[test]
+    fn a_session_continues_only_in_the_fleet_and_namespace_that_served_it() {
+        let mapping = SessionMapping {
+            session_pk: sqlx::types::Uuid::nil(),
+            organization_id: "org-a".into(),
+            session_id: "chat".into(),
+            opencode_session_id: "ses_1".into(),
+            sidecar_namespace: "team-a".into(),
+            sidecar_name: "fleet".into(),
+            pod_name: "fleet-0".into(),
+            task: None,
+        };
+        let here = location_in(Some(&mapping), "team-a", "fleet").expect("same fleet");
+        assert_eq!(
+            (here.opencode_session_id.as_str(), here.pod.as_str()),
+            ("ses_1", "fleet-0")
+        );
+        // A same-named fleet in another namespace has its own pods: fleet-0 there is not the
+        // pod that holds the conversation.
+        assert!(location_in(Some(&mapping), "team-b", "fleet").is_none());
+        assert!(location_in(Some(&mapping), "team-a", "other").is_none());
+        assert!(location_in(None, "team-a", "fleet").is_none());
     }
 
     fn live(tasks: &[(&str, Option<&str>)]) -> Live {
