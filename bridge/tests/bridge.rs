@@ -86,6 +86,7 @@ impl Api {
             slack_api_url: "https://slack.com/api".into(),
             slack_teams: Vec::new(),
             slack_progress_interval_ms: 2000,
+            slack_final_sweep_seconds: 60,
             vault_keys: None,
             admin_token: None,
             egress_allow: Vec::new(),

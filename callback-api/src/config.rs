@@ -127,6 +127,10 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub slack_progress_interval_ms: u64,
+    /// How often each replica looks for final answers claimed by a replica that stopped
+    /// before posting them (claims older than five minutes), in seconds.
+    #[arg(long, env = "NUBABEL_SLACK_FINAL_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub slack_final_sweep_seconds: u64,
     /// Credential vault master keys, `<id>=<base64 of 32 bytes>` separated by commas, the
     /// current key first (`k2=...,k1=...`); older keys only decrypt. Without it, MCP
     /// connections cannot be stored or used.

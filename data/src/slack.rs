@@ -165,6 +165,35 @@ pub async fn claim_final(pool: &PgPool, task_uid: Uuid, stale_after_seconds: i64
     Ok(claimed.rows_affected() == 1)
 }
 
+/// Tasks whose final answer was claimed more than `stale_after_seconds` ago and never posted
+/// (the replica holding the claim stopped): `(task uid, namespace, name)`, oldest claim first.
+pub async fn stale_finals(
+    pool: &PgPool,
+    stale_after_seconds: i64,
+    limit: i64,
+) -> Result<Vec<(Uuid, String, String)>> {
+    let rows = sqlx::query(
+        "select task_uid, task_namespace, task_name from slack_threads
+         where final_posted_at is null
+           and final_claimed_at < now() - make_interval(secs => $1::float8)
+         order by final_claimed_at
+         limit $2",
+    )
+    .bind(stale_after_seconds as f64)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("task_uid")?,
+                row.try_get("task_namespace")?,
+                row.try_get("task_name")?,
+            ))
+        })
+        .collect()
+}
+
 /// How many messages of the final answer of task `task_uid` were posted so far.
 pub async fn final_parts_posted(pool: &PgPool, task_uid: Uuid) -> Result<usize> {
     let posted: Option<i32> =

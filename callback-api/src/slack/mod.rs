@@ -43,6 +43,8 @@ pub struct SlackBot {
     pub teams: BTreeMap<String, TeamTarget>,
     /// Least time between two progress edits of one message.
     pub progress_interval: Duration,
+    /// How often stale final claims are looked for.
+    pub final_sweep_interval: Duration,
 }
 
 impl std::fmt::Debug for SlackBot {
@@ -99,6 +101,7 @@ impl SlackBot {
                     signing_secret: secret.clone(),
                     teams,
                     progress_interval: Duration::from_millis(config.slack_progress_interval_ms),
+                    final_sweep_interval: Duration::from_secs(config.slack_final_sweep_seconds),
                 }))
             }
             _ => bail!(

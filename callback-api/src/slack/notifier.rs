@@ -32,6 +32,8 @@ const ANNOUNCE_ENDED_WITHIN_SECONDS: i64 = 900;
 const FINAL_CLAIM_STALE_SECONDS: i64 = 300;
 /// Event ids are kept this long (Slack retries for about an hour at most).
 const EVENT_ID_RETENTION_SECONDS: i64 = 24 * 3600;
+/// Stale final claims handled per sweep.
+const SWEEP_BATCH: i64 = 100;
 /// Attempts per message when Slack rate-limits or fails.
 const POST_ATTEMPTS: u32 = 5;
 /// Pauses between attempts to post a final answer whose posting failed (each attempt already
@@ -89,6 +91,18 @@ impl Notifier {
                 tokio::spawn(async move { notifier.watch(api, namespace).await })
             })
             .collect();
+        let notifier = self.clone();
+        let tasks = client.clone();
+        handles.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(notifier.inner.bot.final_sweep_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(error) = notifier.sweep_stale_finals(&tasks).await {
+                    tracing::warn!(error = %error, "looking for stale slack answers failed");
+                }
+            }
+        }));
         let db = self.inner.db.clone();
         handles.push(tokio::spawn(async move {
             loop {
@@ -116,6 +130,26 @@ impl Notifier {
                 }
             }
         }
+    }
+
+    /// Posts the answers a stopped replica claimed but never posted. Watch events come only
+    /// when a task changes, and a finished task seldom changes again, so without this sweep
+    /// such an answer would wait for the next restart of a replica.
+    async fn sweep_stale_finals(&self, client: &Client) -> anyhow::Result<()> {
+        let stale =
+            store::stale_finals(&self.inner.db, FINAL_CLAIM_STALE_SECONDS, SWEEP_BATCH).await?;
+        for (uid, namespace, name) in stale {
+            let api: Api<DelegatedTask> = Api::namespaced(client.clone(), &namespace);
+            match api.get_opt(&name).await? {
+                Some(task) if task.uid().as_deref() == Some(uid.to_string().as_str()) => {
+                    tracing::info!(%namespace, task = %name, "taking over a stale slack answer");
+                    self.on_task(task).await;
+                }
+                // The task is gone: its answer cannot be rebuilt, so stop looking for it.
+                _ => store::release_final(&self.inner.db, uid).await?,
+            }
+        }
+        Ok(())
     }
 
     /// Handles one observed state of a task.

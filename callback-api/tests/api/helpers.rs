@@ -68,6 +68,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         slack_api_url: "https://slack.com/api".into(),
         slack_teams: Vec::new(),
         slack_progress_interval_ms: 2000,
+        slack_final_sweep_seconds: 60,
         vault_keys: Some(VAULT_KEYS.into()),
         admin_token: Some(ADMIN_TOKEN.into()),
         egress_allow: Vec::new(),

@@ -460,3 +460,76 @@ async fn a_long_answer_takes_several_messages_and_a_failed_one_is_posted_again_a
         .await?;
     setup.namespace.delete().await
 }
+
+#[tokio::test]
+async fn an_answer_claimed_by_a_replica_that_stopped_is_posted_by_another() -> Result<()> {
+    let setup = setup("slack-stale").await?;
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let mut config = test_config(&database_url, &redis_url);
+    configure(&setup)(&mut config);
+    config.slack_final_sweep_seconds = 1;
+    let app = spawn_app_configured(|c| *c = config.clone()).await?;
+
+    let event = message_event(
+        "Ev4001",
+        TEAM,
+        "C0CHAN",
+        "1700000400.000100",
+        None,
+        "<@U0BOT> answer later",
+    );
+    assert_eq!(
+        post_event(&app, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let api = setup.namespace.api::<DelegatedTask>();
+    let task = tasks_of(&api, 1).await?.remove(0);
+    let uid: uuid::Uuid = task.uid().unwrap_or_default().parse()?;
+    setup
+        .slack
+        .wait_for("the acknowledgement", WAIT, |calls| {
+            calls.iter().any(|c| c.method == "chat.postMessage" && c.ok)
+        })
+        .await?;
+
+    // Another replica claims the answer, then stops before posting it.
+    sqlx::query("update slack_threads set final_claimed_at = now() where task_uid = $1")
+        .bind(uid)
+        .execute(&app.db)
+        .await?;
+    api.patch_status(
+        &task.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Succeeded", "output": "The answer is 7."}})),
+    )
+    .await?;
+    let answered = |calls: &[nubabel_e2e::fake_slack::SlackCall]| {
+        calls
+            .iter()
+            .filter(|c| c.method == "chat.postMessage" && c.ok && c.text() == "The answer is 7.")
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        answered(&setup.slack.calls()),
+        0,
+        "a fresh claim is respected"
+    );
+
+    // The claim grows stale; the task does not change again, yet the answer comes.
+    sqlx::query(
+        "update slack_threads set final_claimed_at = now() - interval '6 minutes'
+         where task_uid = $1",
+    )
+    .bind(uid)
+    .execute(&app.db)
+    .await?;
+    setup
+        .slack
+        .wait_for("the answer", WAIT, |calls| answered(calls) > 0)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(answered(&setup.slack.calls()), 1);
+    setup.namespace.delete().await
+}
