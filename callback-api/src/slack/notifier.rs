@@ -140,13 +140,18 @@ impl Notifier {
             store::stale_finals(&self.inner.db, FINAL_CLAIM_STALE_SECONDS, SWEEP_BATCH).await?;
         for (uid, namespace, name) in stale {
             let api: Api<DelegatedTask> = Api::namespaced(client.clone(), &namespace);
-            match api.get_opt(&name).await? {
-                Some(task) if task.uid().as_deref() == Some(uid.to_string().as_str()) => {
+            match api.get_opt(&name).await {
+                Ok(Some(task)) if task.uid().as_deref() == Some(uid.to_string().as_str()) => {
                     tracing::info!(%namespace, task = %name, "taking over a stale slack answer");
                     self.on_task(task).await;
                 }
                 // The task is gone: its answer cannot be rebuilt, so stop looking for it.
-                _ => store::release_final(&self.inner.db, uid).await?,
+                Ok(_) => store::release_final(&self.inner.db, uid).await?,
+                // One unreadable task (e.g. a namespace no longer served) does not hold up the
+                // others; it is looked at again next sweep.
+                Err(error) => {
+                    tracing::warn!(%namespace, task = %name, %error, "reading a task with a stale slack answer failed");
+                }
             }
         }
         Ok(())
