@@ -328,3 +328,108 @@ async fn tasks_created_together_never_overfill_a_pod() -> Result<()> {
     system.shutdown().await?;
     namespace.delete().await
 }
+
+#[tokio::test]
+async fn turns_of_one_session_created_together_run_one_after_another_in_one_conversation()
+-> Result<()> {
+    let env = TestEnv::from_env().await?;
+    let namespace = TestNamespace::create(&env.client, "tasks-same-session").await?;
+    let system = System::start(&env, &namespace).await?;
+    within(
+        LIMIT,
+        "running two turns of one session created together",
+        async {
+            // Two pods with free slots: nothing but the session keeps the turns apart.
+            let sidecar = system.sidecar_manifest("fleet", "org-t", 2)?;
+            create(&namespace.api(), &sidecar).await?;
+            system.await_fleet_ready("fleet", 2).await?;
+            let tasks = namespace.api::<DelegatedTask>();
+            let names = ["turn-a", "turn-b"];
+            let manifests: Vec<DelegatedTask> = names
+                .iter()
+                .map(|name| {
+                    task(
+                        name,
+                        "org-t",
+                        Some("fleet"),
+                        Some("chat-t"),
+                        &format!("SLOW:3 marker-{name}"),
+                    )
+                })
+                .collect();
+            futures::future::try_join_all(
+                manifests.iter().map(|manifest| create(&tasks, manifest)),
+            )
+            .await?;
+
+            // At no moment do both turns hold a pod.
+            let deadline = std::time::Instant::now() + Duration::from_secs(150);
+            loop {
+                let listed = tasks.list(&Default::default()).await?.items;
+                let holding: Vec<String> = listed
+                    .iter()
+                    .filter(|t| {
+                        let status = t.status.clone().unwrap_or_default();
+                        status.sidecar_pod.is_some()
+                            && !status.phase.is_some_and(TaskPhase::is_finished)
+                    })
+                    .map(kube::ResourceExt::name_any)
+                    .collect();
+                assert!(
+                    holding.len() <= 1,
+                    "{holding:?} run at once\n{}",
+                    system.diagnostics()
+                );
+                let finished = listed
+                    .iter()
+                    .filter(|t| task_support::phase_of(Some(t)).is_some_and(TaskPhase::is_finished))
+                    .count();
+                if finished == names.len() {
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{finished} of 2 turns finished\n{}",
+                    system.diagnostics()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+
+            // One conversation: the same OpenCode session on the same pod, and the later turn's
+            // request to the LLM carries the earlier turn.
+            let mut done = Vec::new();
+            for name in names {
+                let task = await_phase(&tasks, name, TaskPhase::Succeeded, &system).await?;
+                let status = task.status.unwrap();
+                done.push((
+                    status.completion_time.map(|t| t.0),
+                    name,
+                    status.sidecar_pod.unwrap_or_default(),
+                    status.opencode_session_id.unwrap_or_default(),
+                ));
+            }
+            done.sort();
+            let (_, earlier, pod, session) = &done[0];
+            let (_, later, later_pod, later_session) = &done[1];
+            assert_eq!(
+                (later_pod, later_session),
+                (pod, session),
+                "{}",
+                system.diagnostics()
+            );
+            let requests = system
+                .fake_llm()
+                .requests_containing(&format!("marker-{later}"));
+            assert!(
+                requests
+                    .iter()
+                    .any(|r| r.to_string().contains(&format!("marker-{earlier}"))),
+                "the later turn did not carry the earlier one: {requests:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    system.shutdown().await?;
+    namespace.delete().await
+}

@@ -147,19 +147,29 @@ type Live = HashMap<String, Option<String>>;
 /// placement only after its status write comes back through the watch, and tasks reconcile
 /// concurrently: without this ledger, tasks created together all see the same pod free and
 /// overfill it. Only the leader reconciles, so the ledger is the one place placements are
-/// decided; after a restart the cache has every status written before.
+/// decided; after a restart the cache has every status written before. The ledger also keeps
+/// the turns of one session apart: a session's next turn is placed only when no live task
+/// of the session is.
 #[derive(Clone, Default)]
-struct Placements(Arc<Mutex<HashMap<String, (String, String)>>>);
+struct Placements(Arc<Mutex<HashMap<String, Placement>>>);
+
+/// Where this operator placed a task, and the session (organization, `sessionId`) it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Placement {
+    namespace: String,
+    pod: String,
+    session: (String, String),
+}
 
 impl Placements {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Placement>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Tasks of `live` (uid → the pod the cache shows it on, if any) on pod `namespace/pod`,
     /// by the cache or by this ledger.
     fn occupants(
-        placements: &HashMap<String, (String, String)>,
+        placements: &HashMap<String, Placement>,
         live: &Live,
         namespace: &str,
         pod: &str,
@@ -169,35 +179,52 @@ impl Placements {
                 cached.as_deref() == Some(pod)
                     || placements
                         .get(*uid)
-                        .is_some_and(|(ns, placed)| ns == namespace && placed == pod)
+                        .is_some_and(|p| p.namespace == namespace && p.pod == pod)
             })
             .count()
     }
 
-    /// Places task `uid` on `namespace/pod` if the pod has a free slot counting every task of
-    /// `live` on it, or unconditionally without `capacity` (a session continuing on its pod).
+    /// Places task `uid` as `placement` unless another task of its session that is still
+    /// `alive` (unfinished, in any namespace) is placed, and, with a `capacity`, only if the
+    /// pod has a free slot counting every task of `live` on it (without one: a session
+    /// continuing on its pod, whatever the load).
     fn reserve(
         &self,
         uid: &str,
-        namespace: &str,
-        pod: &str,
+        placement: Placement,
         live: &Live,
+        alive: &HashSet<String>,
         capacity: Option<i32>,
-    ) -> bool {
+    ) -> Result<(), Refusal> {
         let mut placements = self.lock();
+        let session_placed = placements.iter().any(|(other, p)| {
+            other != uid && p.session == placement.session && alive.contains(other)
+        });
+        if session_placed {
+            return Err(Refusal::SessionBusy);
+        }
         if let Some(capacity) = capacity {
-            let taken = Self::occupants(&placements, live, namespace, pod);
+            let taken = Self::occupants(&placements, live, &placement.namespace, &placement.pod);
             if i32::try_from(taken).unwrap_or(i32::MAX) >= capacity {
-                return false;
+                return Err(Refusal::PodFull);
             }
         }
-        placements.insert(uid.to_owned(), (namespace.to_owned(), pod.to_owned()));
-        true
+        placements.insert(uid.to_owned(), placement);
+        Ok(())
     }
 
     fn release(&self, uid: &str) {
         self.lock().remove(uid);
     }
+}
+
+/// Why the ledger did not place a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Another turn of the session was placed meanwhile.
+    SessionBusy,
+    /// The pod's last slot was taken meanwhile.
+    PodFull,
 }
 
 /// The uids of tasks this operator finished recently, so a queued task woken by the finish
@@ -421,9 +448,18 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                 )
         })
         .count();
+    // Every unfinished task in the cache, in any namespace: a session belongs to the
+    // organization, so its turns wait for each other across namespaces too.
+    let alive: Vec<Arc<DelegatedTask>> = ctx
+        .tasks
+        .state()
+        .into_iter()
+        .filter(|t| t.uid() != task.uid() && !phase(t).is_finished())
+        .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
+        .collect();
     let my_session = session_id(task);
     let session_busy = task.spec.session_id.is_some()
-        && others.iter().any(|t| {
+        && alive.iter().any(|t| {
             session_id(t) == my_session
                 && t.spec.organization_id == task.spec.organization_id
                 && occupies_pod(t).is_some()
@@ -508,11 +544,17 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                 ),
             };
             let uid = task.uid().unwrap_or_default();
-            if !ctx
+            let placement = Placement {
+                namespace: namespace.clone(),
+                pod: pod.to_owned(),
+                session: (task.spec.organization_id.clone(), my_session.clone()),
+            };
+            let alive: HashSet<String> = alive.iter().filter_map(|t| t.uid()).collect();
+            if let Err(refusal) = ctx
                 .placements
-                .reserve(&uid, &namespace, pod, &live, capacity)
+                .reserve(&uid, placement, &live, &alive, capacity)
             {
-                tracing::debug!(task = %task.name_any(), pod, "slot taken meanwhile; planning again");
+                tracing::debug!(task = %task.name_any(), pod, ?refusal, "placed meanwhile; planning again");
                 return Ok(Action::requeue(PLACEMENT_RETRY));
             }
             dispatch(task, ctx, &sidecar, &pods, target, &my_session).await
@@ -1152,9 +1194,10 @@ pub async fn run(
             .map(|t| ObjectRef::from_obj(t.as_ref()))
             .collect::<Vec<ObjectRef<DelegatedTask>>>()
     });
-    // A task that finishes frees a slot: wake the queued tasks of its namespace at once
-    // instead of at their next recheck (finished tasks rarely change again, so this is about
-    // one wake per finish; wakes of one task coalesce in the controller's queue).
+    // A task that finishes frees a slot: wake the queued tasks of its namespace, and the
+    // queued turns of its session in any namespace, at once instead of at their next recheck
+    // (finished tasks rarely change again, so this is about one wake per finish; wakes of one
+    // task coalesce in the controller's queue).
     let queue_store = store.clone();
     let controller = controller.watches(
         shared.watched::<DelegatedTask>(),
@@ -1167,7 +1210,13 @@ pub async fn run(
             queue_store
                 .state()
                 .iter()
-                .filter(|t| t.namespace() == namespace && phase(t) == TaskPhase::Queued)
+                .filter(|t| phase(t) == TaskPhase::Queued)
+                .filter(|t| {
+                    t.namespace() == namespace
+                        || (t.spec.session_id.is_some()
+                            && t.spec.session_id == finished.spec.session_id
+                            && t.spec.organization_id == finished.spec.organization_id)
+                })
                 .map(|t| ObjectRef::from_obj(t.as_ref()))
                 .collect::<Vec<ObjectRef<DelegatedTask>>>()
         },
@@ -1240,6 +1289,28 @@ mod tests {
             .collect()
     }
 
+    fn at(namespace: &str, pod: &str) -> Placement {
+        Placement {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            session: (
+                "org".to_owned(),
+                format!("own-{namespace}-{pod}-{}", unique_number()),
+            ),
+        }
+    }
+
+    /// A session of its own for each placement, so only capacity decides.
+    fn unique_number() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn alive(uids: &[&str]) -> HashSet<String> {
+        uids.iter().map(|uid| (*uid).to_owned()).collect()
+    }
+
     #[test]
     fn tasks_placed_together_never_take_more_slots_than_a_pod_has() {
         let placements = Placements::default();
@@ -1250,10 +1321,14 @@ mod tests {
             others.remove(me);
             others
         };
-        assert!(placements.reserve("a", "ns", "pod-0", &others("a"), Some(2)));
-        assert!(placements.reserve("b", "ns", "pod-0", &others("b"), Some(2)));
-        assert!(!placements.reserve("c", "ns", "pod-0", &others("c"), Some(2)));
-        assert!(placements.reserve("c", "ns", "pod-1", &others("c"), Some(2)));
+        let all = alive(&["a", "b", "c"]);
+        let reserve = |uid: &str, placement: Placement| {
+            placements.reserve(uid, placement, &others(uid), &all, Some(2))
+        };
+        assert_eq!(reserve("a", at("ns", "pod-0")), Ok(()));
+        assert_eq!(reserve("b", at("ns", "pod-0")), Ok(()));
+        assert_eq!(reserve("c", at("ns", "pod-0")), Err(Refusal::PodFull));
+        assert_eq!(reserve("c", at("ns", "pod-1")), Ok(()));
 
         // A task the cache shows on the pod counts once, placed here or not.
         let cached = live(&[("a", Some("pod-0")), ("x", Some("pod-0"))]);
@@ -1262,21 +1337,98 @@ mod tests {
             2
         );
         // A pod of the same name in another namespace is another pod.
-        assert!(placements.reserve("d", "other", "pod-0", &live(&[]), Some(1)));
+        assert_eq!(
+            placements.reserve("d", at("other", "pod-0"), &live(&[]), &all, Some(1)),
+            Ok(())
+        );
     }
 
     #[test]
     fn a_released_slot_is_free_again_and_a_continuing_session_is_always_placed() {
         let placements = Placements::default();
         let others = live(&[("a", None)]);
-        assert!(placements.reserve("a", "ns", "pod-0", &live(&[]), Some(1)));
-        assert!(!placements.reserve("b", "ns", "pod-0", &others, Some(1)));
+        let all = alive(&["a", "b", "c"]);
+        assert_eq!(
+            placements.reserve("a", at("ns", "pod-0"), &live(&[]), &all, Some(1)),
+            Ok(())
+        );
+        assert_eq!(
+            placements.reserve("b", at("ns", "pod-0"), &others, &all, Some(1)),
+            Err(Refusal::PodFull)
+        );
         // The session of b lives on pod-0: it continues there whatever the load.
-        assert!(placements.reserve("b", "ns", "pod-0", &others, None));
+        assert_eq!(
+            placements.reserve("b", at("ns", "pod-0"), &others, &all, None),
+            Ok(())
+        );
 
         // Released (finished or queued again), `a` and `b` take no slot, live or not.
         placements.release("a");
         placements.release("b");
-        assert!(placements.reserve("c", "ns", "pod-0", &others, Some(1)));
+        assert_eq!(
+            placements.reserve("c", at("ns", "pod-0"), &others, &all, Some(1)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn turns_of_one_session_are_placed_one_at_a_time_in_any_namespace() {
+        let placements = Placements::default();
+        let turn = |namespace: &str, pod: &str, session: &str| Placement {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            session: ("org-a".to_owned(), session.to_owned()),
+        };
+        let all = alive(&["one", "two", "three", "other-org"]);
+        let free = live(&[]);
+        assert_eq!(
+            placements.reserve("one", turn("ns", "pod-0", "chat"), &free, &all, Some(8)),
+            Ok(())
+        );
+        // Another turn of the session waits, on another pod, without capacity, or elsewhere.
+        for placement in [
+            turn("ns", "pod-1", "chat"),
+            turn("ns", "pod-0", "chat"),
+            turn("team-b", "pod-0", "chat"),
+        ] {
+            assert_eq!(
+                placements.reserve("two", placement.clone(), &free, &all, None),
+                Err(Refusal::SessionBusy),
+                "{placement:?}"
+            );
+        }
+        // Another session, or the same sessionId of another organization, goes ahead.
+        assert_eq!(
+            placements.reserve("three", turn("ns", "pod-1", "other"), &free, &all, Some(8)),
+            Ok(())
+        );
+        let mut foreign = turn("ns", "pod-1", "chat");
+        foreign.session.0 = "org-b".to_owned();
+        assert_eq!(
+            placements.reserve("other-org", foreign, &free, &all, Some(8)),
+            Ok(())
+        );
+        // Placing the same task again is no conflict with itself.
+        assert_eq!(
+            placements.reserve("one", turn("ns", "pod-0", "chat"), &free, &all, None),
+            Ok(())
+        );
+        // Once the first turn is over (released, or no longer alive), the next one goes.
+        assert_eq!(
+            placements.reserve(
+                "two",
+                turn("ns", "pod-0", "chat"),
+                &free,
+                &alive(&["two"]),
+                None
+            ),
+            Ok(())
+        );
+        placements.release("two");
+        placements.release("one");
+        assert_eq!(
+            placements.reserve("two", turn("ns", "pod-0", "chat"), &free, &all, None),
+            Ok(())
+        );
     }
 }
