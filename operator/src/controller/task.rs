@@ -11,7 +11,7 @@ pub mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -153,12 +153,40 @@ type Live = HashMap<String, Option<String>>;
 #[derive(Clone, Default)]
 struct Placements(Arc<Mutex<HashMap<String, Placement>>>);
 
-/// Where this operator placed a task, and the session (organization, `sessionId`) it serves.
+/// Where this operator placed a task, the session (organization, `sessionId`) it serves, and
+/// when.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Placement {
     namespace: String,
     pod: String,
     session: (String, String),
+    at: Instant,
+}
+
+/// How long a placed task the cache has not shown yet still counts (the cache shows a new
+/// task within moments; a ledger entry of a task deleted before it was ever seen must not
+/// hold a slot for ever).
+const UNSEEN_PLACEMENT_GRACE: Duration = Duration::from_secs(60);
+
+/// What the cache showed when a reconcile planned, besides the task itself.
+#[derive(Default)]
+struct CacheView {
+    /// The other unfinished tasks of the namespace, each with the pod the cache shows it on.
+    live: Live,
+    /// Every other unfinished task, in any namespace.
+    alive: HashSet<String>,
+    /// Every task the cache held, finished or not.
+    known: HashSet<String>,
+}
+
+impl CacheView {
+    /// Whether a task placed by this operator still holds its place: the cache shows it
+    /// unfinished, or it was placed so recently that the cache may not show it yet (tasks
+    /// created together reconcile before the cache has all of them).
+    fn holds(&self, uid: &str, placement: &Placement) -> bool {
+        self.alive.contains(uid)
+            || (!self.known.contains(uid) && placement.at.elapsed() < UNSEEN_PLACEMENT_GRACE)
+    }
 }
 
 impl Placements {
@@ -166,45 +194,50 @@ impl Placements {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Tasks of `live` (uid → the pod the cache shows it on, if any) on pod `namespace/pod`,
-    /// by the cache or by this ledger.
+    /// Tasks other than `me` on pod `namespace/pod`: those the cache shows there, and those
+    /// this ledger placed there that still hold their place.
     fn occupants(
         placements: &HashMap<String, Placement>,
-        live: &Live,
+        view: &CacheView,
+        me: &str,
         namespace: &str,
         pod: &str,
     ) -> usize {
-        live.iter()
-            .filter(|(uid, cached)| {
-                cached.as_deref() == Some(pod)
-                    || placements
-                        .get(*uid)
-                        .is_some_and(|p| p.namespace == namespace && p.pod == pod)
+        let cached = view
+            .live
+            .iter()
+            .filter(|(_, cached)| cached.as_deref() == Some(pod))
+            .map(|(uid, _)| uid.as_str());
+        let placed = placements
+            .iter()
+            .filter(|(uid, p)| {
+                uid.as_str() != me && p.namespace == namespace && p.pod == pod && view.holds(uid, p)
             })
-            .count()
+            .map(|(uid, _)| uid.as_str());
+        cached.chain(placed).collect::<HashSet<_>>().len()
     }
 
-    /// Places task `uid` as `placement` unless another task of its session that is still
-    /// `alive` (unfinished, in any namespace) is placed, and, with a `capacity`, only if the
-    /// pod has a free slot counting every task of `live` on it (without one: a session
-    /// continuing on its pod, whatever the load).
+    /// Places task `uid` as `placement` unless another task of its session that still holds
+    /// its place (see [`CacheView::holds`]) is placed, in any namespace, and, with a
+    /// `capacity`, only if the pod has a free slot (without one: a session continuing on its
+    /// pod, whatever the load).
     fn reserve(
         &self,
         uid: &str,
         placement: Placement,
-        live: &Live,
-        alive: &HashSet<String>,
+        view: &CacheView,
         capacity: Option<i32>,
     ) -> Result<(), Refusal> {
         let mut placements = self.lock();
         let session_placed = placements.iter().any(|(other, p)| {
-            other != uid && p.session == placement.session && alive.contains(other)
+            other != uid && p.session == placement.session && view.holds(other, p)
         });
         if session_placed {
             return Err(Refusal::SessionBusy);
         }
         if let Some(capacity) = capacity {
-            let taken = Self::occupants(&placements, live, &placement.namespace, &placement.pod);
+            let taken =
+                Self::occupants(&placements, view, uid, &placement.namespace, &placement.pod);
             if i32::try_from(taken).unwrap_or(i32::MAX) >= capacity {
                 return Err(Refusal::PodFull);
             }
@@ -403,13 +436,26 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
         .filter(|t| t.namespace().as_deref() == Some(namespace.as_str()) && t.uid() != task.uid())
         .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
         .collect();
+    // Every unfinished task in the cache, in any namespace: a session belongs to the
+    // organization, so its turns wait for each other across namespaces too.
+    let all = ctx.tasks.state();
+    let alive: Vec<&Arc<DelegatedTask>> = all
+        .iter()
+        .filter(|t| t.uid() != task.uid() && !phase(t).is_finished())
+        .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
+        .collect();
     // Every other live task of the namespace and the pod the cache shows it on; with this
     // operator's placements, what each pod runs.
-    let live: Live = others
-        .iter()
-        .filter(|t| !phase(t).is_finished())
-        .filter_map(|t| Some((t.uid()?, occupies_pod(t).map(str::to_owned))))
-        .collect();
+    let view = CacheView {
+        live: others
+            .iter()
+            .filter(|t| !phase(t).is_finished())
+            .filter_map(|t| Some((t.uid()?, occupies_pod(t).map(str::to_owned))))
+            .collect(),
+        alive: alive.iter().filter_map(|t| t.uid()).collect(),
+        known: all.iter().filter_map(|t| t.uid()).collect(),
+    };
+    let my_uid = task.uid().unwrap_or_default();
     let loads: Vec<PodLoad> = {
         let placements = ctx.placements.lock();
         pods.iter()
@@ -420,7 +466,8 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                 created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
                 running_tasks: i32::try_from(Placements::occupants(
                     &placements,
-                    &live,
+                    &view,
+                    &my_uid,
                     &namespace,
                     &pod.name_any(),
                 ))
@@ -448,15 +495,6 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                 )
         })
         .count();
-    // Every unfinished task in the cache, in any namespace: a session belongs to the
-    // organization, so its turns wait for each other across namespaces too.
-    let alive: Vec<Arc<DelegatedTask>> = ctx
-        .tasks
-        .state()
-        .into_iter()
-        .filter(|t| t.uid() != task.uid() && !phase(t).is_finished())
-        .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
-        .collect();
     let my_session = session_id(task);
     let session_busy = task.spec.session_id.is_some()
         && alive.iter().any(|t| {
@@ -543,17 +581,13 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
                     ),
                 ),
             };
-            let uid = task.uid().unwrap_or_default();
             let placement = Placement {
                 namespace: namespace.clone(),
                 pod: pod.to_owned(),
                 session: (task.spec.organization_id.clone(), my_session.clone()),
+                at: Instant::now(),
             };
-            let alive: HashSet<String> = alive.iter().filter_map(|t| t.uid()).collect();
-            if let Err(refusal) = ctx
-                .placements
-                .reserve(&uid, placement, &live, &alive, capacity)
-            {
+            if let Err(refusal) = ctx.placements.reserve(&my_uid, placement, &view, capacity) {
                 tracing::debug!(task = %task.name_any(), pod, ?refusal, "placed meanwhile; planning again");
                 return Ok(Action::requeue(PLACEMENT_RETRY));
             }
@@ -1290,25 +1324,29 @@ mod tests {
     }
 
     fn at(namespace: &str, pod: &str) -> Placement {
+        // A session of its own for each placement, so only capacity decides.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Placement {
             namespace: namespace.to_owned(),
             pod: pod.to_owned(),
-            session: (
-                "org".to_owned(),
-                format!("own-{namespace}-{pod}-{}", unique_number()),
-            ),
+            session: ("org".to_owned(), format!("own-{n}")),
+            at: Instant::now(),
         }
     }
 
-    /// A session of its own for each placement, so only capacity decides.
-    fn unique_number() -> u64 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed)
+    fn uids(uids: &[&str]) -> HashSet<String> {
+        uids.iter().map(|uid| (*uid).to_owned()).collect()
     }
 
-    fn alive(uids: &[&str]) -> HashSet<String> {
-        uids.iter().map(|uid| (*uid).to_owned()).collect()
+    /// The cache shows `live` (this namespace's other unfinished tasks) and nothing else.
+    fn view(live: Live) -> CacheView {
+        let alive: HashSet<String> = live.keys().cloned().collect();
+        CacheView {
+            live,
+            known: alive.clone(),
+            alive,
+        }
     }
 
     #[test]
@@ -1319,26 +1357,62 @@ mod tests {
         let others = |me: &str| {
             let mut others = fresh.clone();
             others.remove(me);
-            others
+            view(others)
         };
-        let all = alive(&["a", "b", "c"]);
         let reserve = |uid: &str, placement: Placement| {
-            placements.reserve(uid, placement, &others(uid), &all, Some(2))
+            placements.reserve(uid, placement, &others(uid), Some(2))
         };
         assert_eq!(reserve("a", at("ns", "pod-0")), Ok(()));
         assert_eq!(reserve("b", at("ns", "pod-0")), Ok(()));
         assert_eq!(reserve("c", at("ns", "pod-0")), Err(Refusal::PodFull));
         assert_eq!(reserve("c", at("ns", "pod-1")), Ok(()));
 
-        // A task the cache shows on the pod counts once, placed here or not.
-        let cached = live(&[("a", Some("pod-0")), ("x", Some("pod-0"))]);
+        // A task the cache shows on the pod counts once, placed here or not; one the cache
+        // shows finished (`b`) no longer counts.
+        let mut cached = view(live(&[("a", Some("pod-0")), ("x", Some("pod-0"))]));
+        cached.known.extend(uids(&["b", "c"]));
         assert_eq!(
-            Placements::occupants(&placements.lock(), &cached, "ns", "pod-0"),
+            Placements::occupants(&placements.lock(), &cached, "me", "ns", "pod-0"),
             2
         );
         // A pod of the same name in another namespace is another pod.
         assert_eq!(
-            placements.reserve("d", at("other", "pod-0"), &live(&[]), &all, Some(1)),
+            placements.reserve("d", at("other", "pod-0"), &view(live(&[])), Some(1)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_task_placed_before_the_cache_shows_it_still_takes_its_slot() {
+        let placements = Placements::default();
+        // `a` is placed while `b` plans with a cache that does not hold `a` yet.
+        assert_eq!(
+            placements.reserve("a", at("ns", "pod-0"), &view(live(&[("b", None)])), Some(1)),
+            Ok(())
+        );
+        let before_a = view(live(&[]));
+        assert_eq!(
+            placements.reserve("b", at("ns", "pod-0"), &before_a, Some(1)),
+            Err(Refusal::PodFull)
+        );
+        // Once the cache holds `a` finished, its slot is free.
+        let a_finished = CacheView {
+            known: uids(&["a"]),
+            ..CacheView::default()
+        };
+        assert_eq!(
+            placements.reserve("b", at("ns", "pod-0"), &a_finished, Some(1)),
+            Ok(())
+        );
+        // A placement the cache never showed (its task deleted at once) stops counting.
+        let stale = Placements::default();
+        let mut old = at("ns", "pod-0");
+        old.at = Instant::now()
+            .checked_sub(UNSEEN_PLACEMENT_GRACE + Duration::from_secs(1))
+            .expect("the clock is past the grace");
+        stale.lock().insert("gone".to_owned(), old);
+        assert_eq!(
+            stale.reserve("c", at("ns", "pod-0"), &view(live(&[])), Some(1)),
             Ok(())
         );
     }
@@ -1346,19 +1420,18 @@ mod tests {
     #[test]
     fn a_released_slot_is_free_again_and_a_continuing_session_is_always_placed() {
         let placements = Placements::default();
-        let others = live(&[("a", None)]);
-        let all = alive(&["a", "b", "c"]);
+        let others = view(live(&[("a", None)]));
         assert_eq!(
-            placements.reserve("a", at("ns", "pod-0"), &live(&[]), &all, Some(1)),
+            placements.reserve("a", at("ns", "pod-0"), &view(live(&[("b", None)])), Some(1)),
             Ok(())
         );
         assert_eq!(
-            placements.reserve("b", at("ns", "pod-0"), &others, &all, Some(1)),
+            placements.reserve("b", at("ns", "pod-0"), &others, Some(1)),
             Err(Refusal::PodFull)
         );
         // The session of b lives on pod-0: it continues there whatever the load.
         assert_eq!(
-            placements.reserve("b", at("ns", "pod-0"), &others, &all, None),
+            placements.reserve("b", at("ns", "pod-0"), &others, None),
             Ok(())
         );
 
@@ -1366,7 +1439,7 @@ mod tests {
         placements.release("a");
         placements.release("b");
         assert_eq!(
-            placements.reserve("c", at("ns", "pod-0"), &others, &all, Some(1)),
+            placements.reserve("c", at("ns", "pod-0"), &others, Some(1)),
             Ok(())
         );
     }
@@ -1378,11 +1451,15 @@ mod tests {
             namespace: namespace.to_owned(),
             pod: pod.to_owned(),
             session: ("org-a".to_owned(), session.to_owned()),
+            at: Instant::now(),
         };
-        let all = alive(&["one", "two", "three", "other-org"]);
-        let free = live(&[]);
+        let everyone = CacheView {
+            alive: uids(&["one", "two", "three", "other-org"]),
+            known: uids(&["one", "two", "three", "other-org"]),
+            ..CacheView::default()
+        };
         assert_eq!(
-            placements.reserve("one", turn("ns", "pod-0", "chat"), &free, &all, Some(8)),
+            placements.reserve("one", turn("ns", "pod-0", "chat"), &everyone, Some(8)),
             Ok(())
         );
         // Another turn of the session waits, on another pod, without capacity, or elsewhere.
@@ -1392,42 +1469,41 @@ mod tests {
             turn("team-b", "pod-0", "chat"),
         ] {
             assert_eq!(
-                placements.reserve("two", placement.clone(), &free, &all, None),
+                placements.reserve("two", placement.clone(), &everyone, None),
                 Err(Refusal::SessionBusy),
                 "{placement:?}"
             );
         }
         // Another session, or the same sessionId of another organization, goes ahead.
         assert_eq!(
-            placements.reserve("three", turn("ns", "pod-1", "other"), &free, &all, Some(8)),
+            placements.reserve("three", turn("ns", "pod-1", "other"), &everyone, Some(8)),
             Ok(())
         );
         let mut foreign = turn("ns", "pod-1", "chat");
         foreign.session.0 = "org-b".to_owned();
         assert_eq!(
-            placements.reserve("other-org", foreign, &free, &all, Some(8)),
+            placements.reserve("other-org", foreign, &everyone, Some(8)),
             Ok(())
         );
         // Placing the same task again is no conflict with itself.
         assert_eq!(
-            placements.reserve("one", turn("ns", "pod-0", "chat"), &free, &all, None),
+            placements.reserve("one", turn("ns", "pod-0", "chat"), &everyone, None),
             Ok(())
         );
-        // Once the first turn is over (released, or no longer alive), the next one goes.
+        // Once the cache shows the first turn finished, the next one goes.
+        let one_finished = CacheView {
+            alive: uids(&["two"]),
+            known: uids(&["one", "two"]),
+            ..CacheView::default()
+        };
         assert_eq!(
-            placements.reserve(
-                "two",
-                turn("ns", "pod-0", "chat"),
-                &free,
-                &alive(&["two"]),
-                None
-            ),
+            placements.reserve("two", turn("ns", "pod-0", "chat"), &one_finished, None),
             Ok(())
         );
         placements.release("two");
         placements.release("one");
         assert_eq!(
-            placements.reserve("two", turn("ns", "pod-0", "chat"), &free, &all, None),
+            placements.reserve("two", turn("ns", "pod-0", "chat"), &everyone, None),
             Ok(())
         );
     }
