@@ -299,7 +299,13 @@ pub async fn append_batch(pool: &PgPool, events: &[PreparedEvent]) -> Vec<Result
         Ok(results) => results,
         Err(error) => {
             tracing::debug!(error = %error, events = events.len(), "batch append failed; appending one by one");
-            futures::future::join_all(events.iter().map(|event| append_prepared(pool, event))).await
+            // One after another: appended concurrently, a session's later event could take
+            // its sequence number before an earlier one. Failed batches are rare.
+            let mut results = Vec::with_capacity(events.len());
+            for event in events {
+                results.push(append_prepared(pool, event).await);
+            }
+            results
         }
     }
 }
