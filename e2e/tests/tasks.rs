@@ -288,35 +288,7 @@ async fn tasks_created_together_never_overfill_a_pod() -> Result<()> {
             .await?;
 
         // At no moment do two unfinished tasks hold the pod's one slot.
-        let deadline = std::time::Instant::now() + Duration::from_secs(150);
-        let mut finished = 0;
-        while finished < names.len() {
-            let listed = tasks.list(&Default::default()).await?.items;
-            let holding: Vec<String> = listed
-                .iter()
-                .filter(|t| {
-                    let status = t.status.clone().unwrap_or_default();
-                    status.sidecar_pod.is_some()
-                        && !status.phase.is_some_and(TaskPhase::is_finished)
-                })
-                .map(kube::ResourceExt::name_any)
-                .collect();
-            assert!(
-                holding.len() <= 1,
-                "{holding:?} hold the one slot at once\n{}",
-                system.diagnostics()
-            );
-            finished = listed
-                .iter()
-                .filter(|t| task_support::phase_of(Some(t)).is_some_and(TaskPhase::is_finished))
-                .count();
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "{finished} of 3 tasks finished\n{}",
-                system.diagnostics()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        await_finished_one_at_a_time(&tasks, names.len(), "hold the one slot", &system).await?;
         for name in names {
             let done = await_phase(&tasks, name, TaskPhase::Succeeded, &system).await?;
             let output = done.status.unwrap().output.unwrap_or_default();
@@ -363,37 +335,7 @@ async fn turns_of_one_session_created_together_run_one_after_another_in_one_conv
             .await?;
 
             // At no moment do both turns hold a pod.
-            let deadline = std::time::Instant::now() + Duration::from_secs(150);
-            loop {
-                let listed = tasks.list(&Default::default()).await?.items;
-                let holding: Vec<String> = listed
-                    .iter()
-                    .filter(|t| {
-                        let status = t.status.clone().unwrap_or_default();
-                        status.sidecar_pod.is_some()
-                            && !status.phase.is_some_and(TaskPhase::is_finished)
-                    })
-                    .map(kube::ResourceExt::name_any)
-                    .collect();
-                assert!(
-                    holding.len() <= 1,
-                    "{holding:?} run at once\n{}",
-                    system.diagnostics()
-                );
-                let finished = listed
-                    .iter()
-                    .filter(|t| task_support::phase_of(Some(t)).is_some_and(TaskPhase::is_finished))
-                    .count();
-                if finished == names.len() {
-                    break;
-                }
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "{finished} of 2 turns finished\n{}",
-                    system.diagnostics()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            await_finished_one_at_a_time(&tasks, names.len(), "run", &system).await?;
 
             // One conversation: the same OpenCode session on the same pod, and the later turn's
             // request to the LLM carries the earlier turn.
@@ -432,4 +374,44 @@ async fn turns_of_one_session_created_together_run_one_after_another_in_one_conv
     .await?;
     system.shutdown().await?;
     namespace.delete().await
+}
+
+/// Waits until `count` tasks of the namespace finished, asserting at every look that at most
+/// one unfinished task holds a pod (the failure says the holders `what` at once).
+async fn await_finished_one_at_a_time(
+    tasks: &kube::Api<DelegatedTask>,
+    count: usize,
+    what: &str,
+    system: &System,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    loop {
+        let listed = tasks.list(&Default::default()).await?.items;
+        let holding: Vec<String> = listed
+            .iter()
+            .filter(|t| {
+                let status = t.status.clone().unwrap_or_default();
+                status.sidecar_pod.is_some() && !status.phase.is_some_and(TaskPhase::is_finished)
+            })
+            .map(kube::ResourceExt::name_any)
+            .collect();
+        assert!(
+            holding.len() <= 1,
+            "{holding:?} {what} at once\n{}",
+            system.diagnostics()
+        );
+        let finished = listed
+            .iter()
+            .filter(|t| task_support::phase_of(Some(t)).is_some_and(TaskPhase::is_finished))
+            .count();
+        if finished == count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{finished} of {count} tasks finished\n{}",
+            system.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -74,6 +74,29 @@ async fn post_event(
     Ok((response.status(), response.text().await?))
 }
 
+/// Posts a mention (event `event_id`, message `ts`) to `app` and returns its task once the
+/// acknowledgement is in the thread.
+async fn mention_acknowledged(
+    setup: &SlackSetup,
+    app: &TestApp,
+    event_id: &str,
+    ts: &str,
+) -> Result<DelegatedTask> {
+    let event = message_event(event_id, TEAM, "C0CHAN", ts, None, "<@U0BOT> work");
+    assert_eq!(
+        post_event(app, &event, now(), None).await?.0,
+        StatusCode::OK
+    );
+    let task = tasks_of(&setup.namespace.api(), 1).await?.remove(0);
+    setup
+        .slack
+        .wait_for("the acknowledgement", WAIT, |calls| {
+            calls.iter().any(|c| c.method == "chat.postMessage" && c.ok)
+        })
+        .await?;
+    Ok(task)
+}
+
 async fn tasks_of(api: &Api<DelegatedTask>, wanted: usize) -> Result<Vec<DelegatedTask>> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -370,32 +393,10 @@ async fn the_thread_shows_progress_at_a_bounded_rate_and_exactly_one_answer() ->
 async fn a_long_answer_takes_several_messages_and_a_failed_one_is_posted_again_alone() -> Result<()>
 {
     let setup = setup("slack-parts").await?;
-    let database_url = nubabel_e2e::fresh_database().await?;
-    let redis_url = nubabel_e2e::test_redis_url().await?;
-    let mut config = test_config(&database_url, &redis_url);
-    configure(&setup)(&mut config);
-    let app = spawn_app_configured(|c| *c = config.clone()).await?;
-
-    let event = message_event(
-        "Ev3001",
-        TEAM,
-        "C0CHAN",
-        "1700000300.000100",
-        None,
-        "<@U0BOT> write a lot",
-    );
-    assert_eq!(
-        post_event(&app, &event, now(), None).await?.0,
-        StatusCode::OK
-    );
+    let app = spawn_app_configured(configure(&setup)).await?;
+    let task = mention_acknowledged(&setup, &app, "Ev3001", "1700000300.000100").await?;
     let api = setup.namespace.api::<DelegatedTask>();
-    let name = tasks_of(&api, 1).await?.remove(0).name_any();
-    setup
-        .slack
-        .wait_for("the acknowledgement", WAIT, |calls| {
-            calls.iter().any(|c| c.method == "chat.postMessage" && c.ok)
-        })
-        .await?;
+    let name = task.name_any();
 
     // Three messages' worth of answer; Slack fails the second one once.
     let output = (1..=100)
@@ -464,34 +465,15 @@ async fn a_long_answer_takes_several_messages_and_a_failed_one_is_posted_again_a
 #[tokio::test]
 async fn an_answer_claimed_by_a_replica_that_stopped_is_posted_by_another() -> Result<()> {
     let setup = setup("slack-stale").await?;
-    let database_url = nubabel_e2e::fresh_database().await?;
-    let redis_url = nubabel_e2e::test_redis_url().await?;
-    let mut config = test_config(&database_url, &redis_url);
-    configure(&setup)(&mut config);
-    config.slack_final_sweep_seconds = 1;
-    let app = spawn_app_configured(|c| *c = config.clone()).await?;
-
-    let event = message_event(
-        "Ev4001",
-        TEAM,
-        "C0CHAN",
-        "1700000400.000100",
-        None,
-        "<@U0BOT> answer later",
-    );
-    assert_eq!(
-        post_event(&app, &event, now(), None).await?.0,
-        StatusCode::OK
-    );
+    let configure = configure(&setup);
+    let app = spawn_app_configured(|config| {
+        configure(config);
+        config.slack_final_sweep_seconds = 1;
+    })
+    .await?;
+    let task = mention_acknowledged(&setup, &app, "Ev4001", "1700000400.000100").await?;
     let api = setup.namespace.api::<DelegatedTask>();
-    let task = tasks_of(&api, 1).await?.remove(0);
     let uid: uuid::Uuid = task.uid().unwrap_or_default().parse()?;
-    setup
-        .slack
-        .wait_for("the acknowledgement", WAIT, |calls| {
-            calls.iter().any(|c| c.method == "chat.postMessage" && c.ok)
-        })
-        .await?;
 
     // Another replica claims the answer, then stops before posting it.
     sqlx::query("update slack_threads set final_claimed_at = now() where task_uid = $1")

@@ -429,16 +429,16 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
 
     // Tasks this operator finished count as finished even before the cache shows it.
     let just_finished = ctx.just_finished.snapshot();
-    let others: Vec<Arc<DelegatedTask>> = ctx
-        .tasks
-        .state()
-        .into_iter()
+    // One snapshot of the cache for the whole plan.
+    let all = ctx.tasks.state();
+    let others: Vec<Arc<DelegatedTask>> = all
+        .iter()
         .filter(|t| t.namespace().as_deref() == Some(namespace.as_str()) && t.uid() != task.uid())
         .filter(|t| !t.uid().is_some_and(|uid| just_finished.contains(&uid)))
+        .cloned()
         .collect();
     // Every unfinished task in the cache, in any namespace: a session belongs to the
     // organization, so its turns wait for each other across namespaces too.
-    let all = ctx.tasks.state();
     let alive: Vec<&Arc<DelegatedTask>> = all
         .iter()
         .filter(|t| t.uid() != task.uid() && !phase(t).is_finished())
