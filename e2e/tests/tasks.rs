@@ -400,10 +400,7 @@ async fn await_finished_one_at_a_time(
             "{holding:?} {what} at once\n{}",
             system.diagnostics()
         );
-        let finished = listed
-            .iter()
-            .filter(|t| task_support::phase_of(Some(t)).is_some_and(TaskPhase::is_finished))
-            .count();
+        let finished = listed.iter().filter(|t| t.phase().is_finished()).count();
         if finished == count {
             return Ok(());
         }

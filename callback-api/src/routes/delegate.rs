@@ -228,7 +228,7 @@ async fn delegate(
     let ended = tokio::time::timeout(
         wait,
         await_condition(api.clone(), &name, |task: Option<&DelegatedTask>| {
-            task.is_none_or(|t| phase(t).is_some_and(TaskPhase::is_finished))
+            task.is_none_or(|t| t.phase().is_finished())
         }),
     )
     .await;
@@ -493,14 +493,6 @@ fn kube_error(error: kube::Error) -> ApiError {
     }
 }
 
-fn phase(task: &DelegatedTask) -> Option<TaskPhase> {
-    task.status.as_ref().and_then(|s| s.phase)
-}
-
-fn phase_name(phase: TaskPhase) -> String {
-    format!("{phase:?}")
-}
-
 /// The 202 answer for a running task.
 fn accepted(
     state: &AppState,
@@ -522,7 +514,7 @@ fn accepted(
         namespace: grant.namespace.clone(),
         stream_url: format!("/api/sidecar/sessions/{}/stream", encode_path(&session_id)),
         nubabel_session_id: session_id,
-        phase: phase(task).map(phase_name),
+        phase: task.reported_phase().map(|p| p.as_str().to_owned()),
         stream_token: token,
     };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
@@ -588,7 +580,10 @@ async fn result_of(
             nubabel_session_id: session_id,
             task_name: task.name_any(),
             namespace: task.namespace().unwrap_or_default(),
-            phase: status.phase.map(phase_name).unwrap_or_default(),
+            phase: status
+                .phase
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
             error_reason: status.error.map(|e| e.reason),
         },
     }

@@ -200,12 +200,54 @@ pub enum TaskPhase {
 }
 
 impl TaskPhase {
+    /// Every phase, in the order a task can pass through them.
+    pub const ALL: [Self; 7] = [
+        Self::Pending,
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+    ];
+
+    /// The phase's name as the API writes it (`status.phase`), for storing and printing.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Queued => "Queued",
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Cancelled => "Cancelled",
+            Self::TimedOut => "TimedOut",
+        }
+    }
+
     /// Whether the task has ended and will not change phase again.
     pub fn is_finished(self) -> bool {
         matches!(
             self,
             Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut
         )
+    }
+}
+
+impl std::fmt::Display for TaskPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl DelegatedTask {
+    /// The phase the task's status reports, if the operator has written one.
+    pub fn reported_phase(&self) -> Option<TaskPhase> {
+        self.status.as_ref().and_then(|s| s.phase)
+    }
+
+    /// Where the task is in its life: the reported phase, `Pending` before there is one.
+    pub fn phase(&self) -> TaskPhase {
+        self.reported_phase().unwrap_or(TaskPhase::Pending)
     }
 }
 
@@ -302,4 +344,34 @@ pub struct TaskError {
     pub reason: String,
     /// What happened, in words.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phase_is_stored_and_printed_by_the_name_the_api_writes() {
+        for phase in TaskPhase::ALL {
+            let serialized = serde_json::to_value(phase).unwrap();
+            assert_eq!(serialized, phase.as_str(), "{phase:?}");
+            assert_eq!(phase.to_string(), phase.as_str());
+        }
+    }
+
+    #[test]
+    fn a_task_without_a_reported_phase_is_pending() {
+        let mut task = DelegatedTask::new(
+            "t",
+            serde_json::from_value(serde_json::json!({"organizationId": "o", "prompt": "p"}))
+                .unwrap(),
+        );
+        assert_eq!(task.reported_phase(), None);
+        assert_eq!(task.phase(), TaskPhase::Pending);
+        task.status = Some(DelegatedTaskStatus {
+            phase: Some(TaskPhase::Running),
+            ..DelegatedTaskStatus::default()
+        });
+        assert_eq!(task.phase(), TaskPhase::Running);
+    }
 }

@@ -40,11 +40,6 @@ pub fn task(
     .expect("a valid DelegatedTask")
 }
 
-/// The task's phase, if it has one.
-pub fn phase_of(task: Option<&DelegatedTask>) -> Option<TaskPhase> {
-    task.and_then(|t| t.status.as_ref()).and_then(|s| s.phase)
-}
-
 /// Waits until the task finishes and fails unless it ended in `wanted`.
 pub async fn await_phase(
     api: &Api<DelegatedTask>,
@@ -56,7 +51,10 @@ pub async fn await_phase(
         api,
         name,
         "the task to finish",
-        |t: Option<&DelegatedTask>| phase_of(t).is_some_and(TaskPhase::is_finished),
+        |t: Option<&DelegatedTask>| {
+            t.and_then(DelegatedTask::reported_phase)
+                .is_some_and(TaskPhase::is_finished)
+        },
         TASK_WAIT,
     )
     .await
@@ -83,7 +81,9 @@ pub async fn await_running(
         api,
         name,
         "the task to run",
-        |t: Option<&DelegatedTask>| phase_of(t) == Some(TaskPhase::Running),
+        |t: Option<&DelegatedTask>| {
+            t.and_then(DelegatedTask::reported_phase) == Some(TaskPhase::Running)
+        },
         TASK_WAIT,
     )
     .await
