@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
+use nubabel_operator::controller::fleet;
 
 /// How long a starting pod waits for a Service it names to have a ready backend.
 pub const BACKEND_WAIT: Duration = Duration::from_secs(60);
@@ -222,18 +223,10 @@ pub async fn resolve_services(
 /// The pod's address for a Service port, if the pod is ready and not terminating: its IP and
 /// the target port (a number, a named container port, or the Service port itself).
 fn ready_backend(pod: &Pod, target: Option<&IntOrString>, port: u16) -> Option<SocketAddrV4> {
-    if pod.metadata.deletion_timestamp.is_some() {
+    if !fleet::pod_ready(pod) {
         return None;
     }
     let status = pod.status.as_ref()?;
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    if !ready {
-        return None;
-    }
     let ip: Ipv4Addr = status.pod_ip.as_deref()?.parse().ok()?;
     let target_port = match target {
         None => port,

@@ -24,14 +24,15 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subject};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use nubabel_crds::v1alpha1::OpencodeSidecar;
 use nubabel_data::identity::OrganizationId;
 use nubabel_data::stream_token::{self, StreamTokenKey};
-use nubabel_opencode::{ClientConfig, OpencodeClient};
+use nubabel_opencode::OpencodeClient;
+use nubabel_operator::controller::fleet;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tempfile::TempDir;
@@ -617,36 +618,21 @@ impl System {
         )
     }
 
-    /// The OpenCode server password of sidecar `name` (its Secret's `opencode-password`).
+    /// The OpenCode server password of sidecar `name` (from its Secret, as the operator
+    /// reads it).
     pub async fn opencode_password(&self, name: &str) -> Result<String> {
-        let secrets: Api<Secret> = Api::namespaced(self.env.client.clone(), &self.namespace);
-        let secret_name = format!("{name}-sidecar");
-        let secret = secrets
-            .get(&secret_name)
-            .await
-            .with_context(|| format!("reading Secret {secret_name}"))?;
-        let value = secret
-            .data
-            .and_then(|mut d| d.remove("opencode-password"))
-            .with_context(|| format!("Secret {secret_name} has no opencode-password"))?;
-        Ok(String::from_utf8(value.0)?)
+        Ok(fleet::opencode_password(&self.env.client, &self.namespace, name).await?)
     }
 
     /// An OpenCode client for pod `pod` of sidecar `sidecar`: the pod's IP and the sidecar's
     /// password, as the operator reaches it.
     pub async fn opencode_on(&self, sidecar: &str, pod: &str) -> Result<OpencodeClient> {
         let pods: Api<Pod> = Api::namespaced(self.env.client.clone(), &self.namespace);
-        let ip = pods
+        let pod = pods
             .get(pod)
             .await
-            .with_context(|| format!("reading pod {pod}"))?
-            .status
-            .and_then(|s| s.pod_ip)
-            .with_context(|| format!("pod {pod} has no IP"))?;
-        let password = self.opencode_password(sidecar).await?;
-        Ok(OpencodeClient::new(
-            ClientConfig::new(format!("http://{ip}:4096")).with_password(password),
-        )?)
+            .with_context(|| format!("reading pod {pod}"))?;
+        Ok(fleet::opencode(&self.env.client, &self.namespace, sidecar, &pod).await?)
     }
 
     /// Opens the callback API's SSE stream of `session` (a Nubabel or an OpenCode session id)

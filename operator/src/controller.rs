@@ -5,6 +5,8 @@
 //! `error_policy` and an `Error` with a stable `category()`. [`run`] starts them all on one
 //! client and stops them together, so leader election wraps every controller at once.
 
+pub mod fleet;
+pub mod report;
 pub mod sidecar;
 pub mod task;
 

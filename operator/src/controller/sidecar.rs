@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -25,7 +24,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -34,16 +33,14 @@ use nubabel_data::signing::{MasterKey, MasterKeyTooShort, derive_mcp_token, deri
 use secrecy::ExposeSecret;
 use tracing::{Instrument, field};
 
-use self::build::{MANAGED_SELECTOR, SecretMaterial, instance_of, selector_string};
-use super::{Backoff, Capabilities, MAX_EVENT_NOTE_BYTES, RESYNC_INTERVAL, Shared, truncate};
+use self::build::SecretMaterial;
+use super::fleet::{self, MANAGED_SELECTOR, instance_of, selector_string};
+use super::{Backoff, Capabilities, RESYNC_INTERVAL, Shared, report};
 use crate::config::{Config, Labels};
 use crate::metrics::ControllerMetrics;
 
 /// The controller's name in metrics.
 pub const CONTROLLER_NAME: &str = "opencodesidecar";
-
-/// Event action of everything this controller reports.
-const EVENT_ACTION: &str = "Reconcile";
 
 /// Operator settings the sidecar children are built from.
 #[derive(Clone, Debug)]
@@ -382,16 +379,7 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(truncate(note, MAX_EVENT_NOTE_BYTES)),
-        action: EVENT_ACTION.to_owned(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, reference).await {
-        tracing::warn!(%error, reason, "failed to publish an event");
-    }
+    report::publish(&ctx.recorder, reference, type_, reason, note).await;
 }
 
 /// 32 random bytes, URL-safe base64: the OpenCode server password.
@@ -411,7 +399,7 @@ pub async fn run(
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
     let pods = watcher::Config::default().labels(&format!(
         "{MANAGED_SELECTOR},app.kubernetes.io/name={}",
-        build::APP_NAME
+        fleet::APP_NAME
     ));
     // NB: our own status writes trigger one more reconcile, which finds nothing to change and
     // writes nothing; filtering on the generation needs kube's unstable stream API.
@@ -431,18 +419,11 @@ pub async fn run(
     if ctx.capabilities.pod_disruption_budget_v1 {
         controller = controller.owns(shared.watched::<PodDisruptionBudget>(), owned);
     }
-    controller
+    let results = controller
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
-        .run(reconcile_sidecar, error_policy, Arc::new(ctx))
-        .for_each(|result| {
-            if let Err(error) = result {
-                tracing::debug!(%error, "sidecar reconcile did not succeed");
-            }
-            std::future::ready(())
-        })
-        .await;
-    tracing::info!("the sidecar controller stopped");
+        .run(reconcile_sidecar, error_policy, Arc::new(ctx));
+    report::run_to_end(CONTROLLER_NAME, results).await;
 }
 
 #[cfg(test)]
@@ -500,6 +481,7 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::truncate;
 
     #[test]
     fn passwords_are_long_random_and_url_safe() {
@@ -649,20 +631,20 @@ mod tests {
                 read.respond(404, not_found());
 
                 let (secret, sts) = answer_children(&mut server).await;
-                let password = decoded(&secret, build::PASSWORD_KEY);
+                let password = decoded(&secret, fleet::PASSWORD_KEY);
                 assert_eq!(password.len(), 43);
                 let identity =
                     nubabel_data::identity::SidecarIdentity::new("org-a", "team-a", "tenant-a")
                         .unwrap();
                 assert_eq!(
-                    decoded(&secret, build::SIGNING_KEY),
+                    decoded(&secret, fleet::SIGNING_KEY),
                     derive_sidecar_key(&ctx.settings.master_key, &identity).to_whsec()
                 );
                 // The MCP gateway verifies the same derivation from the identity headers.
                 assert!(nubabel_data::signing::verify_mcp_token(
                     &ctx.settings.master_key,
                     &identity,
-                    &decoded(&secret, build::MCP_TOKEN_KEY)
+                    &decoded(&secret, fleet::MCP_TOKEN_KEY)
                 ));
                 assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
                 // No PodDisruptionBudget on a cluster without policy/v1.
@@ -706,12 +688,12 @@ mod tests {
                     json!({
                         "apiVersion": "v1", "kind": "Secret",
                         "metadata": {"name": "tenant-a-sidecar", "namespace": "team-a",
-                                     "annotations": {build::ORGANIZATION_ANNOTATION: "org-a"}},
-                        "data": {build::PASSWORD_KEY: STANDARD.encode("kept-password")}
+                                     "annotations": {fleet::ORGANIZATION_ANNOTATION: "org-a"}},
+                        "data": {fleet::PASSWORD_KEY: STANDARD.encode("kept-password")}
                     }),
                 );
                 let (secret, sts) = answer_children(&mut server).await;
-                assert_eq!(decoded(&secret, build::PASSWORD_KEY), "kept-password");
+                assert_eq!(decoded(&secret, fleet::PASSWORD_KEY), "kept-password");
                 assert_eq!(sts["spec"]["replicas"], 0);
                 expect_apply(
                     &mut server,
@@ -781,8 +763,8 @@ mod tests {
                     json!({
                         "apiVersion": "v1", "kind": "Secret",
                         "metadata": {"name": "tenant-a-sidecar", "namespace": "team-a",
-                                     "annotations": {build::ORGANIZATION_ANNOTATION: "org-old"}},
-                        "data": {build::PASSWORD_KEY: STANDARD.encode("p")}
+                                     "annotations": {fleet::ORGANIZATION_ANNOTATION: "org-old"}},
+                        "data": {fleet::PASSWORD_KEY: STANDARD.encode("p")}
                     }),
                 );
                 expect_event(&mut server, "Warning", "OrganizationChanged").await;

@@ -27,96 +27,16 @@ use sha2::{Digest, Sha256};
 use super::Settings;
 use super::validate::ValidSidecar;
 use crate::config::Labels;
-
-/// Name of the OpenCode container.
-pub const OPENCODE_CONTAINER: &str = "opencode";
-/// Name of the event bridge container.
-pub const BRIDGE_CONTAINER: &str = "bridge";
-/// Name of the init container that creates the directories on the data volume.
-pub const PREPARE_CONTAINER: &str = "prepare-data";
-/// OpenCode's HTTP port.
-pub const OPENCODE_PORT: i32 = 4096;
-/// The bridge's port (readiness and status).
-pub const BRIDGE_PORT: i32 = 8081;
-/// Where the data volume is mounted.
-pub const DATA_MOUNT: &str = "/data";
-/// OpenCode's working directory, the default project.
-pub const WORKSPACE_DIR: &str = "/data/workspace";
-/// The user the containers run as; the data volume is group-owned by it too.
-pub const RUN_AS_USER: i64 = 10001;
-
-/// Secret key of the OpenCode server password.
-pub const PASSWORD_KEY: &str = "opencode-password";
-/// Secret key of the bridge's callback signing key (`whsec_...`).
-pub const SIGNING_KEY: &str = "callback-signing-key";
-/// Secret key of the fleet's bearer token for the callback API's MCP gateway (`nmcp_...`).
-pub const MCP_TOKEN_KEY: &str = "mcp-token";
-/// Env var of the `opencode` container holding the MCP token.
-pub const MCP_TOKEN_ENV: &str = "NUBABEL_MCP_TOKEN";
-/// Env var of the `opencode` container holding its pod's name (sent as `x-nubabel-pod`).
-pub const POD_NAME_ENV: &str = "NUBABEL_POD_NAME";
-/// The name OpenCode knows the gateway by; its tools reach the model as `nubabel_<tool>`.
-pub const MCP_SERVER_NAME: &str = "nubabel";
-/// Milliseconds OpenCode waits for an MCP request to the gateway (its default is 5 s, shorter
-/// than an upstream call may take; the gateway answers within its 30 s request timeout).
-pub const MCP_TIMEOUT_MS: u64 = 30_000;
-/// Annotation on the Secret recording the organization the fleet was created for.
-pub const ORGANIZATION_ANNOTATION: &str = "nubabel.io/organization-id";
-/// Pod-template annotation whose change rolls the pods when the configuration changes.
-pub const CONFIG_HASH_ANNOTATION: &str = "nubabel.io/config-hash";
-/// Env var of the `opencode` container holding the provider's API key.
-pub const PROVIDER_API_KEY_ENV: &str = "NUBABEL_PROVIDER_API_KEY";
-
-/// `app.kubernetes.io/name` of every sidecar object.
-pub const APP_NAME: &str = "opencode-sidecar";
-/// `app.kubernetes.io/managed-by` of every child.
-pub const MANAGED_BY: &str = "nubabel-operator";
-/// Label key of the tenant.
-pub const ORGANIZATION_LABEL: &str = "nubabel.io/organization";
-const NAME_LABEL: &str = "app.kubernetes.io/name";
-const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
-const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-
-/// Label selector of every child the operator manages, for its watches.
-pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=nubabel-operator";
-
-/// The Secret and ServiceAccount of sidecar `name`.
-pub fn secret_name(name: &str) -> String {
-    format!("{name}-sidecar")
-}
-
-/// The labels that select a fleet's pods: stable for the object's life (never the
-/// organization, whose label value could change form).
-pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
-    [
-        (NAME_LABEL.to_owned(), APP_NAME.to_owned()),
-        (INSTANCE_LABEL.to_owned(), name.to_owned()),
-    ]
-    .into()
-}
-
-/// The selector as text, for `status.selector` (the scale subresource and HPAs read it).
-pub fn selector_string(name: &str) -> String {
-    selector_labels(name)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// The sidecar an owned object or pod belongs to, from its instance label.
-pub fn instance_of(labels: &BTreeMap<String, String>) -> Option<&str> {
-    (labels.get(NAME_LABEL).map(String::as_str) == Some(APP_NAME))
-        .then(|| labels.get(INSTANCE_LABEL).map(String::as_str))
-        .flatten()
-}
+use crate::controller::fleet::{
+    self, BRIDGE_CONTAINER, BRIDGE_PORT, CONFIG_HASH_ANNOTATION, DATA_MOUNT, MCP_SERVER_NAME,
+    MCP_TIMEOUT_MS, MCP_TOKEN_ENV, MCP_TOKEN_KEY, OPENCODE_CONTAINER, OPENCODE_PORT,
+    ORGANIZATION_ANNOTATION, PASSWORD_KEY, POD_NAME_ENV, PREPARE_CONTAINER, PROVIDER_API_KEY_ENV,
+    RUN_AS_USER, SIGNING_KEY, WORKSPACE_DIR, secret_name, selector_labels,
+};
 
 /// Labels of every child and pod.
 pub fn labels(v: &ValidSidecar) -> BTreeMap<String, String> {
-    let mut labels = selector_labels(&v.name);
-    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
-    labels.insert(ORGANIZATION_LABEL.to_owned(), v.organization_label.clone());
-    labels
+    fleet::child_labels(&v.name, &v.organization_label)
 }
 
 /// The secrets a fleet's pods share: kept across reconciles, never regenerated.
@@ -730,6 +650,7 @@ pub fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fleet::{ORGANIZATION_LABEL, instance_of, selector_string};
     use crate::controller::sidecar::test_support::{material, settings, valid_sidecar};
 
     fn built(spec: serde_json::Value) -> Children {

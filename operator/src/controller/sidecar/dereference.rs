@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use super::build::{ORGANIZATION_ANNOTATION, PASSWORD_KEY, secret_name};
+use crate::controller::fleet::{ORGANIZATION_ANNOTATION, PASSWORD_KEY, secret_name};
 
 /// Reading the sidecar's children failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@ use kube::runtime::events::EventType;
 use nubabel_crds::conditions::{condition, find, set_condition, status, types};
 use nubabel_crds::v1alpha1::{OpencodeSidecar, OpencodeSidecarStatus, SidecarPodStatus};
 
-use super::build::selector_string;
 use crate::controller::FIELD_MANAGER;
+use crate::controller::fleet::{pod_ready, selector_string};
 
 /// Condition reasons of `OpencodeSidecar`.
 pub mod reasons {
@@ -143,10 +143,7 @@ fn pod_statuses(previous: Option<&OpencodeSidecarStatus>, pods: &[Pod]) -> Vec<S
         .filter_map(|pod| {
             let name = pod.metadata.name.clone()?;
             let status = pod.status.as_ref();
-            let ready = status
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-                .is_some_and(|c| c.status == "True");
+            let ready = pod_ready(pod);
             // Sessions are counted by the task controller; keep its figure for a known pod.
             let active_sessions = previous
                 .and_then(|p| p.pods.iter().find(|p| p.name == name))

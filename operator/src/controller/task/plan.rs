@@ -1,13 +1,17 @@
 //! The DelegatedTask state machine, pure: from what the reconciler observed (the task, its
-//! sidecar fleet, the pods' load, the session mapping, the clock) to the one next step.
+//! sidecar fleet, the pods' load, the session mapping, the clock) to the one next step, and,
+//! while a step talks to OpenCode, from the session's messages to what they mean (whether the
+//! prompt is there already, whether the turn ended and how).
 //!
-//! Everything that talks to the API server, Postgres or OpenCode happens in the driver; this
+//! Everything that talks to the API server, Postgres or OpenCode happens elsewhere; this
 //! module only decides, so every transition is a unit test.
 
 use std::time::Duration;
 
 use jiff::Timestamp;
+use nubabel_crds::conditions::types;
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_opencode::{MessageWithParts, Role};
 
 /// Sessions one pod works on at once when the sidecar does not say.
 pub const DEFAULT_MAX_SESSIONS_PER_POD: i32 = 4;
@@ -160,11 +164,12 @@ pub enum Step {
     Delete,
 }
 
-fn phase_of(task: &DelegatedTask) -> TaskPhase {
-    task.status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .unwrap_or(TaskPhase::Pending)
+/// The Nubabel session of a task: its `sessionId`, or one of its own.
+pub fn session_id(task: &DelegatedTask) -> String {
+    task.spec
+        .session_id
+        .clone()
+        .unwrap_or_else(|| format!("task-{}", task.metadata.uid.as_deref().unwrap_or_default()))
 }
 
 /// Whether the prompt may already be with OpenCode: a session and pod were chosen, so a
@@ -175,15 +180,23 @@ pub fn prompt_may_be_sent(task: &DelegatedTask) -> bool {
     })
 }
 
+/// The task's Dispatched condition, once it has one.
+fn dispatched_condition(
+    task: &DelegatedTask,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    nubabel_crds::conditions::find(&task.status.as_ref()?.conditions, types::DISPATCHED)
+}
+
+/// The reason of the task's Dispatched condition, once it has one.
+pub fn dispatched_reason(task: &DelegatedTask) -> Option<&str> {
+    dispatched_condition(task).map(|c| c.reason.as_str())
+}
+
 /// When sending began, for a task whose prompt OpenCode accepted but has not listed yet.
 fn prompt_sent_since(
     task: &DelegatedTask,
 ) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
-    task.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == nubabel_crds::conditions::types::DISPATCHED)
+    dispatched_condition(task)
         .filter(|c| c.reason == reasons::PROMPT_SENT)
         .map(|c| &c.last_transition_time)
 }
@@ -199,7 +212,7 @@ fn seconds_since(
 pub fn plan(observed: &Observed<'_>) -> Step {
     let task = observed.task;
     let status = task.status.clone().unwrap_or_default();
-    let phase = phase_of(task);
+    let phase = task.phase();
     let now = observed.now;
 
     if phase.is_finished() {
@@ -449,6 +462,200 @@ pub fn requeue_after(task: &DelegatedTask, step: &Step, now: Timestamp) -> Optio
         }
         Step::Abort { .. } | Step::Finish { .. } | Step::Delete => None,
     }
+}
+
+/// How a task ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ending {
+    /// The phase it ends in.
+    pub phase: TaskPhase,
+    /// Why: a reason of [`reasons`], or the name of OpenCode's error.
+    pub reason: String,
+    /// In words.
+    pub message: String,
+    /// The agent's answer, when it finished.
+    pub output: Option<String>,
+}
+
+impl Ending {
+    /// An end without an answer.
+    pub fn without_output(phase: TaskPhase, reason: &str, message: String) -> Self {
+        Self {
+            phase,
+            reason: reason.to_owned(),
+            message,
+            output: None,
+        }
+    }
+}
+
+/// Clock skew tolerated when matching a prompt found in OpenCode to a dispatch attempt.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// What to do when the OpenCode session a task was to continue no longer exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GoneSession {
+    /// The prompt may have gone with it: end the task, never send the prompt again.
+    Fail(Ending),
+    /// Nothing was sent to it for this task: start a new session on the same pod.
+    StartNew {
+        /// The event note saying so.
+        note: String,
+    },
+}
+
+/// Decides about the OpenCode session `opencode_session` on `pod`, where the task's session
+/// `session_id` lives, when it is gone (its pod restarted without storage) before the prompt
+/// was known to be there.
+pub fn when_session_gone(
+    task: &DelegatedTask,
+    session_id: &str,
+    opencode_session: &str,
+    pod: &str,
+) -> GoneSession {
+    if prompt_may_be_sent(task) {
+        return GoneSession::Fail(Ending::without_output(
+            TaskPhase::Failed,
+            reasons::SIDECAR_POD_LOST,
+            format!(
+                "OpenCode session {opencode_session} no longer exists on pod {pod} (the pod was \
+                 restarted without storage) while the prompt was being sent"
+            ),
+        ));
+    }
+    GoneSession::StartNew {
+        note: format!(
+            "OpenCode session {opencode_session} of session {session_id} no longer exists on pod \
+             {pod}; starting a new one there"
+        ),
+    }
+}
+
+/// Whether sending the prompt into `opencode_session` is a new attempt, rather than finishing
+/// an interrupted one on the same session.
+pub fn is_new_attempt(task: &DelegatedTask, opencode_session: &str) -> bool {
+    !prompt_may_be_sent(task)
+        || task
+            .status
+            .as_ref()
+            .and_then(|s| s.opencode_session_id.as_deref())
+            != Some(opencode_session)
+}
+
+/// Whether the task's prompt must be sent, from its OpenCode session's messages read before
+/// sending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The session lists the prompt already (an attempt that ended in doubt sent it): its
+    /// message id.
+    Listed(String),
+    /// OpenCode accepted the prompt before but has not listed it yet: wait, never send again.
+    AwaitListing,
+    /// Send it. The ids of the messages already carrying the same text (earlier turns) are
+    /// not the prompt once it is sent.
+    Send {
+        /// Messages with the prompt's text from before this attempt.
+        earlier: Vec<String>,
+    },
+}
+
+/// Decides whether to send the task's prompt; `attempt_started` is when the current dispatch
+/// attempt began (the Dispatched condition's transition), `messages` the session's messages.
+pub fn prompt_delivery(
+    task: &DelegatedTask,
+    messages: &[MessageWithParts],
+    attempt_started: Timestamp,
+) -> Delivery {
+    let prompts: Vec<&MessageWithParts> =
+        nubabel_opencode::user_prompts(messages, &task.spec.prompt).collect();
+    if prompt_may_be_sent(task) {
+        let skew_ms = i64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
+        let since_ms = attempt_started.as_millisecond().saturating_sub(skew_ms);
+        let sent = prompts
+            .iter()
+            .find(|m| m.info.time.created.is_some_and(|c| c >= since_ms));
+        if let Some(sent) = sent {
+            return Delivery::Listed(sent.info.id.clone());
+        }
+        if dispatched_reason(task) == Some(reasons::PROMPT_SENT) {
+            return Delivery::AwaitListing;
+        }
+    }
+    Delivery::Send {
+        earlier: prompts.iter().map(|m| m.info.id.clone()).collect(),
+    }
+}
+
+/// The id of the prompt `prompt` once the session lists it: a user message with its text that
+/// was not there before sending.
+pub fn newly_listed(
+    messages: &[MessageWithParts],
+    prompt: &str,
+    earlier: &[String],
+) -> Option<String> {
+    nubabel_opencode::user_prompts(messages, prompt)
+        .find(|m| !earlier.contains(&m.info.id))
+        .map(|m| m.info.id.clone())
+}
+
+/// What a session's messages say of the turn that began with message `prompt_id`, once the
+/// session is idle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Not ended (or not visible yet).
+    InProgress,
+    /// Ended, and how.
+    Ended(Ending),
+}
+
+/// Reads the turn's outcome from the session's messages: the last assistant message after
+/// the prompt decides. A turn ends when that message failed, or completed with anything but
+/// a request for tool calls (the agent goes on after those).
+pub fn turn_outcome(messages: &[MessageWithParts], prompt_id: &str) -> Turn {
+    let Some(start) = messages.iter().position(|m| m.info.id == prompt_id) else {
+        return Turn::InProgress;
+    };
+    let answers: Vec<MessageWithParts> = messages[start + 1..]
+        .iter()
+        .filter(|m| m.info.role == Role::Assistant)
+        .cloned()
+        .collect();
+    let Some(last) = answers.last() else {
+        return Turn::InProgress;
+    };
+    if let Some(error) = &last.info.error {
+        let message = error.message().unwrap_or("the agent failed").to_owned();
+        return Turn::Ended(Ending {
+            phase: TaskPhase::Failed,
+            reason: error.name.clone(),
+            message,
+            output: None,
+        });
+    }
+    let done =
+        last.info.time.completed.is_some() && last.info.finish.as_deref() != Some("tool-calls");
+    if !done {
+        return Turn::InProgress;
+    }
+    Turn::Ended(Ending {
+        phase: TaskPhase::Succeeded,
+        reason: reasons::COMPLETED.to_owned(),
+        message: "the agent finished".to_owned(),
+        output: Some(nubabel_opencode::final_assistant_text(&answers).unwrap_or_default()),
+    })
+}
+
+/// The end of a turn whose OpenCode session `opencode_session` vanished from `pod` while it
+/// ran: the pod was restarted and the turn went with it.
+pub fn turn_lost(opencode_session: &str, pod: &str) -> Ending {
+    Ending::without_output(
+        TaskPhase::Failed,
+        reasons::SIDECAR_POD_LOST,
+        format!(
+            "OpenCode session {opencode_session} no longer exists on pod {pod}: the pod was \
+             restarted and the turn went with it"
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -900,5 +1107,189 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A message of the session, as OpenCode lists it.
+    fn message(id: &str, role: &str, created_ms: i64, text: &str) -> MessageWithParts {
+        serde_json::from_value(serde_json::json!({
+            "info": {"id": id, "sessionID": "ses_1", "role": role, "time": {"created": created_ms}},
+            "parts": [{"type": "text", "id": format!("prt_{id}"), "text": text}]
+        }))
+        .unwrap()
+    }
+
+    fn answer(
+        id: &str,
+        finish: Option<&str>,
+        error: Option<serde_json::Value>,
+        text: &str,
+    ) -> MessageWithParts {
+        let mut info = serde_json::json!({
+            "id": id, "sessionID": "ses_1", "role": "assistant",
+            "time": {"created": 1, "completed": finish.map(|_| 2)}
+        });
+        if let Some(finish) = finish {
+            info["finish"] = finish.into();
+        }
+        if let Some(error) = error {
+            info["error"] = error;
+        }
+        serde_json::from_value(serde_json::json!({
+            "info": info,
+            "parts": [{"type": "text", "id": format!("prt_{id}"), "text": text}]
+        }))
+        .unwrap()
+    }
+
+    /// A task whose dispatch to ses_1 on fleet-0 began and was interrupted (reason `reason`).
+    fn interrupted(reason: &str) -> DelegatedTask {
+        let mut task = task();
+        let mut status = DelegatedTaskStatus {
+            sidecar_pod: Some("fleet-0".to_owned()),
+            opencode_session_id: Some("ses_1".to_owned()),
+            ..DelegatedTaskStatus::default()
+        };
+        status
+            .conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Dispatched".to_owned(),
+                status: "Unknown".to_owned(),
+                reason: reason.to_owned(),
+                message: "sending".to_owned(),
+                last_transition_time: time(0),
+                observed_generation: None,
+            });
+        task.status = Some(status);
+        task
+    }
+
+    #[test]
+    fn a_new_task_sends_its_prompt_even_when_an_earlier_turn_had_the_same_text() {
+        let earlier = [message("msg_1", "user", at(-60).as_millisecond(), "hi")];
+        assert_eq!(
+            prompt_delivery(&task(), &earlier, at(0)),
+            Delivery::Send {
+                earlier: vec!["msg_1".to_owned()]
+            }
+        );
+        // Once sent, the new message is the prompt; the earlier one never is.
+        let after = [
+            earlier[0].clone(),
+            message("msg_2", "assistant", at(-59).as_millisecond(), "hello"),
+            message("msg_3", "user", at(1).as_millisecond(), "hi"),
+        ];
+        assert_eq!(
+            newly_listed(&after, "hi", &["msg_1".to_owned()]).as_deref(),
+            Some("msg_3")
+        );
+        assert_eq!(newly_listed(&earlier, "hi", &["msg_1".to_owned()]), None);
+    }
+
+    #[test]
+    fn an_interrupted_dispatch_finds_its_prompt_and_never_sends_it_twice() {
+        let task = interrupted(reasons::DISPATCHING);
+        // Sent by the interrupted attempt (within the clock skew of its start): listed.
+        let sent = [message("msg_9", "user", at(-3).as_millisecond(), "hi")];
+        assert_eq!(
+            prompt_delivery(&task, &sent, at(0)),
+            Delivery::Listed("msg_9".to_owned())
+        );
+        // A message with the same text from well before the attempt is an earlier turn.
+        let old = [message("msg_1", "user", at(-60).as_millisecond(), "hi")];
+        assert_eq!(
+            prompt_delivery(&task, &old, at(0)),
+            Delivery::Send {
+                earlier: vec!["msg_1".to_owned()]
+            }
+        );
+        // Accepted before but not listed yet: wait, never send again.
+        let accepted = interrupted(reasons::PROMPT_SENT);
+        assert_eq!(
+            prompt_delivery(&accepted, &old, at(0)),
+            Delivery::AwaitListing
+        );
+        assert_eq!(
+            prompt_delivery(&accepted, &[], at(0)),
+            Delivery::AwaitListing
+        );
+    }
+
+    #[test]
+    fn a_retry_on_the_recorded_session_is_the_same_attempt() {
+        let task = interrupted(reasons::DISPATCHING);
+        assert!(!is_new_attempt(&task, "ses_1"));
+        assert!(is_new_attempt(&task, "ses_2"));
+        assert!(is_new_attempt(&self::task(), "ses_1"));
+    }
+
+    #[test]
+    fn a_session_gone_mid_dispatch_fails_the_task_and_a_stale_mapping_starts_anew() {
+        match when_session_gone(
+            &interrupted(reasons::DISPATCHING),
+            "s-1",
+            "ses_1",
+            "fleet-0",
+        ) {
+            GoneSession::Fail(ending) => {
+                assert_eq!(ending.phase, TaskPhase::Failed);
+                assert_eq!(ending.reason, reasons::SIDECAR_POD_LOST);
+                assert!(
+                    ending.message.contains("while the prompt was being sent"),
+                    "{}",
+                    ending.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match when_session_gone(&task(), "s-1", "ses_1", "fleet-0") {
+            GoneSession::StartNew { note } => assert!(note.contains("of session s-1"), "{note}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_turn_ends_when_its_last_answer_completes_without_asking_for_tools() {
+        let prompt = message("msg_p", "user", 0, "hi");
+        let before = message("msg_0", "assistant", 0, "an earlier turn");
+        let tools = answer("msg_a", Some("tool-calls"), None, "");
+        let streaming = answer("msg_b", None, None, "hal");
+        let done = answer("msg_b", Some("stop"), None, "the answer");
+        let turn = |messages: &[MessageWithParts]| turn_outcome(messages, "msg_p");
+        assert_eq!(turn(std::slice::from_ref(&before)), Turn::InProgress);
+        assert_eq!(turn(&[before.clone(), prompt.clone()]), Turn::InProgress);
+        assert_eq!(turn(&[prompt.clone(), tools.clone()]), Turn::InProgress);
+        assert_eq!(
+            turn(&[prompt.clone(), tools.clone(), streaming]),
+            Turn::InProgress
+        );
+        match turn(&[before, prompt, tools, done]) {
+            Turn::Ended(ending) => {
+                assert_eq!(ending.phase, TaskPhase::Succeeded);
+                assert_eq!(ending.reason, reasons::COMPLETED);
+                assert_eq!(ending.output.as_deref(), Some("the answer"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_turn_whose_last_answer_failed_ends_with_opencodes_error() {
+        let prompt = message("msg_p", "user", 0, "hi");
+        let failed = answer(
+            "msg_a",
+            None,
+            Some(serde_json::json!({"name": "APIError", "data": {"message": "bad request"}})),
+            "",
+        );
+        assert_eq!(
+            turn_outcome(&[prompt, failed], "msg_p"),
+            Turn::Ended(Ending::without_output(
+                TaskPhase::Failed,
+                "APIError",
+                "bad request".to_owned()
+            ))
+        );
+        let lost = turn_lost("ses_1", "fleet-0");
+        assert_eq!(lost.reason, reasons::SIDECAR_POD_LOST);
     }
 }

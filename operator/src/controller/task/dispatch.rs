@@ -1,0 +1,317 @@
+//! Carries out the steps that talk to a fleet's OpenCode: sending a task's prompt, looking at
+//! its turn, aborting its agent. Every choice on the way is the planner's ([`plan`]); this
+//! module does the I/O in the order that keeps a prompt sent at most once: the session and pod
+//! are recorded (Postgres, then status) before the prompt is sent, and the session's messages
+//! are read before any send.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
+use nubabel_data::identity::SidecarIdentity;
+use nubabel_data::sessions::{NewMapping, SessionMappings, TaskRef};
+use nubabel_opencode::{OpencodeClient, PromptRequest};
+
+use super::error::Error;
+use super::plan::{self, Delivery, Ending, GoneSession, Target, Turn, reasons};
+use super::status;
+use crate::controller::{fleet, report};
+
+/// How often, and how far apart, a sent prompt is looked for in the session's messages
+/// (`prompt_async` answers before OpenCode stores the message).
+const PROMPT_LISTING_TRIES: u32 = 20;
+const PROMPT_LISTING_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What came of a dispatch.
+#[derive(Debug)]
+pub enum Dispatched {
+    /// OpenCode has the prompt; the task runs.
+    Running,
+    /// OpenCode accepted the prompt but has not listed it yet; it is never sent again.
+    AwaitingListing,
+    /// The task ends without running (its session went with its pod mid-dispatch).
+    Ended(Ending),
+}
+
+/// What the steps that talk to OpenCode need.
+pub struct Dispatcher {
+    /// The Kubernetes client (fleet Secrets, task status).
+    client: Client,
+    /// Events on tasks.
+    recorder: Recorder,
+    /// Session mappings in Postgres.
+    mappings: SessionMappings,
+}
+
+impl Dispatcher {
+    /// A dispatcher over these clients.
+    pub fn new(client: Client, recorder: Recorder, mappings: SessionMappings) -> Self {
+        Self {
+            client,
+            recorder,
+            mappings,
+        }
+    }
+
+    /// Publishes an event on `task`.
+    pub async fn publish(
+        &self,
+        task: &DelegatedTask,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        report::publish(&self.recorder, &task.object_ref(&()), type_, reason, note).await;
+    }
+
+    /// A client of the OpenCode server on pod `pod_name` of fleet `sidecar`.
+    async fn opencode(
+        &self,
+        task: &DelegatedTask,
+        sidecar: &str,
+        pods: &[Pod],
+        pod_name: &str,
+    ) -> Result<OpencodeClient, Error> {
+        let pod = pods
+            .iter()
+            .find(|p| p.name_any() == pod_name)
+            .ok_or_else(|| fleet::AccessError::NoPodIp(pod_name.to_owned()))?;
+        let namespace = task.namespace().unwrap_or_default();
+        Ok(fleet::opencode(&self.client, &namespace, sidecar, pod).await?)
+    }
+
+    /// The OpenCode server of the pod the task was sent to, with that pod's name and session.
+    async fn opencode_of_turn(
+        &self,
+        task: &DelegatedTask,
+        pods: &[Pod],
+    ) -> Result<Option<(OpencodeClient, String, String)>, Error> {
+        let status = task.status.clone().unwrap_or_default();
+        let (Some(pod), Some(session)) = (status.sidecar_pod, status.opencode_session_id) else {
+            return Ok(None);
+        };
+        let sidecar = status
+            .sidecar
+            .or_else(|| task.spec.sidecar_ref.as_ref().map(|r| r.name.clone()))
+            .ok_or(Error::MissingMetadata("sidecar"))?;
+        let opencode = self.opencode(task, &sidecar, pods, &pod).await?;
+        Ok(Some((opencode, pod, session)))
+    }
+
+    /// Sends the task's prompt to `target` on fleet `sidecar` (or finishes sending it after an
+    /// interruption), continuing the Nubabel session `session_id`.
+    pub async fn dispatch(
+        &self,
+        task: &DelegatedTask,
+        sidecar: &OpencodeSidecar,
+        pods: &[Pod],
+        target: Target,
+        session_id: &str,
+    ) -> Result<Dispatched, Error> {
+        let sidecar_name = sidecar.name_any();
+        let (pod, mapped_session) = match target {
+            Target::Existing(location) => (location.pod, Some(location.opencode_session_id)),
+            Target::NewSession { pod } => (pod, None),
+        };
+        let opencode = self.opencode(task, &sidecar_name, pods, &pod).await?;
+        let failed = |source| Error::Opencode {
+            pod: pod.clone(),
+            source,
+        };
+
+        // A mapped session may be gone with its pod (a restart without storage).
+        let existing = match mapped_session {
+            Some(id) => match opencode.session(&id).await {
+                Ok(_) => Some(id),
+                Err(e) if e.is_not_found() => {
+                    match plan::when_session_gone(task, session_id, &id, &pod) {
+                        GoneSession::Fail(ending) => return Ok(Dispatched::Ended(ending)),
+                        GoneSession::StartNew { note } => {
+                            self.publish(task, EventType::Normal, reasons::SESSION_LOST, note)
+                                .await;
+                            None
+                        }
+                    }
+                }
+                Err(e) => return Err(failed(e)),
+            },
+            None => None,
+        };
+        let opencode_session = match existing {
+            Some(id) => id,
+            None => {
+                opencode
+                    .create_session(Some(&task.name_any()))
+                    .await
+                    .map_err(failed)?
+                    .id
+            }
+        };
+
+        // Record where the prompt goes, in Postgres and in status, before it is sent.
+        self.record_mapping(task, sidecar, session_id, &opencode_session, &pod)
+            .await?;
+        let status = status::dispatching(
+            task,
+            &sidecar_name,
+            &pod,
+            &opencode_session,
+            plan::is_new_attempt(task, &opencode_session),
+        );
+        status::write(&self.client, task, status.clone()).await?;
+        let attempt_started = status::attempt_started(&status).unwrap_or_else(Timestamp::now);
+
+        // Was the prompt sent already (an earlier attempt that ended in doubt)?
+        let before = opencode
+            .messages(&opencode_session, None)
+            .await
+            .map_err(failed)?;
+        let message_id = match plan::prompt_delivery(task, &before, attempt_started) {
+            Delivery::Listed(id) => id,
+            Delivery::AwaitListing => {
+                tracing::debug!(task = %task.name_any(), "the accepted prompt is not listed yet");
+                return Ok(Dispatched::AwaitingListing);
+            }
+            Delivery::Send { earlier } => {
+                let mut request = PromptRequest::text(task.spec.prompt.clone());
+                if let Some(agent) = &task.spec.agent {
+                    request = request.with_agent(agent.clone());
+                }
+                let sent = opencode.prompt_async(&opencode_session, &request).await;
+                // Success or not, the session's messages say whether OpenCode has the prompt.
+                let listed = self
+                    .await_listing(&opencode, &opencode_session, &task.spec.prompt, &earlier)
+                    .await
+                    .map_err(failed)?;
+                match (listed, sent) {
+                    (Some(id), _) => id,
+                    (None, Err(source)) => return Err(failed(source)),
+                    (None, Ok(())) => {
+                        let status = status::prompt_sent(status, task, &pod, &opencode_session);
+                        status::write(&self.client, task, status).await?;
+                        return Ok(Dispatched::AwaitingListing);
+                    }
+                }
+            }
+        };
+
+        let status = status::running(status, task, &pod, &opencode_session, message_id);
+        status::write(&self.client, task, status).await?;
+        self.publish(
+            task,
+            EventType::Normal,
+            reasons::PROMPT_ACCEPTED,
+            format!("sent to OpenCode session {opencode_session} on pod {pod}"),
+        )
+        .await;
+        Ok(Dispatched::Running)
+    }
+
+    async fn record_mapping(
+        &self,
+        task: &DelegatedTask,
+        sidecar: &OpencodeSidecar,
+        session_id: &str,
+        opencode_session: &str,
+        pod: &str,
+    ) -> Result<(), Error> {
+        let namespace = task.namespace().unwrap_or_default();
+        let identity = SidecarIdentity::new(
+            &sidecar.spec.organization_id,
+            &namespace,
+            &sidecar.name_any(),
+        )
+        .map_err(|_| Error::InvalidIdentity {
+            what: "sidecar identity",
+            value: format!(
+                "{}/{namespace}/{}",
+                sidecar.spec.organization_id,
+                sidecar.name_any()
+            ),
+        })?;
+        let task_ref =
+            TaskRef::new(&namespace, &task.name_any()).map_err(|_| Error::InvalidIdentity {
+                what: "task name",
+                value: task.name_any(),
+            })?;
+        self.mappings
+            .record(&NewMapping {
+                sidecar: &identity,
+                session_id,
+                opencode_session_id: opencode_session,
+                pod_name: pod,
+                task: Some(&task_ref),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Looks for the sent prompt in the session's messages a few times.
+    async fn await_listing(
+        &self,
+        opencode: &OpencodeClient,
+        opencode_session: &str,
+        prompt: &str,
+        earlier: &[String],
+    ) -> Result<Option<String>, nubabel_opencode::Error> {
+        for _ in 0..PROMPT_LISTING_TRIES {
+            let messages = opencode.messages(opencode_session, None).await?;
+            if let Some(id) = plan::newly_listed(&messages, prompt, earlier) {
+                return Ok(Some(id));
+            }
+            tokio::time::sleep(PROMPT_LISTING_INTERVAL).await;
+        }
+        Ok(None)
+    }
+
+    /// Looks at the task's turn in OpenCode: `Some` when it ended.
+    pub async fn check(&self, task: &DelegatedTask, pods: &[Pod]) -> Result<Option<Ending>, Error> {
+        let Some((opencode, pod, session)) = self.opencode_of_turn(task, pods).await? else {
+            return Ok(None);
+        };
+        let failed = |source| Error::Opencode {
+            pod: pod.clone(),
+            source,
+        };
+        // A busy session has not ended its turn: its messages need not be read.
+        let busy = opencode
+            .session_status()
+            .await
+            .map_err(failed)?
+            .contains_key(&session);
+        if busy {
+            return Ok(None);
+        }
+        let messages = match opencode.messages(&session, None).await {
+            Ok(messages) => messages,
+            Err(e) if e.is_not_found() => return Ok(Some(plan::turn_lost(&session, &pod))),
+            Err(e) => return Err(failed(e)),
+        };
+        let prompt_id = task
+            .status
+            .as_ref()
+            .and_then(|s| s.prompt_message_id.as_deref());
+        Ok(
+            match prompt_id.map(|id| plan::turn_outcome(&messages, id)) {
+                Some(Turn::Ended(ending)) => Some(ending),
+                Some(Turn::InProgress) | None => None,
+            },
+        )
+    }
+
+    /// Stops the task's agent, if it was sent anywhere; a failure is logged, never fatal.
+    pub async fn abort(&self, task: &DelegatedTask, pods: &[Pod]) {
+        match self.opencode_of_turn(task, pods).await {
+            Ok(Some((opencode, _, session))) => {
+                if let Err(error) = opencode.abort(&session).await {
+                    tracing::info!(task = %task.name_any(), %error, "abort did not reach OpenCode");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::info!(task = %task.name_any(), %error, "no OpenCode to abort"),
+        }
+    }
+}
