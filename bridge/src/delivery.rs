@@ -12,7 +12,7 @@ use nubabel_data::identity::SidecarIdentity;
 use nubabel_data::signing::{SidecarKey, sign};
 use reqwest::header::CONTENT_TYPE;
 
-use crate::health::Liveness;
+use crate::liveness::Liveness;
 use crate::mapping::Callback;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;

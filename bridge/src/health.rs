@@ -2,8 +2,8 @@
 //! and the callback API is
 //! reachable) and `/metrics`, on the bridge's port; `/readyz` is the pod's readiness probe.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -13,51 +13,11 @@ use axum::routing::get;
 use nubabel_opencode::OpencodeClient;
 
 use crate::delivery::CallbackSender;
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 
-/// How long a callback API answer counts as "reachable" without asking its `/healthz`.
-pub const API_RECENT: Duration = Duration::from_secs(60);
 /// Bound on each check `/readyz` makes.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// When the callback API last answered a callback.
-#[derive(Debug, Default)]
-pub struct Liveness {
-    api_answered: Mutex<Option<Instant>>,
-    // NB: a pod must not take work before its events are followed, or a fast turn finishes
-    // unseen while the stream is still reconnecting.
-    following_events: std::sync::atomic::AtomicBool,
-}
-
-impl Liveness {
-    /// Records whether the OpenCode event stream is connected.
-    pub fn following_events(&self, connected: bool) {
-        self.following_events
-            .store(connected, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the OpenCode event stream is connected.
-    pub fn is_following_events(&self) -> bool {
-        self.following_events
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Records an answer from the API (accepted or refused: either way it is up).
-    pub fn api_answered(&self) {
-        *self
-            .api_answered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-    }
-
-    /// Whether the API answered within `API_RECENT`.
-    pub fn api_recent(&self) -> bool {
-        self.api_answered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|at| at.elapsed() < API_RECENT)
-    }
-}
 
 /// What the probes need.
 #[derive(Clone)]

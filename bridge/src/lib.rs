@@ -9,6 +9,7 @@
 pub mod config;
 pub mod delivery;
 pub mod health;
+pub mod liveness;
 pub mod mapping;
 pub mod metrics;
 pub mod outbox;
@@ -25,7 +26,8 @@ use tokio::net::TcpListener;
 
 use crate::config::Settings;
 use crate::delivery::{Backoff, CallbackSender};
-use crate::health::{HealthState, Liveness};
+use crate::health::HealthState;
+use crate::liveness::Liveness;
 use crate::mapping::{Mapper, MapperSettings};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;

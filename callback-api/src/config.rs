@@ -1,4 +1,5 @@
-//! Configuration, from flags and environment variables (`--help` lists them all).
+//! Configuration, from flags and environment variables (`--help` lists them all): plain
+//! settings, which `startup` turns into each part's own.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -192,33 +193,6 @@ impl Config {
     /// The SSE keep-alive interval.
     pub fn sse_keep_alive(&self) -> Duration {
         Duration::from_secs(self.sse_keep_alive_seconds)
-    }
-
-    /// The MCP gateway's limits.
-    pub fn mcp_gateway(&self) -> crate::mcp::GatewaySettings {
-        crate::mcp::GatewaySettings {
-            call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
-            tenant_concurrency: usize::try_from(self.mcp_tenant_concurrency).unwrap_or(usize::MAX),
-            queue_timeout: Duration::from_millis(self.mcp_queue_timeout_ms),
-            tools_cache_ttl: Duration::from_secs(self.mcp_tools_cache_seconds),
-        }
-    }
-
-    /// The per-tenant limits, counting refusals in `metrics`.
-    pub fn tenant_limits(&self, metrics: &crate::metrics::Metrics) -> crate::limits::TenantLimits {
-        crate::limits::TenantLimits::new(
-            usize::try_from(self.callback_tenant_concurrency).unwrap_or(usize::MAX),
-            usize::try_from(self.sse_tenant_streams).unwrap_or(usize::MAX),
-            &metrics.tenant_limited,
-        )
-    }
-
-    /// How callbacks are batched into commits.
-    pub fn commit_settings(&self) -> crate::committer::CommitSettings {
-        crate::committer::CommitSettings {
-            max_batch: usize::try_from(self.commit_max_batch).unwrap_or(64),
-            concurrency: usize::try_from(self.commit_concurrency).unwrap_or(4),
-        }
     }
 
     /// The minimum time between two status writes of one task.

@@ -6,7 +6,9 @@
 
 use axum::{
     Json,
+    extract::{MatchedPath, Request},
     http::{HeaderValue, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -122,7 +124,7 @@ impl From<nubabel_data::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        // Logged by the request middleware, which knows the route; IntoResponse stays pure.
+        // Logged by `log_failures`, which knows the route; IntoResponse stays pure.
         let report = match &self {
             Self::Internal(error) | Self::Unavailable(error) => {
                 Some(ErrorReport(format!("{error:?}")))
@@ -153,9 +155,25 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The internal cause of a 5xx response, for the request middleware to log.
+/// The internal cause of a 5xx response, for [`log_failures`] to log.
 #[derive(Debug, Clone)]
 pub struct ErrorReport(pub String);
+
+/// Middleware: logs the cause of every answer that carries an [`ErrorReport`], with the
+/// request's method, route and status.
+pub async fn log_failures(request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let matched_path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    if let Some(ErrorReport(cause)) = response.extensions().get::<ErrorReport>() {
+        let status = response.status();
+        tracing::error!(%method, %matched_path, status = status.as_u16(), %cause, "request failed");
+    }
+    response
+}
 
 #[cfg(test)]
 mod tests {

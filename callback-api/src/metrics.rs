@@ -4,17 +4,14 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request, State},
-    http::{HeaderValue, StatusCode, header},
     middleware::Next,
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-
-use crate::{error::ErrorReport, state::AppState};
 
 /// Labels of an HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -213,7 +210,7 @@ impl Metrics {
     }
 }
 
-/// Middleware: counts and times every matched request, and logs the cause of 5xx answers.
+/// Middleware: counts and times every matched request.
 pub async fn track_requests(
     State(metrics): State<Arc<Metrics>>,
     request: Request,
@@ -227,9 +224,6 @@ pub async fn track_requests(
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let response = next.run(request).await;
     let status = response.status();
-    if let Some(ErrorReport(cause)) = response.extensions().get::<ErrorReport>() {
-        tracing::error!(%method, %matched_path, status = status.as_u16(), %cause, "request failed");
-    }
     metrics
         .http_request_duration
         .get_or_create(&RouteLabels {
@@ -246,27 +240,4 @@ pub async fn track_requests(
         })
         .inc();
     response
-}
-
-/// `GET /metrics`.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
-)]
-pub async fn get_metrics(State(state): State<AppState>) -> Response {
-    match state.metrics.render() {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
 }

@@ -16,15 +16,17 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    committer::Committer,
+    committer::{CommitSettings, Committer},
     config::Config,
     credentials::Broker,
     egress::{Allowlist, Egress},
     fanout::Fanout,
+    limits::TenantLimits,
+    mcp::{Gateway, GatewaySettings},
     metrics::Metrics,
     mirror::{KubeStatusWriter, StatusMirror},
     routes,
-    slack::{SlackBot, notifier::Notifier},
+    slack::{SlackBot, SlackSettings, notifier::Notifier},
     state::{AppState, Keys, KubeClient, Settings},
 };
 
@@ -85,7 +87,7 @@ impl Application {
         )
         .context("configuring redis")?;
         let metrics = Arc::new(Metrics::new());
-        let slack = SlackBot::from_config(&config)?.map(Arc::new);
+        let slack = SlackBot::from_settings(&slack_settings(&config))?.map(Arc::new);
         let kube = if config.status_mirror || config.delegate_api || slack.is_some() {
             Some(kube::Client::try_default().await.context(
                 "connecting to Kubernetes for the status mirror, the delegate API and the Slack bot \
@@ -114,9 +116,9 @@ impl Application {
                 Duration::from_secs(config.oauth_refresh_skew_seconds),
             )),
             egress,
-            mcp: Arc::new(crate::mcp::Gateway::new(config.mcp_gateway())),
-            limits: config.tenant_limits(&metrics),
-            committer: Committer::start(db.clone(), config.commit_settings(), Arc::clone(&metrics)),
+            mcp: Arc::new(Gateway::new(gateway_settings(&config))),
+            limits: tenant_limits(&config, &metrics),
+            committer: Committer::start(db.clone(), commit_settings(&config), Arc::clone(&metrics)),
             fanout: Fanout::start(db.clone(), redis.clone(), Arc::clone(&metrics)),
             db,
             redis,
@@ -195,6 +197,45 @@ impl Application {
     /// Serves until SIGTERM or Ctrl-C.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
+    }
+}
+
+/// The Slack bot's settings.
+fn slack_settings(config: &Config) -> SlackSettings {
+    SlackSettings {
+        bot_token: config.slack_bot_token.clone(),
+        signing_secret: config.slack_signing_secret.clone(),
+        api_url: config.slack_api_url.clone(),
+        teams: config.slack_teams.clone(),
+        progress_interval: Duration::from_millis(config.slack_progress_interval_ms),
+        final_sweep_interval: Duration::from_secs(config.slack_final_sweep_seconds),
+    }
+}
+
+/// The MCP gateway's limits.
+fn gateway_settings(config: &Config) -> GatewaySettings {
+    GatewaySettings {
+        call_timeout: Duration::from_millis(config.mcp_call_timeout_ms),
+        tenant_concurrency: usize::try_from(config.mcp_tenant_concurrency).unwrap_or(usize::MAX),
+        queue_timeout: Duration::from_millis(config.mcp_queue_timeout_ms),
+        tools_cache_ttl: Duration::from_secs(config.mcp_tools_cache_seconds),
+    }
+}
+
+/// The per-tenant limits, counting refusals in `metrics`.
+fn tenant_limits(config: &Config, metrics: &Metrics) -> TenantLimits {
+    TenantLimits::new(
+        usize::try_from(config.callback_tenant_concurrency).unwrap_or(usize::MAX),
+        usize::try_from(config.sse_tenant_streams).unwrap_or(usize::MAX),
+        &metrics.tenant_limited,
+    )
+}
+
+/// How callbacks are batched into commits.
+fn commit_settings(config: &Config) -> CommitSettings {
+    CommitSettings {
+        max_batch: usize::try_from(config.commit_max_batch).unwrap_or(64),
+        concurrency: usize::try_from(config.commit_concurrency).unwrap_or(4),
     }
 }
 

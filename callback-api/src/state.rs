@@ -8,9 +8,11 @@ use sqlx::PgPool;
 
 use crate::{
     committer::Committer,
+    event_log::EventLog,
     fanout::Fanout,
     metrics::Metrics,
     mirror::{KubeStatusWriter, StatusMirror},
+    session_cache::SessionCache,
 };
 
 /// Key material, never logged.
@@ -35,63 +37,6 @@ pub struct Settings {
     pub sse_keep_alive: Duration,
     /// Longest a waiting `POST /api/delegate` holds the request.
     pub delegate_max_wait: Duration,
-}
-
-/// Sessions already resolved, by tenant and path id. A resolution never changes (sessions and
-/// mappings are only added), so entries need no expiry; a session deleted later is evicted
-/// when an append finds it gone. Only found sessions are kept, and the map is bounded.
-#[derive(Debug, Default)]
-pub struct SessionCache(
-    std::sync::Mutex<
-        std::collections::HashMap<(String, String), nubabel_data::sessions::SessionRef>,
-    >,
-);
-
-/// Entries kept before the cache starts over.
-const SESSION_CACHE_CAPACITY: usize = 100_000;
-
-impl SessionCache {
-    /// The cached resolution of `id` for `organization_id`.
-    pub fn get(
-        &self,
-        organization_id: &str,
-        id: &str,
-    ) -> Option<nubabel_data::sessions::SessionRef> {
-        self.lock()
-            .get(&(organization_id.to_owned(), id.to_owned()))
-            .cloned()
-    }
-
-    /// Remembers a resolution.
-    pub fn insert(
-        &self,
-        organization_id: &str,
-        id: &str,
-        session: nubabel_data::sessions::SessionRef,
-    ) {
-        let mut map = self.lock();
-        if map.len() >= SESSION_CACHE_CAPACITY {
-            map.clear();
-        }
-        map.insert((organization_id.to_owned(), id.to_owned()), session);
-    }
-
-    /// Forgets every resolution to the session `pk`.
-    pub fn evict(&self, pk: uuid::Uuid) {
-        self.lock().retain(|_, session| session.pk != pk);
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<(String, String), nubabel_data::sessions::SessionRef>,
-    > {
-        // Every update is a single map operation, so a poisoned map is still consistent.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 /// A Kubernetes client (kube's own has no `Debug`).
@@ -137,6 +82,30 @@ pub struct AppState {
     pub egress: crate::egress::Egress,
     /// The MCP gateway: tool lists and per-tenant call slots.
     pub mcp: Arc<crate::mcp::Gateway>,
+}
+
+impl AppState {
+    /// The path every event of a session is appended through.
+    pub fn event_log(&self) -> EventLog<'_> {
+        EventLog {
+            committer: &self.committer,
+            sessions: &self.sessions,
+            fanout: &self.fanout,
+            mirror: self.mirror.as_ref(),
+            metrics: &self.metrics,
+        }
+    }
+
+    /// What the MCP gateway's calls use.
+    pub fn mcp_context(&self) -> crate::mcp::Context<'_> {
+        crate::mcp::Context {
+            db: &self.db,
+            metrics: &self.metrics,
+            credentials: &self.credentials,
+            egress: &self.egress,
+            events: self.event_log(),
+        }
+    }
 }
 
 impl FromRef<AppState> for Arc<Metrics> {

@@ -26,8 +26,10 @@ use super::{
     upstream::{UpstreamError, UpstreamSession},
 };
 use crate::{
-    credentials::{CredentialError, UpstreamAuth},
-    state::AppState,
+    credentials::{Broker, CredentialError, UpstreamAuth},
+    egress::Egress,
+    event_log::EventLog,
+    metrics::{McpCallLabels, Metrics},
 };
 
 /// Most `tools/list` pages read from one upstream.
@@ -50,6 +52,21 @@ pub struct GatewaySettings {
     pub queue_timeout: Duration,
     /// How long a connection's tool list is reused.
     pub tools_cache_ttl: Duration,
+}
+
+/// What the gateway's calls use of the rest of the service.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// Postgres: the tenant's connections and sessions.
+    pub db: &'a sqlx::PgPool,
+    /// Tool-call counts and durations.
+    pub metrics: &'a Metrics,
+    /// Upstream credentials of the connections.
+    pub credentials: &'a Broker,
+    /// The SSRF-safe outbound HTTP client.
+    pub egress: &'a Egress,
+    /// Where a tool call is recorded as a progress event.
+    pub events: EventLog<'a>,
 }
 
 /// Who calls, as the MCP route or the REST form authenticated them.
@@ -154,16 +171,16 @@ impl Gateway {
     /// upstream cannot be listed is left out (and logged); the others are still offered.
     pub async fn list_tools(
         &self,
-        state: &AppState,
+        context: &Context<'_>,
         organization_id: &str,
     ) -> Result<Vec<Tool>, CallError> {
-        let connections = connections::list(&state.db, organization_id)
+        let connections = connections::list(context.db, organization_id)
             .await
             .map_err(CallError::Store)?;
         let lists = futures::future::join_all(
             connections
                 .iter()
-                .map(|connection| self.tools_of(state, connection)),
+                .map(|connection| self.tools_of(context, connection)),
         )
         .await;
         let mut tools = Vec::new();
@@ -183,7 +200,7 @@ impl Gateway {
 
     async fn tools_of(
         &self,
-        state: &AppState,
+        context: &Context<'_>,
         connection: &Connection,
     ) -> Result<Arc<Vec<Tool>>, String> {
         if let Some(cached) = self.cached_tools(connection) {
@@ -191,8 +208,8 @@ impl Gateway {
         }
         let listed = tokio::time::timeout(
             self.settings.call_timeout,
-            with_credentials(state, connection, |auth| {
-                list_upstream(state, connection, auth)
+            with_credentials(context, connection, |auth| {
+                list_upstream(context, connection, auth)
             }),
         )
         .await
@@ -236,7 +253,7 @@ impl Gateway {
     /// records the call as a progress event of the calling session when one is known.
     pub async fn call_tool(
         &self,
-        state: &AppState,
+        context: &Context<'_>,
         caller: &Caller,
         name: &str,
         arguments: Map<String, Value>,
@@ -244,7 +261,7 @@ impl Gateway {
         let organization_id = caller.sidecar.organization_id().as_str();
         let (provider, tool) =
             protocol::split_tool_name(name).ok_or_else(|| CallError::UnknownTool(name.into()))?;
-        let connection = connections::find(&state.db, organization_id, provider)
+        let connection = connections::find(context.db, organization_id, provider)
             .await
             .map_err(CallError::Store)?
             .ok_or_else(|| CallError::UnknownTool(name.into()))?;
@@ -259,8 +276,8 @@ impl Gateway {
                 Outcome::Busy,
             ),
             Some(_permit) => {
-                let call = with_credentials(state, &connection, |auth| {
-                    call_upstream(state, &connection, auth, tool, &arguments)
+                let call = with_credentials(context, &connection, |auth| {
+                    call_upstream(context, &connection, auth, tool, &arguments)
                 });
                 match tokio::time::timeout(self.settings.call_timeout, call).await {
                     Err(_) => (
@@ -296,12 +313,12 @@ impl Gateway {
             }
         };
         let duration = started.elapsed();
-        let labels = crate::metrics::McpCallLabels {
+        let labels = McpCallLabels {
             via: caller.via,
             outcome: outcome.as_str(),
         };
-        state.metrics.mcp_tool_calls.get_or_create(&labels).inc();
-        state
+        context.metrics.mcp_tool_calls.get_or_create(&labels).inc();
+        context
             .metrics
             .mcp_tool_call_duration
             .get_or_create(&labels)
@@ -316,7 +333,7 @@ impl Gateway {
             "tool call"
         );
         let recorded_for = self
-            .record(state, caller, name, provider, outcome, duration, &result)
+            .record(context, caller, name, provider, outcome, duration, &result)
             .await;
         Ok(CallOutcome {
             result,
@@ -344,7 +361,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
-        state: &AppState,
+        context: &Context<'_>,
         caller: &Caller,
         tool: &str,
         provider: &str,
@@ -352,7 +369,7 @@ impl Gateway {
         duration: Duration,
         result: &Value,
     ) -> Option<String> {
-        let session = match calling_session(state, caller).await {
+        let session = match calling_session(context, caller).await {
             Ok(Some(session)) => session,
             Ok(None) => {
                 tracing::debug!(
@@ -386,15 +403,16 @@ impl Gateway {
             event_type: MCP_TOOL_CALL,
             progress: &progress,
         };
-        match crate::routes::sessions::append_event(
-            state,
-            caller.sidecar.organization_id(),
-            &event_id,
-            raw.as_bytes(),
-            &session,
-            payload,
-        )
-        .await
+        match context
+            .events
+            .append(
+                caller.sidecar.organization_id(),
+                &event_id,
+                raw.as_bytes(),
+                &session,
+                payload,
+            )
+            .await
         {
             Ok(_) => Some(session.session_id),
             Err(error) => {
@@ -417,7 +435,7 @@ enum GatewayError {
 /// Runs `exchange` with the connection's credentials; after a 401, once more with
 /// re-authorized ones.
 async fn with_credentials<T, F, Fut>(
-    state: &AppState,
+    context: &Context<'_>,
     connection: &Connection,
     exchange: F,
 ) -> Result<T, GatewayError>
@@ -425,10 +443,10 @@ where
     F: Fn(UpstreamAuth) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    let auth = state.credentials.authorize(connection).await?;
+    let auth = context.credentials.authorize(connection).await?;
     match exchange(auth.clone()).await {
         Err(UpstreamError::Unauthorized) => {
-            let renewed = state.credentials.reauthorize(connection, &auth).await?;
+            let renewed = context.credentials.reauthorize(connection, &auth).await?;
             Ok(exchange(renewed).await?)
         }
         other => Ok(other?),
@@ -436,11 +454,12 @@ where
 }
 
 async fn list_upstream(
-    state: &AppState,
+    context: &Context<'_>,
     connection: &Connection,
     auth: UpstreamAuth,
 ) -> Result<Vec<Tool>, UpstreamError> {
-    let mut session = UpstreamSession::open(&state.egress, &connection.upstream_url, &auth).await?;
+    let mut session =
+        UpstreamSession::open(context.egress, &connection.upstream_url, &auth).await?;
     let mut tools = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_LIST_PAGES {
@@ -467,13 +486,14 @@ async fn list_upstream(
 }
 
 async fn call_upstream(
-    state: &AppState,
+    context: &Context<'_>,
     connection: &Connection,
     auth: UpstreamAuth,
     tool: &str,
     arguments: &Map<String, Value>,
 ) -> Result<Value, UpstreamError> {
-    let mut session = UpstreamSession::open(&state.egress, &connection.upstream_url, &auth).await?;
+    let mut session =
+        UpstreamSession::open(context.egress, &connection.upstream_url, &auth).await?;
     let result = session
         .request("tools/call", json!({"name": tool, "arguments": arguments}))
         .await;
@@ -486,12 +506,12 @@ async fn call_upstream(
 /// that identifies its session to an MCP server, so with several working sessions the call
 /// is not attributed rather than attributed to the wrong one.
 async fn calling_session(
-    state: &AppState,
+    context: &Context<'_>,
     caller: &Caller,
 ) -> Result<Option<SessionRef>, nubabel_data::Error> {
     let organization_id = caller.sidecar.organization_id();
     if let Some(id) = &caller.session {
-        return resolve_session(&state.db, organization_id, id).await;
+        return resolve_session(context.db, organization_id, id).await;
     }
     let rows = sqlx::query(
         "select s.id, s.session_id
@@ -515,7 +535,7 @@ async fn calling_session(
     .bind(caller.sidecar.name())
     .bind(caller.pod.as_deref())
     .bind(&WORKING_STATES[..])
-    .fetch_all(&state.db)
+    .fetch_all(context.db)
     .await
     .map_err(nubabel_data::Error::from)?;
     let [row] = rows.as_slice() else {

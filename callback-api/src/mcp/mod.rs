@@ -6,4 +6,4 @@ pub mod gateway;
 pub mod protocol;
 pub mod upstream;
 
-pub use gateway::{CallError, CallOutcome, Caller, Gateway, GatewaySettings, Outcome};
+pub use gateway::{CallError, CallOutcome, Caller, Context, Gateway, GatewaySettings, Outcome};

@@ -1,16 +1,23 @@
-//! `/healthz` (the process answers) and `/readyz` (Postgres answers).
+//! `/healthz` (the process answers), `/readyz` (Postgres answers) and `/metrics` (Prometheus).
 //!
 //! Readiness follows Postgres alone: it is the record, and without it nothing can be
 //! acknowledged. Redis only carries the hot state and the fan-out, and the API keeps accepting
 //! and streaming events without it (from Postgres), so a replica whose Redis is down stays in
 //! its Service and reports `degraded` rather than being taken out of rotation with the others.
 
-use axum::{Json, extract::State, http::StatusCode};
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::state::AppState;
+use crate::{metrics::Metrics, state::AppState};
 
 /// How long a readiness check waits for each dependency.
 const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -76,4 +83,27 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
             redis: Some(redis),
         }),
     )
+}
+
+/// `GET /metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
+)]
+pub async fn get_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
+    match metrics.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }

@@ -114,7 +114,12 @@ async fn invoke(
     let name = protocol::gateway_tool_name(&request.provider, &request.tool_name);
     let outcome = state
         .mcp
-        .call_tool(&state, &caller, &name, request.args.unwrap_or_default())
+        .call_tool(
+            &state.mcp_context(),
+            &caller,
+            &name,
+            request.args.unwrap_or_default(),
+        )
         .await
         .map_err(|error| match error {
             CallError::UnknownTool(_) => ApiError::NotFound(format!(

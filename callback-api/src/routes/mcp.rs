@@ -282,7 +282,11 @@ type RpcResult = Result<Value, (i64, String)>;
 
 async fn list_tools(state: &AppState, caller: &McpCaller) -> RpcResult {
     let organization_id = caller.sidecar.organization_id().as_str();
-    match state.mcp.list_tools(state, organization_id).await {
+    match state
+        .mcp
+        .list_tools(&state.mcp_context(), organization_id)
+        .await
+    {
         Ok(tools) => Ok(json!({ "tools": tools })),
         Err(error) => Err(internal(&error)),
     }
@@ -309,7 +313,11 @@ async fn call_tool(state: &AppState, caller: McpCaller, params: &Map<String, Val
         session: named_session.or(caller.session),
         via: "mcp",
     };
-    match state.mcp.call_tool(state, &caller, name, arguments).await {
+    match state
+        .mcp
+        .call_tool(&state.mcp_context(), &caller, name, arguments)
+        .await
+    {
         Ok(outcome) => Ok(outcome.result),
         Err(CallError::UnknownTool(name)) => Err((INVALID_PARAMS, format!("unknown tool: {name}"))),
         Err(error) => Err(internal(&error)),

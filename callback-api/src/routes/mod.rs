@@ -30,7 +30,7 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{metrics, state::AppState};
+use crate::{error, metrics, state::AppState};
 
 /// The document's fixed parts; paths come from the routers.
 #[derive(OpenApi)]
@@ -143,7 +143,7 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
         .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(health::router())
         .merge(slack::router())
-        .routes(routes!(metrics::get_metrics))
+        .routes(routes!(health::get_metrics))
         .routes(routes!(get_openapi))
         // Applies to the routes above; a waiting delegate request has its own bound.
         .layer(TimeoutLayer::with_status_code(
@@ -167,6 +167,7 @@ pub fn openapi() -> openapi::OpenApi {
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let (router, _) = api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
     router
+        .route_layer(middleware::from_fn(error::log_failures))
         .route_layer(middleware::from_fn_with_state(
             std::sync::Arc::clone(&state.metrics),
             metrics::track_requests,

@@ -10,8 +10,7 @@ use axum::{
     extract::{Path, State},
 };
 use nubabel_data::{
-    events::{Appended, EventKind, EventPayload, NewEvent, PreparedEvent},
-    identity::OrganizationId,
+    events::EventPayload,
     sessions::{SessionRef, resolve_session, validate_session_id},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -22,7 +21,6 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::{
     auth::SignedCallback,
     error::{ApiError, ErrorBody},
-    metrics::{CallbackLabels, Outcome},
     state::AppState,
 };
 
@@ -246,81 +244,20 @@ async fn append(
     session: &SessionRef,
     payload: EventPayload<'_>,
 ) -> Result<Json<Accepted>, ApiError> {
-    append_event(
-        state,
-        callback.sidecar.organization_id(),
-        &callback.webhook_id,
-        &callback.body,
-        session,
-        payload,
-    )
-    .await
-}
-
-/// Commits one event of `session` exactly once per `event_id`, then fans it out and marks the
-/// task's status for the mirror: the path of every progress callback, also taken by the MCP
-/// gateway's tool-call events.
-pub(crate) async fn append_event(
-    state: &AppState,
-    organization_id: &OrganizationId,
-    event_id: &str,
-    raw_body: &[u8],
-    session: &SessionRef,
-    payload: EventPayload<'_>,
-) -> Result<Json<Accepted>, ApiError> {
-    let kind = match payload {
-        EventPayload::Progress { .. } => EventKind::Progress,
-        EventPayload::State { .. } => EventKind::State,
-    };
-    let event = PreparedEvent::new(&NewEvent {
-        session_pk: session.pk,
-        organization_id,
-        event_id,
-        payload,
-        raw_body,
-    });
-    let appended = match state.committer.append(event).await {
-        Err(nubabel_data::Error::SessionNotFound) => {
-            state.sessions.evict(session.pk);
-            return Err(ApiError::SessionNotFound);
-        }
-        other => other?,
-    };
-    let count = |outcome| {
-        state
-            .metrics
-            .callbacks
-            .get_or_create(&CallbackLabels {
-                kind: kind.as_str(),
-                outcome,
-            })
-            .inc();
-    };
-    match appended {
-        Appended::New(committed) => {
-            count(Outcome::New);
-            let sequence = committed.event.seq;
-            if let (Some(mirror), Some(task)) = (&state.mirror, committed.task) {
-                mirror.mark(task, session.pk);
-            }
-            state.fanout.publish(session.pk, committed.event).await;
-            Ok(Json(Accepted {
-                sequence,
-                duplicate: false,
-            }))
-        }
-        Appended::Duplicate { seq } => {
-            count(Outcome::Duplicate);
-            Ok(Json(Accepted {
-                sequence: seq,
-                duplicate: true,
-            }))
-        }
-        Appended::IdReused => {
-            count(Outcome::IdReused);
-            Err(ApiError::EventIdReused)
-        }
-    }
+    let recorded = state
+        .event_log()
+        .append(
+            callback.sidecar.organization_id(),
+            &callback.webhook_id,
+            &callback.body,
+            session,
+            payload,
+        )
+        .await?;
+    Ok(Json(Accepted {
+        sequence: recorded.sequence,
+        duplicate: recorded.duplicate,
+    }))
 }
 
 #[cfg(test)]

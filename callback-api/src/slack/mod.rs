@@ -21,8 +21,6 @@ use anyhow::{Context, bail};
 use nubabel_data::identity::{OrganizationId, validate_namespace};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Config;
-
 pub use client::{SlackClient, SlackError};
 
 /// The tenant a Slack workspace's messages work for.
@@ -32,6 +30,23 @@ pub struct TeamTarget {
     pub organization_id: String,
     /// The namespace they are created in.
     pub namespace: String,
+}
+
+/// The Slack bot's settings, as configured; all of the token, the secret and the teams, or none.
+#[derive(Debug, Clone)]
+pub struct SlackSettings {
+    /// Bot token (`xoxb-...`).
+    pub bot_token: Option<SecretString>,
+    /// Signing secret of `/slack/events` requests.
+    pub signing_secret: Option<SecretString>,
+    /// Base URL of the Slack Web API.
+    pub api_url: String,
+    /// Workspaces served, as `<team id>=<organization id>/<namespace>`.
+    pub teams: Vec<String>,
+    /// Least time between two progress edits of one message.
+    pub progress_interval: Duration,
+    /// How often stale final claims are looked for.
+    pub final_sweep_interval: Duration,
 }
 
 /// The Slack bot's configuration and client.
@@ -79,29 +94,29 @@ pub fn parse_team(value: &str) -> anyhow::Result<(String, TeamTarget)> {
 }
 
 impl SlackBot {
-    /// The bot configured in `config`: `None` when no Slack setting is given, an error when
-    /// only some are.
-    pub fn from_config(config: &Config) -> anyhow::Result<Option<Self>> {
-        let teams = config
-            .slack_teams
+    /// The bot `settings` describe: `None` when no Slack setting is given, an error when only
+    /// some are.
+    pub fn from_settings(settings: &SlackSettings) -> anyhow::Result<Option<Self>> {
+        let teams = settings
+            .teams
             .iter()
             .filter(|t| !t.trim().is_empty())
             .map(|t| parse_team(t))
             .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
-        match (&config.slack_bot_token, &config.slack_signing_secret) {
+        match (&settings.bot_token, &settings.signing_secret) {
             (None, None) if teams.is_empty() => Ok(None),
             (Some(token), Some(secret)) if !teams.is_empty() => {
                 if secret.expose_secret().is_empty() || token.expose_secret().is_empty() {
                     bail!("the Slack bot token and signing secret must not be empty");
                 }
-                let client = SlackClient::new(&config.slack_api_url, token.clone())
+                let client = SlackClient::new(&settings.api_url, token.clone())
                     .context("building the Slack client")?;
                 Ok(Some(Self {
                     client,
                     signing_secret: secret.clone(),
                     teams,
-                    progress_interval: Duration::from_millis(config.slack_progress_interval_ms),
-                    final_sweep_interval: Duration::from_secs(config.slack_final_sweep_seconds),
+                    progress_interval: settings.progress_interval,
+                    final_sweep_interval: settings.final_sweep_interval,
                 }))
             }
             _ => bail!(
