@@ -54,8 +54,9 @@ check_prerequisites() {
   fi
   local required have
   required=$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$WORKSPACE/Cargo.toml")
-  command -v cargo >/dev/null && command -v rustc >/dev/null ||
+  if ! command -v cargo >/dev/null || ! command -v rustc >/dev/null; then
     die "cargo not found: install Rust $required or newer with rustup (https://rustup.rs); Debian 12's rustc is too old"
+  fi
   have=$(rustc --version) || die "rustc does not run (no default toolchain?): run \`rustup default stable\`"
   have=$(cut -d' ' -f2 <<<"$have")
   dpkg --compare-versions "$have" ge "$required" ||

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/demo.sh and scripts/test.sh (from the workspace root): runs
 # scripts/install-deps.sh and exports the NUBABEL_*=path lines it prints. When an install
 # step fails, the calling script stops at once with install-deps' exit status; install-deps'
