@@ -6,7 +6,13 @@
 # runs as user 10001 (RUN_AS_USER in operator/src/controller/sidecar/build.rs), the same user
 # set here, and the bridge listens on 8081 (readiness, metrics).
 
-FROM rust:1.95-bookworm AS build
+# The base images, replaceable: scripts/build-images.sh builds these images where no registry
+# is reachable, with a runtime base made from Debian's packages and the binary built on the host
+# in place of the build stage.
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -14,7 +20,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p nubabel-bridge --bin nubabel-bridge \
     && install -D -m 0755 target/release/nubabel-bridge /out/nubabel-bridge
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/nubabel-bridge /usr/local/bin/nubabel-bridge
 USER 10001:10001
 EXPOSE 8081

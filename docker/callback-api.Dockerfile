@@ -5,7 +5,13 @@
 # The chart runs it with runAsUser 65532 (podSecurityContext) and a read-only root filesystem;
 # it listens on 8080 (API, health, metrics).
 
-FROM rust:1.95-bookworm AS build
+# The base images, replaceable: scripts/build-images.sh builds these images where no registry
+# is reachable, with a runtime base made from Debian's packages and the binary built on the host
+# in place of the build stage.
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -13,7 +19,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p nubabel-callback-api --bin nubabel-callback-api \
     && install -D -m 0755 target/release/nubabel-callback-api /out/nubabel-callback-api
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/nubabel-callback-api /usr/local/bin/nubabel-callback-api
 USER 65532:65532
 EXPOSE 8080

@@ -14,8 +14,12 @@
 
 ARG OPENCODE_VERSION=1.18.33
 ARG OH_MY_OPENCODE_VERSION=4.19.4
+# The base images, replaceable: scripts/build-images.sh builds this image where no registry is
+# reachable, from Debian's archive (Debian's own node and npm for the npm stage).
+ARG NODE_IMAGE=node:22-bookworm-slim
+ARG DEBIAN_IMAGE=debian:bookworm-slim
 
-FROM node:22-bookworm-slim AS npm
+FROM ${NODE_IMAGE} AS npm
 ARG OPENCODE_VERSION
 ARG OH_MY_OPENCODE_VERSION
 ARG TARGETARCH
@@ -32,7 +36,7 @@ RUN npm install --no-audit --no-fund --ignore-scripts "opencode-ai@${OPENCODE_VE
 RUN npm install --no-audit --no-fund --ignore-scripts --prefix /opt/opencode/plugins \
         "oh-my-opencode@${OH_MY_OPENCODE_VERSION}"
 
-FROM debian:bookworm-slim
+FROM ${DEBIAN_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends bash ca-certificates git ripgrep \
     && rm -rf /var/lib/apt/lists/*

@@ -4,7 +4,13 @@
 # The chart runs it with runAsUser 65532 (podSecurityContext) and a read-only root filesystem;
 # it listens on 8080 (health and metrics) and is configured by NUBABEL_* environment variables.
 
-FROM rust:1.95-bookworm AS build
+# The base images, replaceable: scripts/build-images.sh builds these images where no registry
+# is reachable, with a runtime base made from Debian's packages and the binary built on the host
+# in place of the build stage.
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -13,7 +19,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/nubabel-operator /out/nubabel-operator
 
 # glibc, CA certificates and a non-root user, nothing else (no shell).
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/nubabel-operator /usr/local/bin/nubabel-operator
 USER 65532:65532
 EXPOSE 8080

@@ -5,10 +5,9 @@
 # LLM) and prints a DelegatedTask's progress and answer. Everything is torn down at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/deps-env.sh
 
-while IFS='=' read -r key value; do
-  case "$key" in NUBABEL_*) export "$key=$value" ;; esac
-done < <(scripts/install-deps.sh)
+export_deps_env
 
 cargo build -q --workspace --bins
 exec target/debug/nubabel-local run -- target/debug/nubabel-demo

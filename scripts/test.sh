@@ -7,6 +7,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+. scripts/lib/deps-env.sh
 
 # Wall time from bash's own microsecond clock.
 now_us() { echo "${EPOCHREALTIME/./}"; }
@@ -22,13 +23,7 @@ phase_done() {
 }
 
 phase "installing dependencies (scripts/install-deps.sh)"
-deps_output=$(scripts/install-deps.sh)
-# The script prints NUBABEL_*=path lines for the binaries it installed.
-while IFS= read -r line; do
-  case "$line" in
-    NUBABEL_*=*) export "${line?}" ;;
-  esac
-done <<<"$deps_output"
+export_deps_env
 phase_done "installing dependencies"
 
 phase "building the workspace"
