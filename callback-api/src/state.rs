@@ -3,7 +3,8 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::FromRef;
-use nubabel_data::{signing::MasterKey, stream_token::StreamTokenKey, streams::RedisStore};
+use nubabel_contract::{signing::MasterKey, stream_token::StreamTokenKey};
+use nubabel_store::streams::RedisStore;
 use sqlx::PgPool;
 
 use crate::{
@@ -43,7 +44,7 @@ pub struct Settings {
 #[derive(Debug, Default)]
 pub struct SessionCache(
     std::sync::Mutex<
-        std::collections::HashMap<(String, String), nubabel_data::sessions::SessionRef>,
+        std::collections::HashMap<(String, String), nubabel_store::sessions::SessionRef>,
     >,
 );
 
@@ -56,7 +57,7 @@ impl SessionCache {
         &self,
         organization_id: &str,
         id: &str,
-    ) -> Option<nubabel_data::sessions::SessionRef> {
+    ) -> Option<nubabel_store::sessions::SessionRef> {
         self.lock()
             .get(&(organization_id.to_owned(), id.to_owned()))
             .cloned()
@@ -67,7 +68,7 @@ impl SessionCache {
         &self,
         organization_id: &str,
         id: &str,
-        session: nubabel_data::sessions::SessionRef,
+        session: nubabel_store::sessions::SessionRef,
     ) {
         let mut map = self.lock();
         if map.len() >= SESSION_CACHE_CAPACITY {
@@ -85,7 +86,7 @@ impl SessionCache {
         &self,
     ) -> std::sync::MutexGuard<
         '_,
-        std::collections::HashMap<(String, String), nubabel_data::sessions::SessionRef>,
+        std::collections::HashMap<(String, String), nubabel_store::sessions::SessionRef>,
     > {
         // Every update is a single map operation, so a poisoned map is still consistent.
         self.0

@@ -9,9 +9,9 @@ use axum::{
     Json,
     extract::{Path, State},
 };
-use nubabel_data::{
+use nubabel_contract::identity::OrganizationId;
+use nubabel_store::{
     events::{Appended, EventKind, EventPayload, NewEvent, PreparedEvent},
-    identity::OrganizationId,
     sessions::{SessionRef, resolve_session, validate_session_id},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -280,7 +280,7 @@ pub(crate) async fn append_event(
         raw_body,
     });
     let appended = match state.committer.append(event).await {
-        Err(nubabel_data::Error::SessionNotFound) => {
+        Err(nubabel_store::Error::SessionNotFound) => {
             state.sessions.evict(session.pk);
             return Err(ApiError::SessionNotFound);
         }

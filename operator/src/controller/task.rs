@@ -24,13 +24,13 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
+use nubabel_contract::identity::SidecarIdentity;
 use nubabel_crds::conditions::{self, status as cstatus, types};
 use nubabel_crds::v1alpha1::{
     DelegatedTask, DelegatedTaskStatus, MAX_OUTPUT_BYTES, OpencodeSidecar, TaskError, TaskPhase,
 };
-use nubabel_data::identity::SidecarIdentity;
-use nubabel_data::sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef};
 use nubabel_opencode::{ClientConfig, MessageWithParts, OpencodeClient, PromptRequest, Role};
+use nubabel_store::sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef};
 use plan::{Observed, PodLoad, Resolved, SessionLocation, Step, Target, reasons};
 use sqlx::PgPool;
 
@@ -71,7 +71,7 @@ pub enum Error {
     Kube(#[source] kube::Error),
     /// The database failed.
     #[error("database request failed: {0}")]
-    Data(#[source] nubabel_data::error::Error),
+    Data(#[source] nubabel_store::error::Error),
     /// The sidecar's OpenCode server failed or could not be reached.
     #[error("OpenCode request to pod {pod} failed: {source}")]
     Opencode {
@@ -113,8 +113,8 @@ impl From<kube::Error> for Error {
     }
 }
 
-impl From<nubabel_data::error::Error> for Error {
-    fn from(error: nubabel_data::error::Error) -> Self {
+impl From<nubabel_store::error::Error> for Error {
+    fn from(error: nubabel_store::error::Error) -> Self {
         Self::Data(error)
     }
 }
@@ -506,7 +506,7 @@ async fn apply(task: &DelegatedTask, ctx: &Context) -> Result<Action, Error> {
     let mapping = match (&sidecar, finished) {
         (Resolved::Sidecar(_), false) => {
             let organization =
-                nubabel_data::identity::OrganizationId::parse(&task.spec.organization_id)
+                nubabel_contract::identity::OrganizationId::parse(&task.spec.organization_id)
                     .map_err(|_| Error::MissingMetadata("valid organizationId"))?;
             ctx.mappings.get(&organization, &my_session).await?
         }
@@ -1082,9 +1082,9 @@ async fn finish(
         let namespace = task.namespace().unwrap_or_default();
         let name = task.name_any();
         let phase_name = format!("{phase:?}");
-        nubabel_data::results::record(
+        nubabel_store::results::record(
             &ctx.pool,
-            &nubabel_data::results::TaskResult {
+            &nubabel_store::results::TaskResult {
                 task_uid: uid,
                 organization_id: &task.spec.organization_id,
                 task_namespace: &namespace,
