@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use nubabel_data::identity::{InvalidIdentity, SidecarIdentity};
-use nubabel_data::signing::SidecarKey;
+use nubabel_contract::identity::{InvalidIdentity, SidecarIdentity};
+use nubabel_contract::signing::SidecarKey;
 use nubabel_opencode::ClientConfig;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -184,7 +184,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use nubabel_data::signing::{MasterKey, derive_sidecar_key};
+    use nubabel_contract::signing::{MasterKey, derive_sidecar_key};
 
     use super::*;
 

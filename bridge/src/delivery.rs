@@ -1,15 +1,15 @@
 //! Signing and sending callbacks, with retries.
 //!
 //! Each request carries the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
-//! `webhook-signature`, signed with the sidecar's key as `nubabel_data::signing` does) and the
+//! `webhook-signature`, signed with the sidecar's key as `nubabel_contract::signing` does) and the
 //! identity headers the callback API derives the key from. A retry sends the same id and body
 //! with a fresh timestamp, so the API deduplicates it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nubabel_data::identity::SidecarIdentity;
-use nubabel_data::signing::{SidecarKey, sign};
+use nubabel_contract::identity::SidecarIdentity;
+use nubabel_contract::signing::{SidecarKey, sign};
 use reqwest::header::CONTENT_TYPE;
 
 use crate::liveness::Liveness;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nubabel_data::signing::validate_webhook_id;
+use nubabel_contract::signing::validate_webhook_id;
 use nubabel_opencode::{
     Event, EventEnvelope, MessageError, Part, PermissionRequest, QuestionRequest, Role,
     SessionStatus, TextPart, ToolPart, ToolStatus,

@@ -24,14 +24,14 @@ use nubabel_bridge::metrics::Metrics;
 use nubabel_callback_api::config::{Config as ApiConfig, LogFormat};
 use nubabel_callback_api::startup::Application;
 use nubabel_callback_api::state::AppState;
-use nubabel_data::events::{self, EventKind, StoredEvent};
-use nubabel_data::identity::SidecarIdentity;
-use nubabel_data::sessions::{NewMapping, SessionMappings, TaskRef};
-use nubabel_data::signing::{self, MasterKey, SidecarKey, SignedHeaders, derive_sidecar_key};
+use nubabel_contract::identity::SidecarIdentity;
+use nubabel_contract::signing::{self, MasterKey, SidecarKey, SignedHeaders, derive_sidecar_key};
 use nubabel_e2e::fake_llm::{ANSWER_PREFIX, TOOL_OUTPUT, TOOL_RESULT_PREFIX};
 use nubabel_e2e::opencode_server::shared_opencode;
 use nubabel_e2e::{fresh_database, test_redis_url, within};
 use nubabel_opencode::{ClientConfig, Event, OpencodeClient, PromptRequest};
+use nubabel_store::events::{self, EventKind, StoredEvent};
+use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 use serde_json::Value;
 use tokio::sync::oneshot;
 

@@ -20,12 +20,12 @@ use std::{
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use nubabel_data::{
+use nubabel_contract::{
     identity::SidecarIdentity,
-    sessions::{NewMapping, SessionMapping, SessionMappings},
     signing::{self, MasterKey, derive_sidecar_key},
     stream_token::{self, StreamTokenKey},
 };
+use nubabel_store::sessions::{NewMapping, SessionMapping, SessionMappings};
 use serde_json::json;
 use tokio::{process::Command, sync::Mutex};
 
@@ -296,7 +296,7 @@ async fn main() -> Result<()> {
     let mappings = SessionMappings::new(pool.clone());
     let mut sessions = Vec::new();
     for i in 0..SESSIONS {
-        let task = nubabel_data::sessions::TaskRef::new("bench", &format!("task-{i}"))?;
+        let task = nubabel_store::sessions::TaskRef::new("bench", &format!("task-{i}"))?;
         sessions.push(
             mappings
                 .record(&NewMapping {

@@ -5,7 +5,7 @@
 //! The key is derived from those headers, so a forged identity fails verification. Headers
 //! are checked before the body is read; the body is read up to the configured limit only.
 //!
-//! Stream readers present a stream token (see `nubabel_data::stream_token`) as
+//! Stream readers present a stream token (see `nubabel_contract::stream_token`) as
 //! `Authorization: Bearer <token>`, or as `?access_token=<token>` for browsers' `EventSource`,
 //! which cannot set headers.
 
@@ -16,7 +16,7 @@ use axum::{
     extract::{FromRequest, FromRequestParts, Query, Request},
     http::{HeaderMap, StatusCode, header, request::Parts},
 };
-use nubabel_data::{
+use nubabel_contract::{
     identity::SidecarIdentity,
     signing::{self, SignedHeaders, derive_sidecar_key},
     stream_token::{self, StreamGrant},

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use nubabel_data::events::{self, Appended, PreparedEvent};
+use nubabel_store::events::{self, Appended, PreparedEvent};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -42,7 +42,7 @@ const QUEUE: usize = 4096;
 
 struct Job {
     event: PreparedEvent,
-    reply: oneshot::Sender<nubabel_data::Result<Appended>>,
+    reply: oneshot::Sender<nubabel_store::Result<Appended>>,
 }
 
 /// The committer of one replica. Cheap to clone; its task stops when the last clone is dropped.
@@ -67,14 +67,14 @@ impl Committer {
     }
 
     /// Appends `event`, committed with whatever else is waiting, and returns its result.
-    pub async fn append(&self, event: PreparedEvent) -> nubabel_data::Result<Appended> {
+    pub async fn append(&self, event: PreparedEvent) -> nubabel_store::Result<Appended> {
         let (reply, answer) = oneshot::channel();
         match self.jobs.send(Job { event, reply }).await {
             Ok(()) => match answer.await {
                 Ok(result) => result,
                 // The batch's task ended without answering (it panicked): the event may or may
                 // not be committed, and appending it again settles which, exactly once.
-                Err(_) => Err(nubabel_data::Error::Corrupt(
+                Err(_) => Err(nubabel_store::Error::Corrupt(
                     "the committer stopped before answering".to_owned(),
                 )),
             },

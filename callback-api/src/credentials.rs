@@ -18,7 +18,7 @@ use std::{
 
 use http::{HeaderName, HeaderValue, header};
 use jiff::{SignedDuration, Timestamp};
-use nubabel_data::{
+use nubabel_store::{
     connections::{
         self, AuthKind, Connection, ConnectionError, ConnectionState, Secrets, Unsealed,
     },

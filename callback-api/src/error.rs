@@ -109,13 +109,13 @@ impl ApiError {
     }
 }
 
-impl From<nubabel_data::Error> for ApiError {
-    fn from(error: nubabel_data::Error) -> Self {
+impl From<nubabel_store::Error> for ApiError {
+    fn from(error: nubabel_store::Error) -> Self {
         if error.is_postgres_unavailable() {
             return Self::Unavailable(error.into());
         }
         match error {
-            nubabel_data::Error::SessionNotFound => Self::SessionNotFound,
+            nubabel_store::Error::SessionNotFound => Self::SessionNotFound,
             other => Self::Internal(other.into()),
         }
     }

@@ -2,9 +2,9 @@
 //! it, fan it out and mark the task's status for the mirror. The path of every sidecar
 //! callback, also taken by the MCP gateway's tool-call events.
 
-use nubabel_data::{
+use nubabel_contract::identity::OrganizationId;
+use nubabel_store::{
     events::{Appended, EventKind, EventPayload, NewEvent, PreparedEvent},
-    identity::OrganizationId,
     sessions::SessionRef,
 };
 
@@ -64,7 +64,7 @@ impl EventLog<'_> {
             raw_body,
         });
         let appended = match self.committer.append(event).await {
-            Err(nubabel_data::Error::SessionNotFound) => {
+            Err(nubabel_store::Error::SessionNotFound) => {
                 self.sessions.evict(session.pk);
                 return Err(ApiError::SessionNotFound);
             }

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nubabel_data::{
+use nubabel_store::{
     Result,
     events::{self, EventKind, StoredEvent},
     streams::{RedisStore, StreamAppend, StreamReader},

@@ -18,10 +18,10 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
+use nubabel_contract::progress::{MAX_LAST_MESSAGE_CHARS, MAX_LAST_TOOL_CHARS, truncate_chars};
 use nubabel_crds::v1alpha1::{DelegatedTask, TaskProgress};
-use nubabel_data::{
+use nubabel_store::{
     events::{self, ProgressSummary},
-    progress::{MAX_LAST_MESSAGE_CHARS, MAX_LAST_TOOL_CHARS, truncate_chars},
     sessions::TaskRef,
 };
 use serde_json::{Value, json};

@@ -6,7 +6,7 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use nubabel_data::sessions::SessionRef;
+use nubabel_store::sessions::SessionRef;
 
 /// Sessions already resolved, by tenant and path id. A resolution never changes (sessions and
 /// mappings are only added), so entries need no expiry; a session deleted later is evicted

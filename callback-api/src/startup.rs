@@ -3,11 +3,10 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use nubabel_data::{
+use nubabel_contract::{signing::MasterKey, stream_token::StreamTokenKey};
+use nubabel_store::{
     connections,
     db::{self, PoolSettings},
-    signing::MasterKey,
-    stream_token::StreamTokenKey,
     streams::{RedisSettings, RedisStore},
     vault::Keyring,
 };

@@ -3,7 +3,8 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::FromRef;
-use nubabel_data::{signing::MasterKey, stream_token::StreamTokenKey, streams::RedisStore};
+use nubabel_contract::{signing::MasterKey, stream_token::StreamTokenKey};
+use nubabel_store::streams::RedisStore;
 use sqlx::PgPool;
 
 use crate::{

@@ -7,7 +7,7 @@ use crate::config::LogFormat;
 /// Installs the global tracing subscriber; later calls (tests) leave the first one in place.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,nubabel_callback_api=debug,nubabel_data=debug"));
+        .unwrap_or_else(|_| EnvFilter::new("info,nubabel_callback_api=debug,nubabel_store=debug"));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Json => registry.with(fmt::layer().json()).try_init(),

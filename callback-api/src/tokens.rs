@@ -7,10 +7,10 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use nubabel_data::{
+use nubabel_contract::identity::OrganizationId;
+use nubabel_store::{
     api_tokens,
     db::{self, PoolSettings},
-    identity::OrganizationId,
 };
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
@@ -86,7 +86,7 @@ pub async fn run_with(pool: &sqlx::PgPool, command: TokenCommand) -> anyhow::Res
         } => {
             let organization = OrganizationId::parse(&organization)
                 .map_err(|e| anyhow::anyhow!("--organization: {}", e.reason))?;
-            nubabel_data::identity::validate_namespace(&namespace)
+            nubabel_contract::identity::validate_namespace(&namespace)
                 .map_err(|e| anyhow::anyhow!("--namespace: {}", e.reason))?;
             let issued = api_tokens::issue(pool, &organization, &namespace, &name).await?;
             Ok(format!(

@@ -29,8 +29,8 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subje
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use nubabel_crds::v1alpha1::OpencodeSidecar;
-use nubabel_data::identity::OrganizationId;
-use nubabel_data::stream_token::{self, StreamTokenKey};
+use nubabel_contract::identity::OrganizationId;
+use nubabel_contract::stream_token::{self, StreamTokenKey};
 use nubabel_opencode::OpencodeClient;
 use nubabel_operator::controller::fleet;
 use serde_json::{Value, json};
@@ -519,8 +519,8 @@ impl System {
         upstream_url: &str,
         token: &str,
     ) -> Result<()> {
-        use nubabel_data::connections::{self, AuthKind, Credentials, NewConnection, Secrets};
-        let keyring = nubabel_data::vault::Keyring::parse(&self.vault_keys)
+        use nubabel_store::connections::{self, AuthKind, Credentials, NewConnection, Secrets};
+        let keyring = nubabel_store::vault::Keyring::parse(&self.vault_keys)
             .map_err(|e| anyhow::anyhow!("vault keys: {e}"))?;
         let upstream_url: reqwest::Url = upstream_url.parse().context("the upstream URL")?;
         connections::create(

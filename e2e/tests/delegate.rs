@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use nubabel_contract::identity::OrganizationId;
 use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
-use nubabel_data::{api_tokens, identity::OrganizationId};
 use nubabel_e2e::fake_llm::TOOL_OUTPUT;
 use nubabel_e2e::opencode_server::FAKE_MODEL;
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, await_condition, create, within};
+use nubabel_store::api_tokens;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

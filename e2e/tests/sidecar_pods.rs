@@ -10,14 +10,14 @@ use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
+use nubabel_contract::identity::SidecarIdentity;
 use nubabel_crds::v1alpha1::OpencodeSidecar;
-use nubabel_data::identity::SidecarIdentity;
-use nubabel_data::sessions::{NewMapping, SessionMappings};
 use nubabel_e2e::fake_llm::TOOL_OUTPUT;
 use nubabel_e2e::node_shim::await_pod_ready;
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, await_condition, create, within};
 use nubabel_opencode::{ClientConfig, OpencodeClient, PromptRequest};
+use nubabel_store::sessions::{NewMapping, SessionMappings};
 use serde_json::Value;
 
 /// Hard limit of each test, fixture included.

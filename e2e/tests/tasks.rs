@@ -113,7 +113,7 @@ async fn a_task_runs_on_real_opencode_and_a_second_turn_continues_its_session() 
 
         // The whole answer is kept in the database.
         let uid: uuid::Uuid = first.metadata.uid.clone().unwrap().parse()?;
-        let stored = nubabel_data::results::output(system.db(), uid).await?;
+        let stored = nubabel_store::results::output(system.db(), uid).await?;
         assert_eq!(stored.as_deref(), Some(output.as_str()));
 
         // Turn two: same sessionId, same OpenCode session and pod, and the LLM saw turn one.

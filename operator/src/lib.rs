@@ -124,11 +124,11 @@ async fn operate(
                 .expose_secret()
                 .parse()
                 .context("NUBABEL_DATABASE_URL is not a valid Postgres URL")?;
-            let settings = nubabel_data::db::PoolSettings {
+            let settings = nubabel_store::db::PoolSettings {
                 max_connections: config.database_max_connections,
-                ..nubabel_data::db::PoolSettings::default()
+                ..nubabel_store::db::PoolSettings::default()
             };
-            Some(nubabel_data::db::connect_lazy(options, &settings))
+            Some(nubabel_store::db::connect_lazy(options, &settings))
         }
         None => None,
     };

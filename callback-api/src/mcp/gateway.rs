@@ -9,11 +9,13 @@ use std::{
 };
 
 use jiff::Timestamp;
-use nubabel_data::{
-    connections::{self, Connection, ConnectionError},
-    events::EventPayload,
+use nubabel_contract::{
     identity::SidecarIdentity,
     progress::{MCP_TOOL_CALL, truncate_chars},
+};
+use nubabel_store::{
+    connections::{self, Connection, ConnectionError},
+    events::EventPayload,
     sessions::{SessionRef, resolve_session},
 };
 use serde_json::{Map, Value, json};
@@ -508,7 +510,7 @@ async fn call_upstream(
 async fn calling_session(
     context: &Context<'_>,
     caller: &Caller,
-) -> Result<Option<SessionRef>, nubabel_data::Error> {
+) -> Result<Option<SessionRef>, nubabel_store::Error> {
     let organization_id = caller.sidecar.organization_id();
     if let Some(id) = &caller.session {
         return resolve_session(context.db, organization_id, id).await;
@@ -537,15 +539,15 @@ async fn calling_session(
     .bind(&WORKING_STATES[..])
     .fetch_all(context.db)
     .await
-    .map_err(nubabel_data::Error::from)?;
+    .map_err(nubabel_store::Error::from)?;
     let [row] = rows.as_slice() else {
         return Ok(None);
     };
     Ok(Some(SessionRef {
-        pk: row.try_get("id").map_err(nubabel_data::Error::from)?,
+        pk: row.try_get("id").map_err(nubabel_store::Error::from)?,
         session_id: row
             .try_get("session_id")
-            .map_err(nubabel_data::Error::from)?,
+            .map_err(nubabel_store::Error::from)?,
     }))
 }
 

@@ -13,12 +13,12 @@ use axum::{
     http::{StatusCode, header, request::Parts},
 };
 use jiff::{SignedDuration, Timestamp};
-use nubabel_data::{
+use nubabel_contract::identity::OrganizationId;
+use nubabel_store::{
     connections::{
         self, AuthKind, Connection, ConnectionError, ConnectionState, ConnectionUpdate,
         Credentials, NewConnection, Secrets,
     },
-    identity::OrganizationId,
     vault::Keyring,
 };
 use secrecy::{ExposeSecret, SecretString};

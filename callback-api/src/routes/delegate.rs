@@ -16,14 +16,13 @@ use axum::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Api, Client, ResourceExt, api::PostParams, runtime::wait::await_condition};
+use nubabel_contract::{identity::OrganizationId, stream_token};
 use nubabel_crds::v1alpha1::{
     DelegatedTask, DelegatedTaskSpec, MAX_PROMPT_BYTES, NotifySpec, OpencodeSidecar, TaskPhase,
 };
-use nubabel_data::{
+use nubabel_store::{
     api_tokens::{self, TokenGrant},
-    identity::OrganizationId,
     sessions::validate_session_id,
-    stream_token,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -544,7 +543,7 @@ async fn result_of(
     let status = task.status.clone().unwrap_or_default();
     let succeeded = status.phase == Some(TaskPhase::Succeeded);
     let full_output = match task.uid().and_then(|uid| uid.parse().ok()) {
-        Some(uid) => nubabel_data::results::output(&state.db, uid)
+        Some(uid) => nubabel_store::results::output(&state.db, uid)
             .await
             .ok()
             .flatten(),
@@ -677,7 +676,7 @@ mod tests {
         let a = idempotent_name("acme", "k1");
         assert_eq!(a, idempotent_name("acme", "k1"));
         assert_ne!(a, idempotent_name("other", "k1"));
-        assert!(nubabel_data::identity::validate_object_name("name", &a).is_ok());
+        assert!(nubabel_contract::identity::validate_object_name("name", &a).is_ok());
         assert!(!is_label_value("slack:T1"));
         assert!(is_label_value("org-a"));
     }

@@ -65,7 +65,7 @@ async fn healthz() -> Json<Health> {
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let (postgres, redis) = tokio::join!(
-        tokio::time::timeout(CHECK_TIMEOUT, nubabel_data::db::ping(&state.db)),
+        tokio::time::timeout(CHECK_TIMEOUT, nubabel_store::db::ping(&state.db)),
         tokio::time::timeout(CHECK_TIMEOUT, state.redis.ping()),
     );
     let postgres = matches!(postgres, Ok(Ok(())));

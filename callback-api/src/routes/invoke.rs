@@ -2,7 +2,7 @@
 //! plugins. Signed like every sidecar callback; it runs the same gateway call as `/mcp`.
 
 use axum::{Json, extract::State};
-use nubabel_data::{connections::validate_provider, sessions::validate_session_id};
+use nubabel_store::{connections::validate_provider, sessions::validate_session_id};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;

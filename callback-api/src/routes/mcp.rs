@@ -16,11 +16,11 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
-use nubabel_data::{
+use nubabel_contract::{
     identity::{SidecarIdentity, validate_object_name},
-    sessions::validate_session_id,
     signing::verify_mcp_token,
 };
+use nubabel_store::sessions::validate_session_id;
 use serde_json::{Map, Value, json};
 use utoipa_axum::{router::OpenApiRouter, routes};
 

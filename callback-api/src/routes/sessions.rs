@@ -9,7 +9,7 @@ use axum::{
     Json,
     extract::{Path, State},
 };
-use nubabel_data::{
+use nubabel_store::{
     events::EventPayload,
     sessions::{SessionRef, resolve_session, validate_session_id},
 };

@@ -155,7 +155,7 @@ async fn handle_event(
         tracing::warn!(%team, "slack event from a workspace that is not mapped to a tenant; ignored");
         return Ok(());
     };
-    if !nubabel_data::slack::record_event(&state.db, &event_id, &team).await? {
+    if !nubabel_store::slack::record_event(&state.db, &event_id, &team).await? {
         tracing::info!(%event_id, retry, "slack event seen before; acknowledged again");
         return Ok(());
     }

@@ -17,7 +17,7 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use nubabel_data::{
+use nubabel_store::{
     Result as DataResult,
     events::{self, StoredEvent},
     sessions::{resolve_session, validate_session_id},
@@ -155,11 +155,11 @@ enum Stop {
     /// The client went away.
     Disconnected,
     /// Reading events failed; the client reconnects with its last id.
-    Failed(nubabel_data::Error),
+    Failed(nubabel_store::Error),
 }
 
-impl From<nubabel_data::Error> for Stop {
-    fn from(error: nubabel_data::Error) -> Self {
+impl From<nubabel_store::Error> for Stop {
+    fn from(error: nubabel_store::Error) -> Self {
         Self::Failed(error)
     }
 }
@@ -286,7 +286,7 @@ mod tests {
     use axum::http::HeaderValue;
     use futures::stream;
     use http_body_util::BodyExt;
-    use nubabel_data::events::EventKind;
+    use nubabel_store::events::EventKind;
 
     use super::*;
 

@@ -18,7 +18,7 @@ pub mod text;
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, bail};
-use nubabel_data::identity::{OrganizationId, validate_namespace};
+use nubabel_contract::identity::{OrganizationId, validate_namespace};
 use secrecy::{ExposeSecret, SecretString};
 
 pub use client::{SlackClient, SlackError};

@@ -18,7 +18,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use nubabel_crds::v1alpha1::{DelegatedTask, SlackTarget, TaskPhase};
-use nubabel_data::slack::{self as store, NewThread, SlackThread};
+use nubabel_store::slack::{self as store, NewThread, SlackThread};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -359,7 +359,7 @@ impl Notifier {
             return Ok(());
         }
         lock(&self.inner.trailing).remove(&uid);
-        let output = match nubabel_data::results::output(db, uid).await {
+        let output = match nubabel_store::results::output(db, uid).await {
             Ok(Some(output)) => Some(output),
             _ => task.status.as_ref().and_then(|s| s.output.clone()),
         };

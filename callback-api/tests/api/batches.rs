@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use nubabel_data::{
+use nubabel_contract::identity::SidecarIdentity;
+use nubabel_store::{
     Error,
     events::{self, Appended, EventPayload, NewEvent, PreparedEvent},
-    identity::SidecarIdentity,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -33,7 +33,7 @@ fn tool(name: &str) -> Value {
     json!({"type": "tool_execute_start", "tool": name})
 }
 
-fn seq_of(result: &nubabel_data::Result<Appended>) -> Option<i64> {
+fn seq_of(result: &nubabel_store::Result<Appended>) -> Option<i64> {
     match result {
         Ok(Appended::New(committed)) => Some(committed.event.seq),
         _ => None,

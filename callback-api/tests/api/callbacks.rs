@@ -1,7 +1,7 @@
 //! Callbacks: happy paths, exactly-once application, tenant isolation, signatures, bad input.
 
 use anyhow::Result;
-use nubabel_data::streams::{RedisSettings, RedisStore};
+use nubabel_store::streams::{RedisSettings, RedisStore};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -266,7 +266,7 @@ async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
     };
     let wrong_key = {
         // Signed by a fleet of the same tenant with another name: another key.
-        let other = nubabel_data::identity::SidecarIdentity::new(
+        let other = nubabel_contract::identity::SidecarIdentity::new(
             tenant.organization_id().as_str(),
             tenant.namespace(),
             "other",

@@ -76,7 +76,7 @@ async fn without_vault_keys_connections_cannot_be_stored_or_used() -> Result<()>
         answer["error"]["message"],
         "the credential vault is not configured: set NUBABEL_VAULT_KEYS"
     );
-    let connection = nubabel_data::connections::find(&without.db, &org, "linear")
+    let connection = nubabel_store::connections::find(&without.db, &org, "linear")
         .await?
         .unwrap();
     let error = state.credentials.authorize(&connection).await.unwrap_err();
@@ -369,7 +369,7 @@ async fn no_secret_appears_in_responses_or_logs() -> Result<()> {
 
     // A refresh (the token expires within the skew) goes through the broker and the token
     // endpoint, with the refresh token and client secret in its request.
-    let three = nubabel_data::connections::find(&app.db, &org, "three")
+    let three = nubabel_store::connections::find(&app.db, &org, "three")
         .await?
         .unwrap();
     state.credentials.authorize(&three).await?;

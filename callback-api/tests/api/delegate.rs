@@ -4,9 +4,10 @@
 use anyhow::Result;
 use kube::ResourceExt;
 use nubabel_callback_api::tokens::{TokenCommand, run_with};
+use nubabel_contract::identity::OrganizationId;
 use nubabel_crds::v1alpha1::DelegatedTask;
-use nubabel_data::{api_tokens, identity::OrganizationId};
 use nubabel_e2e::{TestEnv, TestNamespace};
+use nubabel_store::api_tokens;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

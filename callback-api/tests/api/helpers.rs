@@ -8,12 +8,12 @@ use nubabel_callback_api::{
     config::{Config, LogFormat},
     startup::Application,
 };
-use nubabel_data::{
+use nubabel_contract::{
     identity::{OrganizationId, SidecarIdentity},
-    sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef},
     signing::{self, MasterKey, derive_sidecar_key},
     stream_token::{self, StreamTokenKey},
 };
+use nubabel_store::sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef};
 use reqwest::{Response, header::HeaderMap};
 use serde_json::Value;
 use sqlx::PgPool;

@@ -1,7 +1,7 @@
 //! Session mappings as the operator records and reads them.
 
 use anyhow::Result;
-use nubabel_data::{
+use nubabel_store::{
     Error,
     sessions::{NewMapping, SessionMappings, TaskRef},
 };

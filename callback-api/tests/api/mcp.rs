@@ -4,13 +4,15 @@
 use std::time::Duration;
 
 use nubabel_callback_api::config::Config;
-use nubabel_data::{
-    connections::{self, AuthKind, Connection, Credentials, NewConnection, Secrets},
+use nubabel_contract::{
     identity::{OrganizationId, SidecarIdentity},
     signing::{MasterKey, derive_mcp_token},
-    vault::Keyring,
 };
 use nubabel_e2e::mcp_upstream::McpUpstream;
+use nubabel_store::{
+    connections::{self, AuthKind, Connection, Credentials, NewConnection, Secrets},
+    vault::Keyring,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

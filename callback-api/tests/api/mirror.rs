@@ -11,7 +11,7 @@ use nubabel_callback_api::{
     mirror::{StatusMirror, StatusWriter, WriteOutcome},
 };
 use nubabel_crds::v1alpha1::TaskProgress;
-use nubabel_data::{
+use nubabel_store::{
     events::{self, Appended, EventPayload, NewEvent},
     sessions::TaskRef,
 };
@@ -118,8 +118,8 @@ async fn a_new_task_on_the_same_session_starts_its_summary_from_zero() -> Result
     assert_eq!(before.events, 1);
 
     let next_task = TaskRef::new(tenant.namespace(), "follow-up")?;
-    nubabel_data::sessions::SessionMappings::new(app.db.clone())
-        .record(&nubabel_data::sessions::NewMapping {
+    nubabel_store::sessions::SessionMappings::new(app.db.clone())
+        .record(&nubabel_store::sessions::NewMapping {
             sidecar: &tenant,
             session_id: &mapping.session_id,
             opencode_session_id: &mapping.opencode_session_id,

@@ -18,7 +18,7 @@ use nubabel_callback_api::{
     credentials::{CredentialError, UpstreamAuth},
     state::AppState,
 };
-use nubabel_data::connections::{self, Connection};
+use nubabel_store::connections::{self, Connection};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 

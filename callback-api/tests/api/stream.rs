@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use nubabel_data::streams::stream_key;
+use nubabel_store::streams::stream_key;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -207,10 +207,11 @@ async fn readers_need_a_valid_token_for_the_sessions_tenant() -> Result<()> {
         .await?;
     assert_eq!(other_session.status(), StatusCode::NOT_FOUND);
     let expired = {
-        let key =
-            nubabel_data::stream_token::StreamTokenKey::new(crate::helpers::STREAM_KEY.as_bytes())?;
-        let org_id = nubabel_data::identity::OrganizationId::parse(&org)?;
-        nubabel_data::stream_token::issue(&key, &org_id, None, crate::helpers::now() - 1)
+        let key = nubabel_contract::stream_token::StreamTokenKey::new(
+            crate::helpers::STREAM_KEY.as_bytes(),
+        )?;
+        let org_id = nubabel_contract::identity::OrganizationId::parse(&org)?;
+        nubabel_contract::stream_token::issue(&key, &org_id, None, crate::helpers::now() - 1)
     };
     assert_eq!(
         app.open_stream(&mapping.session_id, &expired, None)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use nubabel_callback_api::credentials::CredentialError;
-use nubabel_data::connections;
+use nubabel_store::connections;
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::json;

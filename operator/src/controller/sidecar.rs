@@ -28,8 +28,10 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use nubabel_contract::signing::{
+    MasterKey, MasterKeyTooShort, derive_mcp_token, derive_sidecar_key,
+};
 use nubabel_crds::v1alpha1::OpencodeSidecar;
-use nubabel_data::signing::{MasterKey, MasterKeyTooShort, derive_mcp_token, derive_sidecar_key};
 use secrecy::ExposeSecret;
 use tracing::{Instrument, field};
 
@@ -634,14 +636,14 @@ mod tests {
                 let password = decoded(&secret, fleet::PASSWORD_KEY);
                 assert_eq!(password.len(), 43);
                 let identity =
-                    nubabel_data::identity::SidecarIdentity::new("org-a", "team-a", "tenant-a")
+                    nubabel_contract::identity::SidecarIdentity::new("org-a", "team-a", "tenant-a")
                         .unwrap();
                 assert_eq!(
                     decoded(&secret, fleet::SIGNING_KEY),
                     derive_sidecar_key(&ctx.settings.master_key, &identity).to_whsec()
                 );
                 // The MCP gateway verifies the same derivation from the identity headers.
-                assert!(nubabel_data::signing::verify_mcp_token(
+                assert!(nubabel_contract::signing::verify_mcp_token(
                     &ctx.settings.master_key,
                     &identity,
                     &decoded(&secret, fleet::MCP_TOKEN_KEY)

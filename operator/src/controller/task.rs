@@ -27,7 +27,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
-use nubabel_data::sessions::SessionMappings;
+use nubabel_store::sessions::SessionMappings;
 use sqlx::PgPool;
 
 use self::dispatch::{Dispatched, Dispatcher};
@@ -245,9 +245,9 @@ async fn finish(task: &DelegatedTask, ctx: &Context, ending: Ending) -> Result<(
     if let Some(uid) = task.uid().and_then(|u| u.parse().ok()) {
         let namespace = task.namespace().unwrap_or_default();
         let name = task.name_any();
-        nubabel_data::results::record(
+        nubabel_store::results::record(
             &ctx.pool,
-            &nubabel_data::results::TaskResult {
+            &nubabel_store::results::TaskResult {
                 task_uid: uid,
                 organization_id: &task.spec.organization_id,
                 task_namespace: &namespace,

@@ -9,10 +9,10 @@ use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
+use nubabel_contract::identity::{InvalidIdentity, SidecarIdentity};
 use nubabel_crds::v1alpha1::{
     ContainerResources, EgressRule, OpencodeSidecar, SecretKeyRef, StorageSpec,
 };
-use nubabel_data::identity::{InvalidIdentity, SidecarIdentity};
 use sha2::{Digest, Sha256};
 
 use super::Settings;

@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
-use nubabel_data::identity::SidecarIdentity;
-use nubabel_data::sessions::{NewMapping, SessionMappings, TaskRef};
+use nubabel_contract::identity::SidecarIdentity;
+use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 use nubabel_opencode::{OpencodeClient, PromptRequest};
 
 use super::error::Error;

@@ -23,7 +23,7 @@ pub enum Error {
     Kube(#[source] kube::Error),
     /// The database failed.
     #[error("database request failed: {0}")]
-    Data(#[source] nubabel_data::error::Error),
+    Data(#[source] nubabel_store::error::Error),
     /// The fleet's OpenCode server could not be reached (no password or pod IP yet).
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -65,8 +65,8 @@ impl From<kube::Error> for Error {
     }
 }
 
-impl From<nubabel_data::error::Error> for Error {
-    fn from(error: nubabel_data::error::Error) -> Self {
+impl From<nubabel_store::error::Error> for Error {
+    fn from(error: nubabel_store::error::Error) -> Self {
         Self::Data(error)
     }
 }

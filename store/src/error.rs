@@ -14,7 +14,7 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     /// An id or name handed to the data layer is invalid.
     #[error(transparent)]
-    Invalid(#[from] crate::identity::InvalidIdentity),
+    Invalid(#[from] nubabel_contract::identity::InvalidIdentity),
     /// The session does not exist (for this tenant).
     #[error("session not found")]
     SessionNotFound,

@@ -5,14 +5,12 @@
 //! database dump reveals no usable token. Lookups go by that hash (a unique index).
 
 use base64::Engine as _;
+use nubabel_contract::identity::{OrganizationId, validate_namespace};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::{
-    error::Result,
-    identity::{OrganizationId, validate_namespace},
-};
+use crate::error::Result;
 
 /// Every token starts with this, so leaked tokens are easy to recognise (and scan for).
 pub const TOKEN_PREFIX: &str = "nbt_";

@@ -12,6 +12,7 @@
 //! commit.
 
 use jiff::Timestamp;
+use nubabel_contract::{identity::OrganizationId, progress::ProgressDelta};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -20,8 +21,6 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    identity::OrganizationId,
-    progress::ProgressDelta,
     sessions::TaskRef,
 };
 

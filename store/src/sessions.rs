@@ -5,16 +5,14 @@
 //! callback API only resolves sessions, always within the caller's tenant, so a session of
 //! another tenant is indistinguishable from one that does not exist.
 
+use nubabel_contract::identity::{
+    InvalidIdentity, OrganizationId, SidecarIdentity, validate_namespace, validate_object_name,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, postgres::PgRow};
 use uuid::Uuid;
 
-use crate::{
-    error::{Error, Result},
-    identity::{
-        InvalidIdentity, OrganizationId, SidecarIdentity, validate_namespace, validate_object_name,
-    },
-};
+use crate::error::{Error, Result};
 
 /// Longest Nubabel or OpenCode session id accepted.
 pub const MAX_SESSION_ID_LEN: usize = 253;

@@ -8,6 +8,7 @@
 use std::fmt;
 
 use jiff::Timestamp;
+use nubabel_contract::identity::OrganizationId;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
@@ -15,10 +16,7 @@ use url::Url;
 use uuid::Uuid;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::{
-    identity::OrganizationId,
-    vault::{Keyring, Sealed, VaultError, connection_aad},
-};
+use crate::vault::{Keyring, Sealed, VaultError, connection_aad};
 
 /// Longest provider name; tool names are `<provider>_<tool>` and MCP caps names at 128.
 pub const MAX_PROVIDER_LEN: usize = 32;
