@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use nubabel_contract::bridge_env;
 use nubabel_contract::identity::{InvalidIdentity, SidecarIdentity};
 use nubabel_contract::signing::SidecarKey;
 use nubabel_opencode::ClientConfig;
@@ -30,43 +31,43 @@ pub enum LogFormat {
 )]
 pub struct Config {
     /// The pod's OpenCode server.
-    #[arg(long, env = "OPENCODE_URL", default_value = "http://127.0.0.1:4096")]
+    #[arg(long, env = bridge_env::OPENCODE_URL, default_value = "http://127.0.0.1:4096")]
     pub opencode_url: String,
 
     /// OpenCode's server password (basic auth).
-    #[arg(long, env = "OPENCODE_SERVER_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = bridge_env::OPENCODE_PASSWORD, hide_env_values = true)]
     pub opencode_password: Option<SecretString>,
 
     /// OpenCode's basic-auth user.
-    #[arg(long, env = "OPENCODE_SERVER_USERNAME", default_value = "opencode")]
+    #[arg(long, env = bridge_env::OPENCODE_USERNAME, default_value = "opencode")]
     pub opencode_username: String,
 
     /// The callback API's base URL.
-    #[arg(long, env = "NUBABEL_CALLBACK_URL")]
+    #[arg(long, env = bridge_env::CALLBACK_URL)]
     pub callback_url: String,
 
     /// This sidecar fleet's callback signing key, `whsec_<base64>`.
-    #[arg(long, env = "NUBABEL_CALLBACK_SIGNING_KEY", hide_env_values = true)]
+    #[arg(long, env = bridge_env::SIGNING_KEY, hide_env_values = true)]
     pub signing_key: SecretString,
 
     /// This sidecar fleet, as `<namespace>/<name>`.
-    #[arg(long, env = "NUBABEL_SIDECAR")]
+    #[arg(long, env = bridge_env::SIDECAR)]
     pub sidecar: String,
 
     /// The tenant.
-    #[arg(long, env = "NUBABEL_ORGANIZATION_ID")]
+    #[arg(long, env = bridge_env::ORGANIZATION_ID)]
     pub organization_id: String,
 
     /// The pod's name (sent in state metadata).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = bridge_env::POD_NAME)]
     pub pod_name: Option<String>,
 
     /// The pod's IP (sent in state metadata).
-    #[arg(long, env = "POD_IP")]
+    #[arg(long, env = bridge_env::POD_IP)]
     pub pod_ip: Option<String>,
 
     /// Address of `/healthz`, `/readyz` and `/metrics`.
-    #[arg(long, env = "NUBABEL_BRIDGE_ADDR", default_value = "0.0.0.0:8081")]
+    #[arg(long, env = bridge_env::LISTEN_ADDR, default_value = "0.0.0.0:8081")]
     pub listen: SocketAddr,
 
     /// Callbacks kept while the callback API is unreachable; beyond it the oldest are dropped.

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nubabel_contract::signing::validate_webhook_id;
+use nubabel_contract::text::tail;
 use nubabel_opencode::{
     Event, EventEnvelope, MessageError, Part, PermissionRequest, QuestionRequest, Role,
     SessionStatus, TextPart, ToolPart, ToolStatus,
@@ -622,18 +623,6 @@ fn error_json(error: &MessageError) -> Value {
         details["statusCode"] = status.clone();
     }
     details
-}
-
-/// The last `max` bytes of `text`, cut on a character boundary.
-pub fn tail(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use nubabel_contract::progress::{MAX_LAST_MESSAGE_CHARS, MAX_LAST_TOOL_CHARS, truncate_chars};
+use nubabel_contract::progress::{MAX_LAST_MESSAGE_CHARS, MAX_LAST_TOOL_CHARS};
+use nubabel_contract::text::cut_chars;
 use nubabel_crds::v1alpha1::{DelegatedTask, TaskProgress};
 use nubabel_store::{
     events::{self, ProgressSummary},
@@ -110,12 +111,12 @@ pub fn task_progress(summary: &ProgressSummary) -> TaskProgress {
         last_tool: summary
             .last_tool
             .as_deref()
-            .map(|t| truncate_chars(t, MAX_LAST_TOOL_CHARS)),
+            .map(|t| cut_chars(t, MAX_LAST_TOOL_CHARS)),
         last_event_time: summary.last_event_at.map(Time),
         last_message: summary
             .last_message
             .as_deref()
-            .map(|m| truncate_chars(m, MAX_LAST_MESSAGE_CHARS)),
+            .map(|m| cut_chars(m, MAX_LAST_MESSAGE_CHARS)),
     }
 }
 

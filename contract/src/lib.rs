@@ -2,11 +2,14 @@
 //!
 //! Identities of tenants and sidecars, the per-sidecar signing keys and the callback
 //! signatures made with them, the MCP bearer tokens, the stream tokens that let readers follow
-//! a tenant's sessions, and what a progress event contributes to a task's summary. Pure code
+//! a tenant's sessions, what a progress event contributes to a task's summary, the bridge's
+//! environment names, and how bounded text is cut. Pure code
 //! with no database or network client, so the bridge in every sidecar pod links it as is and
 //! every side of a callback shares one implementation.
 
+pub mod bridge_env;
 pub mod identity;
 pub mod progress;
 pub mod signing;
 pub mod stream_token;
+pub mod text;

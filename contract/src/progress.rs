@@ -5,6 +5,8 @@
 
 use serde_json::Value;
 
+use crate::text::cut_chars;
+
 /// Longest tool name kept in the summary, in characters.
 pub const MAX_LAST_TOOL_CHARS: usize = 64;
 
@@ -49,13 +51,13 @@ impl ProgressDelta {
                 tools_started: i64::from(event_type == TOOL_EXECUTE_START),
                 tools_completed: i64::from(event_type == TOOL_EXECUTE_END),
                 last_tool: text(&["tool", "name"])
-                    .map(|tool| truncate_chars(tool.trim(), MAX_LAST_TOOL_CHARS))
+                    .map(|tool| cut_chars(tool.trim(), MAX_LAST_TOOL_CHARS))
                     .filter(|tool| !tool.is_empty()),
                 last_message: None,
             },
             MCP_TOOL_CALL => Self {
                 last_tool: text(&["tool"])
-                    .map(|tool| truncate_chars(tool.trim(), MAX_LAST_TOOL_CHARS))
+                    .map(|tool| cut_chars(tool.trim(), MAX_LAST_TOOL_CHARS))
                     .filter(|tool| !tool.is_empty()),
                 ..Self::default()
             },
@@ -74,18 +76,7 @@ fn last_line(text: &str) -> Option<String> {
         .rev()
         .map(str::trim)
         .find(|line| !line.is_empty())
-        .map(|line| truncate_chars(line, MAX_LAST_MESSAGE_CHARS))
-}
-
-/// Cuts `text` to at most `max` characters (never inside a character), marking the cut.
-pub fn truncate_chars(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        None => text.to_owned(),
-        Some(_) => {
-            let keep: String = text.chars().take(max.saturating_sub(1)).collect();
-            format!("{keep}…")
-        }
-    }
+        .map(|line| cut_chars(line, MAX_LAST_MESSAGE_CHARS))
 }
 
 #[cfg(test)]
@@ -143,6 +134,6 @@ mod tests {
         let message = delta.last_message.unwrap();
         assert_eq!(message.chars().count(), MAX_LAST_MESSAGE_CHARS);
         assert!(message.ends_with('…'));
-        assert_eq!(truncate_chars("short", 10), "short");
+        assert_eq!(cut_chars("short", 10), "short");
     }
 }

@@ -34,16 +34,11 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(5 * 60);
 pub const MAX_EVENT_NOTE_BYTES: usize = 1024;
 
 /// Cuts `text` to at most `max` bytes at a character boundary, marking the cut with `...`.
-pub fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max.saturating_sub(3);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
+pub fn truncate(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
     }
-    text
+    nubabel_contract::text::cut_marked(&text, max, "...")
 }
 
 /// Per-object exponential backoff for reconcile errors: 5 s, doubling, at most 5 min, reset

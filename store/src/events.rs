@@ -1,9 +1,10 @@
 //! The per-session event log: progress events and state updates, numbered 1, 2, 3, ... per
 //! session and deduplicated on the sender's event id.
 //!
-//! Appending is one statement: insert the event numbered after the session's `last_seq`, read
-//! under the session's row lock (which also orders concurrent appends to one session), then
-//! bump `last_seq` and apply the state or the progress summary. A retried delivery conflicts on
+//! Appending is one call of the `append_events` function (migrations/): insert the event
+//! numbered after the session's `last_seq`, read under the session's row lock (which also
+//! orders concurrent appends to one session), then bump `last_seq` and apply the state or the
+//! progress summary. A retried delivery conflicts on
 //! `(organization_id, event_id)`; then nothing is inserted and nothing else changes, not even
 //! the sequence.
 //!
@@ -221,68 +222,13 @@ pub async fn append(pool: &PgPool, event: &NewEvent<'_>) -> Result<Appended> {
     append_prepared(pool, &PreparedEvent::new(event)).await
 }
 
-/// Appends one prepared event to its session's log, exactly once per event id.
+/// Appends one prepared event to its session's log, exactly once per event id: a batch of one
+/// (the `append_events` function is the one copy of the append).
 pub async fn append_prepared(pool: &PgPool, event: &PreparedEvent) -> Result<Appended> {
-    let delta = &event.delta;
-    // One statement, so one round trip and an implicit transaction. The insert reads the
-    // session's `last_seq` under its row lock (concurrent appends to one session queue there and
-    // read the number their predecessor wrote); the update applies the summary only when the
-    // insert happened, so a duplicate changes nothing, not even the sequence.
-    let row = sqlx::query(
-        "with inserted as (
-             insert into session_events
-                 (session_pk, seq, organization_id, event_id, kind, event_type, body, fingerprint)
-             select id, last_seq + 1, $9, $10, $11, $12, $13, $14
-             from sessions
-             where id = $1
-             for update
-             on conflict (organization_id, event_id) do nothing
-             returning seq, received_at
-         ),
-         bumped as (
-             update sessions
-             set last_seq = inserted.seq,
-                 progress_events = progress_events + $2,
-                 tools_started = tools_started + $3,
-                 tools_completed = tools_completed + $4,
-                 last_tool = coalesce($5, last_tool),
-                 last_message = coalesce($6, last_message),
-                 last_event_at = case when $2 = 1 then now() else last_event_at end,
-                 state = coalesce($7, state),
-                 state_metadata = coalesce($8, state_metadata),
-                 state_updated_at = case when $7 is null then state_updated_at else now() end
-             from inserted
-             where id = $1
-             returning last_seq, task_namespace, task_name, progress_events, tools_started,
-                       tools_completed, last_tool, last_message,
-                       (extract(epoch from last_event_at) * 1000000)::int8 as last_event_at_us,
-                       (extract(epoch from inserted.received_at) * 1000000)::int8
-                           as received_at_us
-         )
-         select * from bumped",
-    )
-    .bind(event.session_pk)
-    .bind(i64::from(event.kind == EventKind::Progress))
-    .bind(delta.tools_started)
-    .bind(delta.tools_completed)
-    .bind(delta.last_tool.as_deref())
-    .bind(delta.last_message.as_deref())
-    .bind(event.state.as_deref())
-    .bind(event.metadata.as_ref())
-    .bind(&event.organization_id)
-    .bind(&event.event_id)
-    .bind(event.kind.as_str())
-    .bind(&event.event_type)
-    .bind(&event.body)
-    .bind(event.fingerprint.as_slice())
-    .fetch_optional(pool)
-    .await?;
-
-    match row {
-        Some(session) => event.committed(&session),
-        // Nothing inserted: the session is gone, or a delivery with this id is committed.
-        None => existing(pool, event).await,
-    }
+    append_together(pool, std::slice::from_ref(event))
+        .await?
+        .pop()
+        .ok_or_else(|| Error::Corrupt("append_events answered no event".to_owned()))?
 }
 
 /// Appends several events in one transaction, each exactly as [`append_prepared`] would, and

@@ -9,10 +9,7 @@ use std::{
 };
 
 use jiff::Timestamp;
-use nubabel_contract::{
-    identity::SidecarIdentity,
-    progress::{MCP_TOOL_CALL, truncate_chars},
-};
+use nubabel_contract::{identity::SidecarIdentity, progress::MCP_TOOL_CALL, text::cut_chars};
 use nubabel_store::{
     connections::{self, Connection, ConnectionError},
     events::EventPayload,
@@ -394,7 +391,7 @@ impl Gateway {
             "via": caller.via,
         });
         if outcome != Outcome::Success {
-            progress["error"] = json!(truncate_chars(
+            progress["error"] = json!(cut_chars(
                 &protocol::result_text(result),
                 MAX_RECORDED_ERROR_CHARS
             ));

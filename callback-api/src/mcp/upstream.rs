@@ -299,7 +299,7 @@ impl SseParser {
 }
 
 fn truncate(text: &str) -> String {
-    nubabel_contract::progress::truncate_chars(text, MAX_MESSAGE_CHARS)
+    nubabel_contract::text::cut_chars(text, MAX_MESSAGE_CHARS)
 }
 
 #[cfg(test)]

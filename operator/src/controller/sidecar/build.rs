@@ -24,6 +24,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use nubabel_contract::bridge_env;
+
 use super::Settings;
 use super::validate::ValidSidecar;
 use crate::config::Labels;
@@ -427,18 +429,21 @@ fn opencode_env(v: &ValidSidecar, config: &str) -> Vec<EnvVar> {
 fn bridge_env(v: &ValidSidecar, settings: &Settings) -> Vec<EnvVar> {
     let secret = secret_name(&v.name);
     vec![
-        env("OPENCODE_URL", format!("http://127.0.0.1:{OPENCODE_PORT}")),
-        env_from_secret("OPENCODE_SERVER_PASSWORD", &secret, PASSWORD_KEY),
-        env("NUBABEL_CALLBACK_URL", settings.callback_url.clone()),
-        env_from_secret("NUBABEL_CALLBACK_SIGNING_KEY", &secret, SIGNING_KEY),
-        env("NUBABEL_SIDECAR", format!("{}/{}", v.namespace, v.name)),
         env(
-            "NUBABEL_ORGANIZATION_ID",
+            bridge_env::OPENCODE_URL,
+            format!("http://127.0.0.1:{OPENCODE_PORT}"),
+        ),
+        env_from_secret(bridge_env::OPENCODE_PASSWORD, &secret, PASSWORD_KEY),
+        env(bridge_env::CALLBACK_URL, settings.callback_url.clone()),
+        env_from_secret(bridge_env::SIGNING_KEY, &secret, SIGNING_KEY),
+        env(bridge_env::SIDECAR, format!("{}/{}", v.namespace, v.name)),
+        env(
+            bridge_env::ORGANIZATION_ID,
             v.identity.organization_id().as_str(),
         ),
-        env("NUBABEL_BRIDGE_ADDR", format!("0.0.0.0:{BRIDGE_PORT}")),
-        env_from_field("POD_NAME", "metadata.name"),
-        env_from_field("POD_IP", "status.podIP"),
+        env(bridge_env::LISTEN_ADDR, format!("0.0.0.0:{BRIDGE_PORT}")),
+        env_from_field(bridge_env::POD_NAME, "metadata.name"),
+        env_from_field(bridge_env::POD_IP, "status.podIP"),
     ]
 }
 

@@ -10,10 +10,10 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
 use nubabel_contract::identity::SidecarIdentity;
-use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
 use nubabel_opencode::{OpencodeClient, PromptRequest};
+use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 
 use super::error::Error;
 use super::plan::{self, Delivery, Ending, GoneSession, Target, Turn, reasons};

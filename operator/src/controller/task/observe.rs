@@ -10,8 +10,8 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
 use nubabel_contract::identity::OrganizationId;
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
 use nubabel_store::sessions::{SessionMapping, SessionMappings};
 
 use super::error::Error;

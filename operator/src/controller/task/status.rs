@@ -198,14 +198,7 @@ pub fn running(
 /// The final answer, cut at a character boundary to [`MAX_OUTPUT_BYTES`] with a note.
 pub fn bounded_output(text: &str) -> String {
     const NOTE: &str = "\n[truncated; the whole answer is kept in the database]";
-    if text.len() <= MAX_OUTPUT_BYTES {
-        return text.to_owned();
-    }
-    let mut end = MAX_OUTPUT_BYTES - NOTE.len();
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{NOTE}", &text[..end])
+    nubabel_contract::text::cut_marked(text, MAX_OUTPUT_BYTES, NOTE)
 }
 
 /// Writes the fields this controller owns (server-side apply, forced: it is their only writer).
