@@ -24,32 +24,129 @@ pub const TEST_REDIS_URL_ENV: &str = "NUBABEL_TEST_REDIS_URL";
 const INITDB_TIMEOUT: Duration = Duration::from_secs(120);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A Postgres server of its own: `initdb` into a temporary directory, trust authentication,
-/// listening on a free `127.0.0.1` port only, durability traded for speed (`fsync=off`).
-/// When the harness runs as root, Postgres runs as Debian's `postgres` user (it refuses root).
+/// A server of a test's own: its process on a free `127.0.0.1` port, with its files in a
+/// directory, stopped and restarted on the same port. `K` is the kind of server: how it starts,
+/// the URL clients use and when it is ready.
 #[derive(Debug)]
-pub struct PrivatePostgres {
+pub struct PrivateServer<K> {
     // Declared before the directory so that it stops before its data is removed.
-    server: SupervisedProcess,
+    process: SupervisedProcess,
     port: u16,
-    bin_dir: PathBuf,
+    kind: K,
     _own_dir: Option<TempDir>,
 }
 
-impl PrivatePostgres {
-    /// Starts a server with its data and log in a new temporary directory, removed on drop.
+/// A Postgres server of its own ([`Postgres`]).
+pub type PrivatePostgres = PrivateServer<Postgres>;
+/// A Redis server of its own ([`Redis`]).
+pub type PrivateRedis = PrivateServer<Redis>;
+
+/// What one kind of [`PrivateServer`] does its own way.
+pub trait ServerKind: Sized {
+    /// The server's name in messages and in its temporary directory's name.
+    const NAME: &'static str;
+    /// What every start waits for, as the timeout message names it.
+    const READINESS: &'static str;
+    /// Starts a server with its files under `dir` (with [`PrivateServer::launch`]).
+    fn start_in(dir: &Path) -> impl Future<Output = Result<PrivateServer<Self>>>;
+    /// The URL clients connect to the server on `port` with.
+    fn url(port: u16) -> String;
+    /// Succeeds once the server on `port` accepts clients.
+    fn probe(&self, port: u16) -> impl Future<Output = Result<()>> + Send;
+}
+
+impl<K: ServerKind> PrivateServer<K> {
+    /// Starts a server with its files and log in a new temporary directory, removed on drop.
     pub async fn start() -> Result<Self> {
         let dir = tempfile::Builder::new()
-            .prefix("nubabel-postgres-")
+            .prefix(&format!("nubabel-{}-", K::NAME.to_lowercase()))
             .tempdir()
-            .context("creating a temporary directory for Postgres")?;
-        let mut postgres = Self::start_in(dir.path()).await?;
-        postgres._own_dir = Some(dir);
-        Ok(postgres)
+            .with_context(|| format!("creating a temporary directory for {}", K::NAME))?;
+        let mut server = K::start_in(dir.path()).await?;
+        server._own_dir = Some(dir);
+        Ok(server)
     }
 
-    /// Starts a server with its data in `dir/postgres` and its log in `dir/postgres.log`.
+    /// Starts a server with its files under `dir` (`dir/postgres` and `dir/postgres.log`, or
+    /// `dir/redis` and `dir/redis.log`).
     pub async fn start_in(dir: &Path) -> Result<Self> {
+        K::start_in(dir).await
+    }
+
+    /// The URL clients connect with (`postgres://postgres@127.0.0.1:PORT/postgres`,
+    /// `redis://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        K::url(self.port)
+    }
+
+    /// The port it listens on (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        self.process.log_path()
+    }
+
+    /// Stops the server (Postgres with a fast shutdown): connections fail until
+    /// [`PrivateServer::restart`].
+    pub async fn stop(&mut self) -> Result<()> {
+        self.process.stop().await
+    }
+
+    /// Starts the server again on the same port, with what it keeps on disk: Postgres its
+    /// data, Redis nothing.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.restart().await?;
+        self.wait_until_ready().await
+    }
+
+    /// Runs `spec`, the server listening on `port`, logging to `log_path`, and waits until it
+    /// is ready.
+    async fn launch(kind: K, spec: ProcessSpec, port: u16, log_path: PathBuf) -> Result<Self> {
+        let process = SupervisedProcess::spawn(spec, log_path).await?;
+        let mut server = Self {
+            process,
+            port,
+            kind,
+            _own_dir: None,
+        };
+        server.wait_until_ready().await?;
+        tracing::info!(port, "private {} is ready", K::NAME);
+        Ok(server)
+    }
+
+    async fn wait_until_ready(&mut self) -> Result<()> {
+        let port = self.port;
+        let kind = &self.kind;
+        self.process
+            .wait_until_ready(K::READINESS, READY_TIMEOUT, async || kind.probe(port).await)
+            .await
+    }
+}
+
+impl PrivatePostgres {
+    /// Creates a database and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String> {
+        create_database_on(&self.url(), name).await
+    }
+}
+
+/// Postgres: `initdb` into the server's directory, trust authentication, listening on
+/// `127.0.0.1` only, durability traded for speed (`fsync=off`). When the harness runs as root,
+/// Postgres runs as Debian's `postgres` user (it refuses root).
+#[derive(Debug)]
+pub struct Postgres {
+    pg_isready: PathBuf,
+}
+
+impl ServerKind for Postgres {
+    const NAME: &'static str = "Postgres";
+    const READINESS: &'static str = "Postgres to accept connections";
+
+    /// Data in `dir/postgres`, log in `dir/postgres.log`.
+    async fn start_in(dir: &Path) -> Result<PrivatePostgres> {
         let bin_dir = tools::postgres_bin_dir()?;
         let user = server_user().await?;
         let home = dir.join("postgres");
@@ -87,109 +184,55 @@ impl PrivatePostgres {
             .run_as(user)
             // SIGTERM would wait for every client to disconnect; SIGINT is "fast shutdown".
             .stop_signal(process::SIGINT);
-        let server = SupervisedProcess::spawn(spec, log_path).await?;
-        let mut postgres = Self {
-            server,
-            port,
-            bin_dir,
-            _own_dir: None,
+        let kind = Self {
+            pg_isready: bin_dir.join("pg_isready"),
         };
-        postgres.wait_until_accepting().await?;
-        tracing::info!(port, "private Postgres is ready");
-        Ok(postgres)
+        PrivateServer::launch(kind, spec, port, log_path).await
     }
 
-    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    fn url(port: u16) -> String {
+        format!("postgres://postgres@127.0.0.1:{port}/postgres")
     }
 
-    /// The port it listens on (kept across restarts).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The server's log file.
-    pub fn log_path(&self) -> &Path {
-        self.server.log_path()
-    }
-
-    /// Stops the server (fast shutdown): connections fail until [`PrivatePostgres::restart`].
-    pub async fn stop(&mut self) -> Result<()> {
-        self.server.stop().await
-    }
-
-    /// Starts the server again on the same port with the same data.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.server.restart().await?;
-        self.wait_until_accepting().await
-    }
-
-    /// Creates a database and returns its URL.
-    pub async fn create_database(&self, name: &str) -> Result<String> {
-        create_database_on(&self.url(), name).await
-    }
-
-    async fn wait_until_accepting(&mut self) -> Result<()> {
-        let pg_isready = self.bin_dir.join("pg_isready");
-        let port = self.port.to_string();
-        self.server
-            .wait_until_ready(
-                "Postgres to accept connections",
-                READY_TIMEOUT,
-                async || {
-                    let output = Command::new(&pg_isready)
-                        .args([
-                            "-h",
-                            "127.0.0.1",
-                            "-p",
-                            &port,
-                            "-U",
-                            "postgres",
-                            "-d",
-                            "postgres",
-                        ])
-                        .args(["-t", "2"])
-                        .kill_on_drop(true)
-                        .output()
-                        .await
-                        .context("running pg_isready")?;
-                    if output.status.success() {
-                        Ok(())
-                    } else {
-                        bail!(
-                            "pg_isready: {}",
-                            String::from_utf8_lossy(&output.stdout).trim()
-                        )
-                    }
-                },
-            )
+    async fn probe(&self, port: u16) -> Result<()> {
+        let port = port.to_string();
+        let output = Command::new(&self.pg_isready)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-t", "2"])
+            .kill_on_drop(true)
+            .output()
             .await
+            .context("running pg_isready")?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            bail!(
+                "pg_isready: {}",
+                String::from_utf8_lossy(&output.stdout).trim()
+            )
+        }
     }
 }
 
-/// A Redis server of its own on a free `127.0.0.1` port, with no persistence.
+/// Redis with no persistence.
 #[derive(Debug)]
-pub struct PrivateRedis {
-    server: SupervisedProcess,
-    port: u16,
-    _own_dir: Option<TempDir>,
-}
+pub struct Redis;
 
-impl PrivateRedis {
-    /// Starts a server with its working directory in a new temporary directory.
-    pub async fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("nubabel-redis-")
-            .tempdir()
-            .context("creating a temporary directory for Redis")?;
-        let mut redis = Self::start_in(dir.path()).await?;
-        redis._own_dir = Some(dir);
-        Ok(redis)
-    }
+impl ServerKind for Redis {
+    const NAME: &'static str = "Redis";
+    const READINESS: &'static str = "Redis to answer PING";
 
-    /// Starts a server working in `dir/redis`, logging to `dir/redis.log`.
-    pub async fn start_in(dir: &Path) -> Result<Self> {
+    /// Working directory `dir/redis`, log in `dir/redis.log`.
+    async fn start_in(dir: &Path) -> Result<PrivateRedis> {
         let work_dir = dir.join("redis");
         std::fs::create_dir_all(&work_dir)
             .with_context(|| format!("creating {}", work_dir.display()))?;
@@ -207,50 +250,15 @@ impl PrivateRedis {
                 "--logfile",
                 "",
             ]);
-        let server = SupervisedProcess::spawn(spec, dir.join("redis.log")).await?;
-        let mut redis = Self {
-            server,
-            port,
-            _own_dir: None,
-        };
-        redis.wait_until_answering().await?;
-        tracing::info!(port, "private Redis is ready");
-        Ok(redis)
+        PrivateServer::launch(Self, spec, port, dir.join("redis.log")).await
     }
 
-    /// `redis://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+    fn url(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}")
     }
 
-    /// The port it listens on (kept across restarts).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The server's log file.
-    pub fn log_path(&self) -> &Path {
-        self.server.log_path()
-    }
-
-    /// Stops the server: connections fail until [`PrivateRedis::restart`].
-    pub async fn stop(&mut self) -> Result<()> {
-        self.server.stop().await
-    }
-
-    /// Starts the server again on the same port (empty: it keeps nothing on disk).
-    pub async fn restart(&mut self) -> Result<()> {
-        self.server.restart().await?;
-        self.wait_until_answering().await
-    }
-
-    async fn wait_until_answering(&mut self) -> Result<()> {
-        let port = self.port;
-        self.server
-            .wait_until_ready("Redis to answer PING", READY_TIMEOUT, async || {
-                redis_ping(port).await
-            })
-            .await
+    async fn probe(&self, port: u16) -> Result<()> {
+        redis_ping(port).await
     }
 }
 
@@ -361,74 +369,80 @@ fn unique_database_name() -> String {
 }
 
 /// The server every `fresh_database` of this process uses when no URL is given.
-static SHARED_SERVER_URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-/// Kept here (not in the once-cell) so that the exit handler can stop it.
-static SHARED_POSTGRES: Mutex<Option<PrivatePostgres>> = Mutex::new(None);
+static SHARED_POSTGRES: SharedServer<Postgres> = SharedServer::new();
 
 async fn test_server_url() -> Result<String> {
-    if let Some(url) = std::env::var(TEST_DATABASE_URL_ENV)
-        .ok()
-        .filter(|url| !url.is_empty())
-    {
-        return Ok(url);
-    }
-    let url = SHARED_SERVER_URL
-        .get_or_try_init(|| async {
-            let postgres = PrivatePostgres::start().await?;
-            let url = postgres.url();
-            *SHARED_POSTGRES
-                .lock()
-                .map_err(|_| anyhow!("the shared Postgres lock was poisoned"))? = Some(postgres);
-            process::run_at_exit(stop_shared_postgres)?;
-            Ok::<_, anyhow::Error>(url)
-        })
-        .await?;
-    Ok(url.clone())
+    SHARED_POSTGRES
+        .url(TEST_DATABASE_URL_ENV, stop_shared_postgres)
+        .await
 }
 
-/// Stops the shared server and removes its data when the test binary exits; without this the
-/// parent-death signal would still kill it, but its directory would stay behind.
 extern "C" fn stop_shared_postgres() {
-    let postgres = match SHARED_POSTGRES.lock() {
-        Ok(mut slot) => slot.take(),
-        Err(poisoned) => poisoned.into_inner().take(),
-    };
-    drop(postgres);
+    SHARED_POSTGRES.stop();
 }
 
 /// The Redis server for tests: the one from NUBABEL_TEST_REDIS_URL when set, otherwise a
 /// PrivateRedis started once per test process. Tests share it, so each should use keys (or a
 /// stream name) of its own.
 pub async fn test_redis_url() -> Result<String> {
-    if let Some(url) = std::env::var(TEST_REDIS_URL_ENV)
-        .ok()
-        .filter(|url| !url.is_empty())
-    {
-        return Ok(url);
-    }
-    let url = SHARED_REDIS_URL
-        .get_or_try_init(|| async {
-            let redis = PrivateRedis::start().await?;
-            let url = redis.url();
-            *SHARED_REDIS
-                .lock()
-                .map_err(|_| anyhow!("the shared Redis lock was poisoned"))? = Some(redis);
-            process::run_at_exit(stop_shared_redis)?;
-            Ok::<_, anyhow::Error>(url)
-        })
-        .await?;
-    Ok(url.clone())
+    SHARED_REDIS
+        .url(TEST_REDIS_URL_ENV, stop_shared_redis)
+        .await
 }
 
-static SHARED_REDIS_URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-static SHARED_REDIS: Mutex<Option<PrivateRedis>> = Mutex::new(None);
+static SHARED_REDIS: SharedServer<Redis> = SharedServer::new();
 
 extern "C" fn stop_shared_redis() {
-    let redis = match SHARED_REDIS.lock() {
-        Ok(mut slot) => slot.take(),
-        Err(poisoned) => poisoned.into_inner().take(),
-    };
-    drop(redis);
+    SHARED_REDIS.stop();
+}
+
+/// A private server the tests of one process share, started on first use.
+struct SharedServer<K> {
+    url: tokio::sync::OnceCell<String>,
+    /// Kept here (not in the once-cell) so that the exit handler can stop it.
+    server: Mutex<Option<PrivateServer<K>>>,
+}
+
+impl<K: ServerKind> SharedServer<K> {
+    const fn new() -> Self {
+        Self {
+            url: tokio::sync::OnceCell::const_new(),
+            server: Mutex::new(None),
+        }
+    }
+
+    /// The URL in environment variable `env` when set, otherwise the shared server's, started
+    /// on first use with `stop_at_exit` (which calls [`SharedServer::stop`]) registered.
+    async fn url(&self, env: &str, stop_at_exit: extern "C" fn()) -> Result<String> {
+        if let Some(url) = std::env::var(env).ok().filter(|url| !url.is_empty()) {
+            return Ok(url);
+        }
+        let url = self
+            .url
+            .get_or_try_init(|| async {
+                let server = PrivateServer::<K>::start().await?;
+                let url = server.url();
+                *self
+                    .server
+                    .lock()
+                    .map_err(|_| anyhow!("the shared {} lock was poisoned", K::NAME))? =
+                    Some(server);
+                process::run_at_exit(stop_at_exit)?;
+                Ok::<_, anyhow::Error>(url)
+            })
+            .await?;
+        Ok(url.clone())
+    }
+
+    /// Stops the shared server and removes its data when the test binary exits; without this
+    /// the parent-death signal would still kill it, but its directory would stay behind.
+    fn stop(&self) {
+        let server = match self.server.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(server);
+    }
 }
 
 /// Debian's `postgres` user when running as root (initdb and postgres refuse root), else none.
