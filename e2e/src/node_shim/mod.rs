@@ -49,6 +49,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
+use nubabel_operator::controller::fleet;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
@@ -278,11 +279,7 @@ pub async fn await_pod_ready(api: &Api<Pod>, name: &str, timeout: Duration) -> R
         api,
         name,
         "the pod to be Ready",
-        |pod: Option<&Pod>| {
-            pod.and_then(|p| p.status.as_ref())
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
+        |pod: Option<&Pod>| pod.is_some_and(fleet::pod_ready),
         timeout,
     )
     .await?
