@@ -313,7 +313,20 @@ async fn a_tool_call_turn_reaches_the_callback_api_signed_complete_and_in_order(
             .context("no summary")?;
         assert_eq!((summary.tools_started, summary.tools_completed), (1, 1));
         assert_eq!(summary.last_tool.as_deref(), Some("bash"));
-        assert!(bridge.metrics.delivered.get() >= u64::try_from(stored.len())?);
+        // The answer to the last callback may reach the bridge just after the test reads the
+        // events back: wait for the count, within a deadline.
+        let wanted = u64::try_from(stored.len())?;
+        let counted = tokio::time::timeout(Duration::from_secs(10), async {
+            while bridge.metrics.delivered.get() < wanted {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            counted.is_ok(),
+            "the bridge counted {} of {wanted} delivered callbacks",
+            bridge.metrics.delivered.get()
+        );
 
         let ready = reqwest::get(format!("http://{}/readyz", bridge.probes)).await?;
         assert_eq!(ready.status(), 200);

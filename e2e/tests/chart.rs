@@ -16,6 +16,7 @@ use nubabel_e2e::crds::install_crds;
 use nubabel_e2e::testing::server_minor_version;
 use nubabel_e2e::tools::ToolPaths;
 use nubabel_e2e::{DEFAULT_WAIT, TestEnv, TestNamespace, await_condition, kubectl, within};
+use nubabel_operator::controller::fleet;
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -715,17 +716,6 @@ fn instruction(stage: &[(String, String)], name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in the final stage"))
 }
 
-/// A `pub const NAME: T = value;` of the operator's pod spec builder.
-fn pod_spec_constant(name: &str) -> String {
-    let source = read("operator/src/controller/sidecar/build.rs");
-    let line = source
-        .lines()
-        .find(|l| l.starts_with(&format!("pub const {name}:")))
-        .unwrap_or_else(|| panic!("no constant {name} in build.rs"));
-    let value = line.split_once("= ").unwrap().1;
-    value.trim_end_matches(';').trim_matches('"').to_owned()
-}
-
 /// The `("ENV", "/path")` pairs of `STATE_DIRS` in the pod spec builder.
 fn pod_spec_state_dirs() -> Vec<(String, String)> {
     let source = read("operator/src/controller/sidecar/build.rs");
@@ -776,12 +766,12 @@ fn the_rust_images_run_as_the_charts_user_on_the_charts_ports() {
 
 #[test]
 fn the_bridge_image_runs_as_the_pod_user_on_the_bridge_port_without_a_command() {
-    let uid = pod_spec_constant("RUN_AS_USER");
+    let uid = fleet::RUN_AS_USER.to_string();
     let stage = final_stage("bridge.Dockerfile");
     assert_eq!(instruction(&stage, "USER"), format!("{uid}:{uid}"));
     assert_eq!(
         instruction(&stage, "EXPOSE"),
-        pod_spec_constant("BRIDGE_PORT")
+        fleet::BRIDGE_PORT.to_string()
     );
     // The pod spec gives the bridge container no command: the entrypoint must be the bridge.
     assert_eq!(
@@ -795,8 +785,8 @@ fn the_bridge_image_runs_as_the_pod_user_on_the_bridge_port_without_a_command() 
 fn the_sidecar_image_matches_the_operators_pod_spec_and_the_charts_sidecar_values() {
     let dockerfile = read("docker/opencode-sidecar.Dockerfile");
     let stage = final_stage("opencode-sidecar.Dockerfile");
-    let uid = pod_spec_constant("RUN_AS_USER");
-    let data = pod_spec_constant("DATA_MOUNT");
+    let uid = fleet::RUN_AS_USER.to_string();
+    let data = fleet::DATA_MOUNT.to_string();
 
     assert_eq!(instruction(&stage, "USER"), format!("{uid}:{uid}"));
     assert!(dockerfile.contains(&format!("useradd --uid {uid} --gid {uid}")));
@@ -804,7 +794,7 @@ fn the_sidecar_image_matches_the_operators_pod_spec_and_the_charts_sidecar_value
     assert!(dockerfile.contains(&format!("install -d -o {uid} -g {uid} -m 0770 {data}\n")));
     assert_eq!(
         instruction(&stage, "EXPOSE"),
-        pod_spec_constant("OPENCODE_PORT")
+        fleet::OPENCODE_PORT.to_string()
     );
     // The opencode container's command is `opencode`: it must be on PATH.
     assert!(dockerfile.contains("COPY --from=npm /out/opencode /usr/local/bin/opencode"));
