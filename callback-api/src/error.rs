@@ -6,13 +6,15 @@
 
 use axum::{
     Json,
-    extract::{MatchedPath, Request},
+    extract::Request,
     http::{HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::metrics::RouteLabels;
 
 /// Seconds a client should wait before retrying when Postgres is unavailable.
 pub const RETRY_AFTER_SECONDS: u64 = 5;
@@ -162,11 +164,10 @@ pub struct ErrorReport(pub String);
 /// Middleware: logs the cause of every answer that carries an [`ErrorReport`], with the
 /// request's method, route and status.
 pub async fn log_failures(request: Request, next: Next) -> Response {
-    let method = request.method().to_string();
-    let matched_path = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let RouteLabels {
+        method,
+        matched_path,
+    } = RouteLabels::of(&request);
     let response = next.run(request).await;
     if let Some(ErrorReport(cause)) = response.extensions().get::<ErrorReport>() {
         let status = response.status();

@@ -33,6 +33,19 @@ pub struct RouteLabels {
     pub matched_path: String,
 }
 
+impl RouteLabels {
+    /// The method and matched route of `request` (`unmatched` outside every route).
+    pub fn of(request: &Request) -> Self {
+        Self {
+            method: request.method().to_string(),
+            matched_path: request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned()),
+        }
+    }
+}
+
 /// What happened to a callback.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Outcome {
@@ -217,11 +230,10 @@ pub async fn track_requests(
     next: Next,
 ) -> Response {
     let start = Instant::now();
-    let method = request.method().to_string();
-    let matched_path = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let RouteLabels {
+        method,
+        matched_path,
+    } = RouteLabels::of(&request);
     let response = next.run(request).await;
     let status = response.status();
     metrics

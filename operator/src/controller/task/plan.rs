@@ -741,24 +741,8 @@ mod tests {
 
     #[test]
     fn a_prompt_accepted_but_never_listed_times_out_at_the_deadline() {
-        let (mut task, fleet) = (task(), sidecar("org-a"));
+        let (mut task, fleet) = (interrupted(reasons::PROMPT_SENT, 5), sidecar("org-a"));
         task.spec.timeout_seconds = 30;
-        let mut status = DelegatedTaskStatus {
-            sidecar_pod: Some("fleet-0".to_owned()),
-            opencode_session_id: Some("ses_1".to_owned()),
-            ..DelegatedTaskStatus::default()
-        };
-        status
-            .conditions
-            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-                type_: "Dispatched".to_owned(),
-                status: "Unknown".to_owned(),
-                reason: reasons::PROMPT_SENT.to_owned(),
-                message: "accepted".to_owned(),
-                last_transition_time: time(5),
-                observed_generation: None,
-            });
-        task.status = Some(status);
         let pods = [pod("fleet-0", true, 1)];
         let mut observed = observe(&task, &fleet, &pods);
         observed.now = at(34);
@@ -1141,8 +1125,9 @@ mod tests {
         .unwrap()
     }
 
-    /// A task whose dispatch to ses_1 on fleet-0 began and was interrupted (reason `reason`).
-    fn interrupted(reason: &str) -> DelegatedTask {
+    /// A task whose dispatch to ses_1 on fleet-0 began at second `since` and was interrupted
+    /// (reason `reason`).
+    fn interrupted(reason: &str, since: i64) -> DelegatedTask {
         let mut task = task();
         let mut status = DelegatedTaskStatus {
             sidecar_pod: Some("fleet-0".to_owned()),
@@ -1156,7 +1141,7 @@ mod tests {
                 status: "Unknown".to_owned(),
                 reason: reason.to_owned(),
                 message: "sending".to_owned(),
-                last_transition_time: time(0),
+                last_transition_time: time(since),
                 observed_generation: None,
             });
         task.status = Some(status);
@@ -1187,7 +1172,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_dispatch_finds_its_prompt_and_never_sends_it_twice() {
-        let task = interrupted(reasons::DISPATCHING);
+        let task = interrupted(reasons::DISPATCHING, 0);
         // Sent by the interrupted attempt (within the clock skew of its start): listed.
         let sent = [message("msg_9", "user", at(-3).as_millisecond(), "hi")];
         assert_eq!(
@@ -1203,7 +1188,7 @@ mod tests {
             }
         );
         // Accepted before but not listed yet: wait, never send again.
-        let accepted = interrupted(reasons::PROMPT_SENT);
+        let accepted = interrupted(reasons::PROMPT_SENT, 0);
         assert_eq!(
             prompt_delivery(&accepted, &old, at(0)),
             Delivery::AwaitListing
@@ -1216,7 +1201,7 @@ mod tests {
 
     #[test]
     fn a_retry_on_the_recorded_session_is_the_same_attempt() {
-        let task = interrupted(reasons::DISPATCHING);
+        let task = interrupted(reasons::DISPATCHING, 0);
         assert!(!is_new_attempt(&task, "ses_1"));
         assert!(is_new_attempt(&task, "ses_2"));
         assert!(is_new_attempt(&self::task(), "ses_1"));
@@ -1225,7 +1210,7 @@ mod tests {
     #[test]
     fn a_session_gone_mid_dispatch_fails_the_task_and_a_stale_mapping_starts_anew() {
         match when_session_gone(
-            &interrupted(reasons::DISPATCHING),
+            &interrupted(reasons::DISPATCHING, 0),
             "s-1",
             "ses_1",
             "fleet-0",
