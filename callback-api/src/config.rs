@@ -138,7 +138,9 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_VAULT_KEYS", hide_env_values = true)]
     pub vault_keys: Option<SecretString>,
 
-    /// Bearer token of the admin API (`/api/admin/...`); without it the admin API answers 503.
+    /// Bearer token of the admin API (`/api/admin/...`), at least 32 bytes
+    /// ([`MIN_ADMIN_TOKEN_BYTES`]; a shorter one stops startup); without it the admin API
+    /// answers 503.
     #[arg(long, env = "NUBABEL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<SecretString>,
 
@@ -189,7 +191,30 @@ pub struct Config {
     pub commit_concurrency: u32,
 }
 
+/// The shortest admin token accepted: the token guards every tenant's stored credentials, so
+/// it must not be guessable whatever deploys the binary (the chart asks the same).
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
+
 impl Config {
+    /// The admin token, `None` when unset or empty (the admin API is then disabled); a token
+    /// shorter than [`MIN_ADMIN_TOKEN_BYTES`] is an error, so a weak one never serves.
+    pub fn admin_token(&self) -> anyhow::Result<Option<SecretString>> {
+        use secrecy::ExposeSecret;
+        let Some(token) = self.admin_token.as_ref() else {
+            return Ok(None);
+        };
+        let length = token.expose_secret().len();
+        if length == 0 {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            length >= MIN_ADMIN_TOKEN_BYTES,
+            "NUBABEL_ADMIN_TOKEN is {length} bytes; it must be at least {MIN_ADMIN_TOKEN_BYTES} \
+             (generate one with `openssl rand -hex 32`), or unset to disable the admin API"
+        );
+        Ok(Some(token.clone()))
+    }
+
     /// The SSE keep-alive interval.
     pub fn sse_keep_alive(&self) -> Duration {
         Duration::from_secs(self.sse_keep_alive_seconds)
@@ -220,6 +245,28 @@ mod tests {
         assert_eq!(config.signature_tolerance_seconds, 300);
         assert!(!config.status_mirror);
         assert_eq!(config.sse_keep_alive(), Duration::from_secs(15));
+    }
+
+    fn parse_with_admin_token(token: &str) -> Config {
+        Config::try_parse_from([
+            "nubabel-callback-api",
+            "--database-url=postgres://localhost/db",
+            "--redis-url=redis://localhost",
+            "--signing-master-key=0123456789abcdef0123456789abcdef",
+            "--stream-token-key=fedcba9876543210fedcba9876543210",
+            &format!("--admin-token={token}"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn an_admin_token_shorter_than_32_bytes_is_refused() {
+        let error = parse_with_admin_token("short-admin-token")
+            .admin_token()
+            .unwrap_err();
+        assert!(error.to_string().contains("at least 32"), "{error}");
+        let token = "a".repeat(MIN_ADMIN_TOKEN_BYTES);
+        assert!(parse_with_admin_token(&token).admin_token().unwrap().is_some());
     }
 
     #[test]

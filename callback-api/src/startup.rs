@@ -50,10 +50,7 @@ impl Application {
         let keys = Keys {
             master: MasterKey::new(config.signing_master_key.expose_secret().as_bytes())?,
             stream_token: StreamTokenKey::new(config.stream_token_key.expose_secret().as_bytes())?,
-            admin_token: config
-                .admin_token
-                .clone()
-                .filter(|token| !token.expose_secret().is_empty()),
+            admin_token: config.admin_token()?,
         };
         let keyring = config
             .vault_keys

@@ -23,7 +23,7 @@ pub const MASTER_KEY: &str = "test-master-key-0123456789abcdefghij";
 pub const STREAM_KEY: &str = "test-stream-key-0123456789abcdefghij";
 /// The vault keyring of tests: one key, `k1`, of 32 bytes 0x01.
 pub const VAULT_KEYS: &str = "k1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 
 /// A running application and what a test needs to reach it.
 pub struct TestApp {
