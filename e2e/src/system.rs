@@ -337,6 +337,19 @@ impl System {
             },
         )
         .await?;
+        // Secrets only in the fleet's namespace, as operator/rbac.yaml says to bind them.
+        create(
+            &Api::<RoleBinding>::namespaced(self.env.client.clone(), ns),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some("nubabel-operator-secrets".into()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: role_ref("ClusterRole", "nubabel-operator-secrets"),
+                subjects: Some(vec![subject.clone()]),
+            },
+        )
+        .await?;
         create(
             &Api::<RoleBinding>::namespaced(self.env.client.clone(), ns),
             &RoleBinding {

@@ -168,6 +168,23 @@ impl Fleet {
             },
         )
         .await?;
+        // Secrets only in the fleet's namespace, as operator/rbac.yaml says to bind them.
+        create(
+            &namespace.api::<RoleBinding>(),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some("nubabel-operator-secrets".into()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "ClusterRole".into(),
+                    name: "nubabel-operator-secrets".into(),
+                },
+                subjects: Some(vec![subject.clone()]),
+            },
+        )
+        .await?;
         create(
             &namespace.api::<RoleBinding>(),
             &RoleBinding {
@@ -898,4 +915,54 @@ async fn benchmark_time_to_statefulset_and_operator_memory_with_many_tenants() -
     let logs = fleet.logs();
     fleet.finish().await?;
     outcome.with_context(|| format!("operator logs:\n{logs}"))
+}
+
+/// Whether the operator's ServiceAccount of `fleet` may `get` Secrets in `namespace`, as the
+/// API server's authorizer answers.
+async fn operator_may_get_secrets(fleet: &Fleet, namespace: &str) -> Result<bool> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!(
+                "system:serviceaccount:{}:nubabel-operator",
+                fleet.namespace.name()
+            )),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.to_owned()),
+                resource: Some("secrets".into()),
+                verb: Some("get".into()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(fleet.env.client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+#[tokio::test]
+async fn the_operator_reconciles_under_namespace_scoped_secret_rbac_and_cannot_read_other_namespaces_secrets()
+-> Result<()> {
+    with_fleet("ocs-rbac", 1, async |fleet| {
+        fleet
+            .create_sidecar("tenant-a", json!({"organizationId": "org-a", "replicas": 1, "model": "anthropic/claude-sonnet-4-5"}))
+            .await?;
+        // The fleet's Secret is written (and read back) under the scoped grant.
+        await_condition(&fleet.api::<StatefulSet>(), "tenant-a", "the StatefulSet", |s: Option<&StatefulSet>| s.is_some(), DEFAULT_WAIT).await?;
+        fleet.api::<Secret>().get("tenant-a-sidecar").await?;
+        ensure!(operator_may_get_secrets(fleet, fleet.namespace.name()).await?);
+        for other in ["default", "kube-system"] {
+            ensure!(
+                !operator_may_get_secrets(fleet, other).await?,
+                "the operator may read Secrets in {other}"
+            );
+        }
+        Ok(())
+    })
+    .await
 }
