@@ -266,7 +266,12 @@ mod tests {
             .unwrap_err();
         assert!(error.to_string().contains("at least 32"), "{error}");
         let token = "a".repeat(MIN_ADMIN_TOKEN_BYTES);
-        assert!(parse_with_admin_token(&token).admin_token().unwrap().is_some());
+        assert!(
+            parse_with_admin_token(&token)
+                .admin_token()
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]
