@@ -613,6 +613,12 @@ impl System {
         )
     }
 
+    /// Binds this system's namespace to `organization_id`, as a cluster admin does before a
+    /// tenant's fleets may run there.
+    pub async fn bind_organization(&self, organization_id: &str) -> Result<()> {
+        crate::testing::bind_organization(&self.env.client, &self.namespace, organization_id).await
+    }
+
     /// An `OpencodeSidecar` named `name` for tenant `organization_id` with `replicas` pods on
     /// the shim, its provider pointed at the fake LLM.
     pub fn sidecar_manifest(

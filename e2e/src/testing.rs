@@ -15,6 +15,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use nubabel_operator::controller::fleet;
+
 use crate::control_plane::client_from_kubeconfig;
 use crate::pki::random_token;
 use crate::tools::ToolPaths;
@@ -103,6 +105,12 @@ impl TestNamespace {
     /// The namespace's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Binds the namespace to `organization` as a cluster admin does, adding it to the
+    /// organizations its fleets may serve; the operator provisions a fleet only then.
+    pub async fn bind_organization(&self, organization: &str) -> Result<()> {
+        bind_organization(&self.client, &self.name, organization).await
     }
 
     /// An `Api` for namespaced resources of kind `K` in this namespace.
@@ -194,6 +202,44 @@ where
         Ok(Err(error)) => Err(error).with_context(|| format!("watching {object} for {what}")),
         Err(_) => bail!("timed out after {timeout:?} waiting for {object}: {what}"),
     }
+}
+
+/// Adds `organization` to the `nubabel.io/organizations` annotation of Namespace
+/// `namespace`, as a cluster admin binds a namespace to a tenant. Safe to call concurrently:
+/// the update is guarded by the resource version and retried on conflict.
+pub async fn bind_organization(client: &Client, namespace: &str, organization: &str) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for _ in 0..10 {
+        let current = namespaces.get(namespace).await?;
+        let listed = current
+            .annotations()
+            .get(fleet::NAMESPACE_ORGANIZATIONS_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        if listed.split(',').any(|entry| entry.trim() == organization) {
+            return Ok(());
+        }
+        let value = if listed.trim().is_empty() {
+            organization.to_owned()
+        } else {
+            format!("{listed},{organization}")
+        };
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": current.resource_version(),
+            "annotations": {fleet::NAMESPACE_ORGANIZATIONS_ANNOTATION: value},
+        }});
+        match namespaces
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => {
+                return Err(error).with_context(|| format!("binding namespace {namespace}"));
+            }
+        }
+    }
+    bail!("binding namespace {namespace} to {organization} kept conflicting")
 }
 
 /// Creates `object`; the error names it.

@@ -24,6 +24,7 @@ async fn delegate_waits_for_the_answer_and_the_same_session_continues_the_conver
     let namespace = TestNamespace::create(&env.client, "delegate").await?;
     let system = System::start(&env, &namespace).await?;
     within(LIMIT, "delegating two turns", async {
+        system.bind_organization("org-d").await?;
         create(
             &namespace.api(),
             &system.sidecar_manifest("fleet", "org-d", 1)?,

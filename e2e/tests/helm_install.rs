@@ -465,7 +465,8 @@ async fn helm_install_runs_tasks_and_upgrade_and_uninstall_behave() -> Result<()
         )
         .await?;
 
-        // The DelegatedTask flow against the release.
+        // The DelegatedTask flow against the release, in a namespace bound to the tenant.
+        tenant.bind_organization("org-helm").await?;
         let sidecars: Api<OpencodeSidecar> = Api::namespaced(env.client.clone(), tenant.name());
         create(
             &sidecars,

@@ -29,6 +29,7 @@ async fn a_task_calls_a_tenant_tool_through_the_gateway_with_the_tenants_token()
         system
             .register_mcp_connection("org-a", "alpha", &upstream.url(), TENANT_TOKEN)
             .await?;
+        system.bind_organization("org-a").await?;
         create(&namespace.api(), &system.sidecar_manifest("fleet", "org-a", 1)?).await?;
         system.await_fleet_ready("fleet", 1).await?;
 

@@ -309,7 +309,20 @@ impl Fleet {
         self.namespace.api()
     }
 
+    /// Creates sidecar `name`, binding the namespace to its organization first.
     async fn create_sidecar(&self, name: &str, spec: serde_json::Value) -> Result<DynamicObject> {
+        if let Some(organization) = spec["organizationId"].as_str() {
+            self.namespace.bind_organization(organization).await?;
+        }
+        self.create_unbound_sidecar(name, spec).await
+    }
+
+    /// Creates sidecar `name` without touching the namespace's binding.
+    async fn create_unbound_sidecar(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<DynamicObject> {
         let object: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "nubabel.io/v1alpha1",
             "kind": "OpencodeSidecar",
@@ -563,6 +576,92 @@ async fn an_invalid_spec_yields_degraded_and_a_warning_event_and_changes_no_chil
         await_condition(&fleet.sidecars(), "tenant-c", "Degraded=False", |o: Option<&DynamicObject>| {
             o.and_then(|o| condition(o, "Degraded")).is_some_and(|c| c["status"] == "False")
         }, DEFAULT_WAIT).await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_fleet_in_a_namespace_not_bound_to_its_organization_gets_no_keys_until_an_admin_binds_it()
+-> Result<()> {
+    with_fleet("ocs-binding", 1, async |fleet| {
+        // The namespace serves org-own; a fleet naming another tenant's organization is refused.
+        fleet.namespace.bind_organization("org-own").await?;
+        fleet
+            .create_unbound_sidecar(
+                "claimer",
+                json!({"organizationId": "org-victim", "model": "a/b"}),
+            )
+            .await?;
+        let status = await_condition(
+            &fleet.sidecars(),
+            "claimer",
+            "Degraded NamespaceNotBound",
+            |o: Option<&DynamicObject>| {
+                o.and_then(|o| condition(o, "Degraded"))
+                    .is_some_and(|c| c["status"] == "True" && c["reason"] == "NamespaceNotBound")
+            },
+            DEFAULT_WAIT,
+        )
+        .await?
+        .unwrap();
+        let message = condition(&status, "Degraded").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.contains(&format!("kubectl annotate namespace {}", fleet.ns())),
+            "{message}"
+        );
+        eventually("a NamespaceNotBound warning", DEFAULT_WAIT, || {
+            has_event(fleet, "claimer", "Warning", "NamespaceNotBound")
+        })
+        .await?;
+        // Nothing was written: no Secret with keys, no pods.
+        assert!(
+            fleet
+                .api::<Secret>()
+                .get_opt("claimer-sidecar")
+                .await?
+                .is_none()
+        );
+        assert!(
+            fleet
+                .api::<StatefulSet>()
+                .get_opt("claimer")
+                .await?
+                .is_none()
+        );
+
+        // A cluster admin binds the namespace to the organization too: the fleet provisions
+        // on its next retry, without any change to the OpencodeSidecar.
+        fleet.namespace.bind_organization("org-victim").await?;
+        let secret = await_condition(
+            &fleet.api::<Secret>(),
+            "claimer-sidecar",
+            "the fleet's Secret",
+            |s: Option<&Secret>| s.is_some(),
+            DEFAULT_WAIT,
+        )
+        .await?
+        .unwrap();
+        assert!(
+            secret
+                .data
+                .as_ref()
+                .is_some_and(|d| d.contains_key("callback-signing-key"))
+        );
+        await_condition(
+            &fleet.sidecars(),
+            "claimer",
+            "Degraded=False",
+            |o: Option<&DynamicObject>| {
+                o.and_then(|o| condition(o, "Degraded"))
+                    .is_some_and(|c| c["status"] == "False")
+            },
+            DEFAULT_WAIT,
+        )
+        .await?;
         Ok(())
     })
     .await

@@ -98,6 +98,7 @@ fn pod_ip(pod: &Pod) -> Result<String> {
 async fn a_sidecar_fleet_runs_real_opencode_and_bridge_pods_that_become_ready() -> Result<()> {
     with_system("ocs-pods", async |system, namespace| {
         let sidecars = namespace.api::<OpencodeSidecar>();
+        system.bind_organization("org-pods").await?;
         create(&sidecars, &system.sidecar_manifest("fleet", "org-pods", 2)?).await?;
 
         let pods = namespace.api::<Pod>();
@@ -239,6 +240,7 @@ async fn a_prompt_in_a_sidecar_pod_reaches_the_callback_api_and_its_sse_stream()
     with_system("ocs-prompt", async |system, namespace| {
         let organization = "org-prompt";
         let sidecars = namespace.api::<OpencodeSidecar>();
+        system.bind_organization(organization).await?;
         create(
             &sidecars,
             &system.sidecar_manifest("fleet", organization, 1)?,
@@ -350,6 +352,7 @@ async fn a_prompt_in_a_sidecar_pod_reaches_the_callback_api_and_its_sse_stream()
 async fn a_deleted_sidecar_pod_is_recreated_and_becomes_ready_again() -> Result<()> {
     with_system("ocs-restart", async |system, namespace| {
         let sidecars = namespace.api::<OpencodeSidecar>();
+        system.bind_organization("org-restart").await?;
         create(
             &sidecars,
             &system.sidecar_manifest("fleet", "org-restart", 1)?,

@@ -95,6 +95,7 @@ async fn a_mention_gets_an_acknowledgement_progress_and_the_answer_and_replies_c
     )
     .await?;
     within(LIMIT, "a conversation in a Slack thread", async {
+        system.bind_organization("org-s").await?;
         create(
             &namespace.api(),
             &system.sidecar_manifest("fleet", "org-s", 1)?,

@@ -65,6 +65,7 @@ async fn benchmark_task_dispatch_latency_and_throughput() -> Result<()> {
     let namespace = TestNamespace::create(&env.client, "tasks-bench").await?;
     let system = System::start(&env, &namespace).await?;
     within(Duration::from_secs(1200), "the dispatch benchmark", async {
+        system.bind_organization("org-bench").await?;
         let mut sidecar = system.sidecar_manifest("fleet", "org-bench", pods)?;
         sidecar.spec.max_sessions_per_pod = Some(slots);
         create(&namespace.api(), &sidecar).await?;

@@ -22,6 +22,7 @@ async fn a_task_runs_on_real_opencode_and_a_second_turn_continues_its_session() 
     let namespace = TestNamespace::create(&env.client, "tasks-happy").await?;
     let system = System::start(&env, &namespace).await?;
     within(LIMIT, "running two turns of a conversation", async {
+        system.bind_organization("org-a").await?;
         create(
             &namespace.api(),
             &system.sidecar_manifest("fleet", "org-a", 1)?,
@@ -158,6 +159,7 @@ async fn failures_end_tasks_with_a_reason_and_stop_the_agent() -> Result<()> {
     let namespace = TestNamespace::create(&env.client, "tasks-fail").await?;
     let system = System::start(&env, &namespace).await?;
     within(LIMIT, "failing tasks", async {
+        system.bind_organization("org-b").await?;
         create(
             &namespace.api(),
             &system.sidecar_manifest("fleet", "org-b", 1)?,
@@ -263,6 +265,7 @@ async fn tasks_created_together_never_overfill_a_pod() -> Result<()> {
     let namespace = TestNamespace::create(&env.client, "tasks-capacity").await?;
     let system = System::start(&env, &namespace).await?;
     within(LIMIT, "running three tasks on a pod with one slot", async {
+        system.bind_organization("org-c").await?;
         let mut sidecar = system.sidecar_manifest("fleet", "org-c", 1)?;
         sidecar.spec.max_sessions_per_pod = Some(1);
         create(&namespace.api(), &sidecar).await?;
@@ -312,6 +315,7 @@ async fn turns_of_one_session_created_together_run_one_after_another_in_one_conv
         "running two turns of one session created together",
         async {
             // Two pods with free slots: nothing but the session keeps the turns apart.
+            system.bind_organization("org-t").await?;
             let sidecar = system.sidecar_manifest("fleet", "org-t", 2)?;
             create(&namespace.api(), &sidecar).await?;
             system.await_fleet_ready("fleet", 2).await?;

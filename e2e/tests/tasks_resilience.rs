@@ -92,11 +92,13 @@ async fn tenants_share_a_namespace_but_never_pods_sessions_or_events() -> Result
         "tasks-tenants",
         "two tenants side by side",
         async |system, namespace| {
+            system.bind_organization("org-a").await?;
             create(
                 &namespace.api(),
                 &system.sidecar_manifest("fleet-a", "org-a", 1)?,
             )
             .await?;
+            system.bind_organization("org-b").await?;
             create(
                 &namespace.api(),
                 &system.sidecar_manifest("fleet-b", "org-b", 1)?,
@@ -208,6 +210,7 @@ async fn deleting_a_running_task_aborts_its_agent_before_the_task_goes() -> Resu
         "tasks-delete",
         "deleting a running task",
         async |system, namespace| {
+            system.bind_organization("org-d").await?;
             create(
                 &namespace.api(),
                 &system.sidecar_manifest("fleet", "org-d", 1)?,
@@ -283,6 +286,7 @@ async fn an_operator_killed_mid_task_neither_loses_nor_repeats_the_prompt() -> R
         "tasks-restart",
         "restarting the operator mid-task",
         async |system, namespace| {
+            system.bind_organization("org-r").await?;
             create(
                 &namespace.api(),
                 &system.sidecar_manifest("fleet", "org-r", 1)?,
@@ -361,6 +365,7 @@ async fn a_sidecar_pod_killed_mid_task_fails_the_task_and_the_session_starts_ane
         "tasks-podkill",
         "killing a sidecar pod mid-task",
         async |system, namespace| {
+            system.bind_organization("org-k").await?;
             create(
                 &namespace.api(),
                 &system.sidecar_manifest("fleet", "org-k", 1)?,
@@ -428,6 +433,7 @@ async fn with_storage_a_conversation_outlives_its_pod() -> Result<()> {
         "tasks-storage",
         "continuing a conversation after its pod restarted",
         async |system, namespace| {
+            system.bind_organization("org-s").await?;
             let mut sidecar = system.sidecar_manifest("fleet", "org-s", 1)?;
             sidecar.spec.storage =
                 Some(serde_json::from_value(serde_json::json!({"size": "1Gi"}))?);

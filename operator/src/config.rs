@@ -105,6 +105,17 @@ pub struct Config {
     )]
     pub operator_pod_labels: Labels,
 
+    /// Provision a fleet only in a namespace a cluster admin bound to its organization (the
+    /// namespace's `nubabel.io/organizations` annotation lists it). Turn off only where
+    /// everyone who can create an OpencodeSidecar may act for every organization.
+    #[arg(
+        long,
+        env = "NUBABEL_REQUIRE_NAMESPACE_BINDING",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub require_namespace_binding: bool,
+
     /// Watch only this namespace (a namespace-scoped install); all namespaces when unset.
     #[arg(long, env = "NUBABEL_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,

@@ -62,6 +62,32 @@ pub fn validate_session_id(field: &'static str, value: &str) -> Result<(), Inval
     Ok(())
 }
 
+/// How OpenCode's own session ids begin. Nubabel session ids never do, so an id in a callback
+/// path names exactly one kind of session and a caller cannot shadow an OpenCode session by
+/// choosing a Nubabel id equal to it.
+pub const OPENCODE_SESSION_PREFIX: &str = "ses_";
+
+/// Checks a Nubabel session id: a valid session id that does not begin with
+/// [`OPENCODE_SESSION_PREFIX`], which is OpenCode's.
+pub fn validate_nubabel_session_id(
+    field: &'static str,
+    value: &str,
+) -> Result<(), InvalidIdentity> {
+    validate_session_id(field, value)?;
+    if is_opencode_session_id(value) {
+        return Err(InvalidIdentity {
+            field,
+            reason: "must not begin with \"ses_\", which is reserved for OpenCode's session ids",
+        });
+    }
+    Ok(())
+}
+
+/// Whether `id` is an OpenCode session id rather than a Nubabel one.
+pub fn is_opencode_session_id(id: &str) -> bool {
+    id.starts_with(OPENCODE_SESSION_PREFIX)
+}
+
 /// What the operator records before it sends a prompt.
 #[derive(Debug, Clone)]
 pub struct NewMapping<'a> {
@@ -118,7 +144,7 @@ impl SessionMappings {
     /// Fails with [`Error::MappingConflict`] when the OpenCode session already serves another
     /// Nubabel session of the tenant.
     pub async fn record(&self, mapping: &NewMapping<'_>) -> Result<SessionMapping> {
-        validate_session_id("sessionId", mapping.session_id)?;
+        validate_nubabel_session_id("sessionId", mapping.session_id)?;
         validate_session_id("opencodeSessionId", mapping.opencode_session_id)?;
         validate_object_name("podName", mapping.pod_name)?;
         let organization_id = mapping.sidecar.organization_id().as_str();
@@ -232,37 +258,66 @@ pub struct SessionRef {
     pub session_id: String,
 }
 
-/// Finds a session of `organization_id` by the id in a callback path: the Nubabel session id,
-/// or else an OpenCode session id (`ses_...`) the session was ever mapped to.
-///
-/// The Nubabel id wins when both match different sessions. Sessions of other tenants are
-/// never found.
+/// Finds a session of `organization_id` by the id a stream reader names: an OpenCode session id
+/// (`ses_...`) the session was ever mapped to, or else its Nubabel session id. The two never
+/// overlap (see [`validate_nubabel_session_id`]). Sessions of other tenants are never found.
 pub async fn resolve_session(
     pool: &PgPool,
     organization_id: &OrganizationId,
     id: &str,
 ) -> Result<Option<SessionRef>> {
-    let row = sqlx::query(
-        "select id, session_id, 0 as rank
-         from sessions
-         where organization_id = $1 and session_id = $2
-         union all
-         select s.id, s.session_id, 1 as rank
+    let query = if is_opencode_session_id(id) {
+        "select s.id, s.session_id
+         from session_mappings m
+         join sessions s on s.id = m.session_pk
+         where m.organization_id = $1 and m.opencode_session_id = $2"
+    } else {
+        "select id, session_id from sessions where organization_id = $1 and session_id = $2"
+    };
+    let row = sqlx::query(query)
+        .bind(organization_id.as_str())
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| session_ref(&row)).transpose()
+}
+
+/// Finds a session by the id in a callback path, as [`resolve_session`] does, but only among
+/// the sessions `sidecar`'s fleet was ever given (a mapping names the fleet): a fleet's key
+/// or token reaches no other session of its tenant.
+pub async fn resolve_fleet_session(
+    pool: &PgPool,
+    sidecar: &SidecarIdentity,
+    id: &str,
+) -> Result<Option<SessionRef>> {
+    let query = if is_opencode_session_id(id) {
+        "select s.id, s.session_id
          from session_mappings m
          join sessions s on s.id = m.session_pk
          where m.organization_id = $1 and m.opencode_session_id = $2
-         order by rank
-         limit 1",
-    )
-    .bind(organization_id.as_str())
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok(SessionRef {
-            pk: row.try_get("id")?,
-            session_id: row.try_get("session_id")?,
-        })
+           and m.sidecar_namespace = $3 and m.sidecar_name = $4"
+    } else {
+        "select s.id, s.session_id
+         from sessions s
+         where s.organization_id = $1 and s.session_id = $2
+           and exists (
+               select 1 from session_mappings m
+               where m.session_pk = s.id
+                 and m.sidecar_namespace = $3 and m.sidecar_name = $4)"
+    };
+    let row = sqlx::query(query)
+        .bind(sidecar.organization_id().as_str())
+        .bind(id)
+        .bind(sidecar.namespace())
+        .bind(sidecar.name())
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| session_ref(&row)).transpose()
+}
+
+fn session_ref(row: &PgRow) -> Result<SessionRef> {
+    Ok(SessionRef {
+        pk: row.try_get("id")?,
+        session_id: row.try_get("session_id")?,
     })
-    .transpose()
 }

@@ -13,7 +13,7 @@ use nubabel_contract::{identity::SidecarIdentity, progress::MCP_TOOL_CALL, text:
 use nubabel_store::{
     connections::{self, Connection, ConnectionError},
     events::EventPayload,
-    sessions::{SessionRef, resolve_session},
+    sessions::{SessionRef, resolve_fleet_session},
 };
 use serde_json::{Map, Value, json};
 use sqlx::Row;
@@ -510,7 +510,7 @@ async fn calling_session(
 ) -> Result<Option<SessionRef>, nubabel_store::Error> {
     let organization_id = caller.sidecar.organization_id();
     if let Some(id) = &caller.session {
-        return resolve_session(context.db, organization_id, id).await;
+        return resolve_fleet_session(context.db, &caller.sidecar, id).await;
     }
     let rows = sqlx::query(
         "select s.id, s.session_id

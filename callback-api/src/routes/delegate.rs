@@ -22,7 +22,7 @@ use nubabel_crds::v1alpha1::{
 };
 use nubabel_store::{
     api_tokens::{self, TokenGrant},
-    sessions::validate_session_id,
+    sessions::validate_nubabel_session_id,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -325,7 +325,7 @@ fn validate(request: DelegateRequest) -> Result<NewTask, ApiError> {
         .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     let session_id = match request.session_id {
         Some(id) => {
-            validate_session_id("session_id", &id)
+            validate_nubabel_session_id("session_id", &id)
                 .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
             id
         }

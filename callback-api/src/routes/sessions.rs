@@ -11,7 +11,7 @@ use axum::{
 };
 use nubabel_store::{
     events::EventPayload,
-    sessions::{SessionRef, resolve_session, validate_session_id},
+    sessions::{SessionRef, resolve_fleet_session, validate_session_id},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
@@ -225,16 +225,15 @@ async fn find_session(
     if validate_session_id("sessionId", id).is_err() {
         return Err(ApiError::SessionNotFound);
     }
-    let organization_id = callback.sidecar.organization_id();
-    if let Some(session) = state.sessions.get(organization_id.as_str(), id) {
+    if let Some(session) = state.sessions.get(&callback.sidecar, id) {
         return Ok(session);
     }
-    let session = resolve_session(&state.db, organization_id, id)
+    let session = resolve_fleet_session(&state.db, &callback.sidecar, id)
         .await?
         .ok_or(ApiError::SessionNotFound)?;
     state
         .sessions
-        .insert(organization_id.as_str(), id, session.clone());
+        .insert(&callback.sidecar, id, session.clone());
     Ok(session)
 }
 

@@ -13,7 +13,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{progress, sidecar, spawn_app, spawn_app_configured, unique};
+use crate::helpers::{
+    opencode_session_id, progress, sidecar, spawn_app, spawn_app_configured, unique,
+};
 
 fn prepared(sidecar: &SidecarIdentity, session_pk: Uuid, id: &str, body: &Value) -> PreparedEvent {
     let raw = serde_json::to_vec(body).unwrap();
@@ -54,8 +56,12 @@ async fn a_batch_numbers_each_session_in_order_and_settles_duplicates_reuse_and_
 -> Result<()> {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let a = app.register(&tenant, &unique("s"), &unique("ses")).await?;
-    let b = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let a = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let b = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let committed_before = unique("msg");
     let before = prepared(&tenant, a.session_pk, &committed_before, &tool("a0"));
     assert_eq!(
@@ -126,7 +132,9 @@ async fn a_batch_numbers_each_session_in_order_and_settles_duplicates_reuse_and_
 async fn an_event_postgres_refuses_fails_alone_and_the_rest_of_its_batch_commits() -> Result<()> {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let a = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let a = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     // jsonb cannot hold a NUL character: Postgres refuses the whole statement.
     let batch = [
         prepared(&tenant, a.session_pk, &unique("msg"), &tool("first")),
@@ -154,8 +162,12 @@ async fn an_event_postgres_refuses_fails_alone_and_the_rest_of_its_batch_commits
 async fn callbacks_arriving_during_a_commit_are_committed_together() -> Result<()> {
     let app = spawn_app_configured(|config| config.commit_concurrency = 1).await?;
     let tenant = sidecar(&unique("org"));
-    let held = app.register(&tenant, &unique("s"), &unique("ses")).await?;
-    let other = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let held = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let other = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
 
     // Hold the first session's row so the only commit slot stays busy with its callback.
     let mut lock = app.db.begin().await?;

@@ -5,14 +5,16 @@ use nubabel_store::streams::{RedisSettings, RedisStore};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{now, progress, sidecar, spawn_app, unique};
+use crate::helpers::{now, opencode_session_id, progress, sidecar, spawn_app, unique};
 
 #[tokio::test]
 async fn a_state_update_is_committed_to_postgres_and_kept_hot_in_redis() -> Result<()> {
     let app = spawn_app().await?;
     let org = unique("org");
     let sidecar = sidecar(&org);
-    let mapping = app.register(&sidecar, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&sidecar, &unique("s"), &opencode_session_id())
+        .await?;
 
     let response = app
         .callback(
@@ -45,7 +47,9 @@ async fn a_progress_event_addressed_by_the_opencode_session_id_is_committed_with
 -> Result<()> {
     let app = spawn_app().await?;
     let sidecar = sidecar(&unique("org"));
-    let mapping = app.register(&sidecar, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&sidecar, &unique("s"), &opencode_session_id())
+        .await?;
 
     for (i, expected) in [(0, 1), (1, 2)] {
         let response = app
@@ -77,7 +81,9 @@ async fn a_progress_event_addressed_by_the_opencode_session_id_is_committed_with
 async fn a_repeated_delivery_is_answered_as_success_and_applied_once() -> Result<()> {
     let app = spawn_app().await?;
     let sidecar = sidecar(&unique("org"));
-    let mapping = app.register(&sidecar, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&sidecar, &unique("s"), &opencode_session_id())
+        .await?;
     let id = unique("msg");
     let body = serde_json::to_vec(&progress(7))?;
     let path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
@@ -126,7 +132,9 @@ async fn concurrent_events_of_one_session_are_numbered_without_gaps_and_counted_
 {
     let app = spawn_app().await?;
     let sidecar = sidecar(&unique("org"));
-    let mapping = app.register(&sidecar, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&sidecar, &unique("s"), &opencode_session_id())
+        .await?;
     let path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
 
     // 40 distinct events, each delivered twice at once: every pair races on the event id and
@@ -178,7 +186,9 @@ async fn concurrent_events_of_one_session_are_numbered_without_gaps_and_counted_
 async fn an_event_id_reused_for_another_body_is_refused_and_changes_nothing() -> Result<()> {
     let app = spawn_app().await?;
     let sidecar = sidecar(&unique("org"));
-    let mapping = app.register(&sidecar, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&sidecar, &unique("s"), &opencode_session_id())
+        .await?;
     let id = unique("msg");
     let first = app
         .callback(&sidecar, &mapping.session_id, "progress", &id, &progress(1))
@@ -204,7 +214,10 @@ async fn no_tenant_can_touch_another_tenants_sessions() -> Result<()> {
     let tenants: Vec<_> = (0..2).map(|_| sidecar(&unique("org"))).collect();
     let mut sessions = Vec::new();
     for tenant in &tenants {
-        sessions.push(app.register(tenant, &unique("s"), &unique("ses")).await?);
+        sessions.push(
+            app.register(tenant, &unique("s"), &opencode_session_id())
+                .await?,
+        );
     }
 
     for (caller_index, caller) in tenants.iter().enumerate() {
@@ -256,7 +269,9 @@ async fn no_tenant_can_touch_another_tenants_sessions() -> Result<()> {
 async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
     let body = serde_json::to_vec(&progress(0))?;
 
@@ -350,7 +365,9 @@ async fn an_unregistered_session_is_404_and_nothing_is_created() -> Result<()> {
 async fn malformed_incomplete_or_oversized_bodies_are_refused_and_write_nothing() -> Result<()> {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let progress_path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
     let update_path = format!("/api/sidecar/sessions/{}/update", mapping.session_id);
 
@@ -436,7 +453,9 @@ async fn malformed_incomplete_or_oversized_bodies_are_refused_and_write_nothing(
 async fn an_endless_body_is_cut_off_with_413_before_it_is_read_whole() -> Result<()> {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     // Chunked with no length: the server must stop at its limit, because the body never ends.
     let chunks = futures::stream::repeat_with(|| {
         Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 4096]))

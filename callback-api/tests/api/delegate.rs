@@ -149,10 +149,14 @@ async fn bad_bodies_are_refused_naming_the_field() -> Result<()> {
     list_context["context"] = json!([1, 2]);
     let mut numeric_skills = body(&org);
     numeric_skills["load_skills"] = json!([1]);
+    // OpenCode's id space: a caller naming another conversation's `ses_` id is refused.
+    let mut opencode_id = body(&org);
+    opencode_id["session_id"] = json!("ses_4b1f0c");
     for (body, field) in [
         (no_prompt, "prompt"),
         (list_context, "context"),
         (numeric_skills, "load_skills[0]"),
+        (opencode_id, "session_id"),
     ] {
         let (status, answer) = delegate(&app, Some(&token.token), "?wait=false", &body).await?;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");

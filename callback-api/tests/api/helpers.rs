@@ -159,6 +159,11 @@ pub fn now() -> i64 {
     nubabel_callback_api::auth::unix_now()
 }
 
+/// A unique OpenCode session id (`ses_...`), as OpenCode makes them.
+pub fn opencode_session_id() -> String {
+    format!("ses_{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Unique ids per test, so tests sharing Redis never share keys.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
 
-use crate::helpers::{progress, sidecar, spawn_app_configured, unique};
+use crate::helpers::{opencode_session_id, progress, sidecar, spawn_app_configured, unique};
 
 async fn assert_limited(response: Response, what: &str) -> Result<()> {
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -30,8 +30,12 @@ async fn a_tenant_past_its_callbacks_in_flight_gets_429_and_nothing_is_written()
     let app = spawn_app_configured(|config| config.callback_tenant_concurrency = 2).await?;
     let busy = sidecar(&unique("org"));
     let calm = sidecar(&unique("org"));
-    let held = app.register(&busy, &unique("s"), &unique("ses")).await?;
-    let other = app.register(&calm, &unique("s"), &unique("ses")).await?;
+    let held = app
+        .register(&busy, &unique("s"), &opencode_session_id())
+        .await?;
+    let other = app
+        .register(&calm, &unique("s"), &opencode_session_id())
+        .await?;
 
     // Hold the session's row so the tenant's first two callbacks stay in flight.
     let mut lock = app.db.begin().await?;
@@ -100,8 +104,12 @@ async fn a_tenant_past_its_open_streams_gets_429_until_it_closes_one() -> Result
     let tenant = sidecar(&org);
     let other_org = unique("org");
     let other = sidecar(&other_org);
-    let session = app.register(&tenant, &unique("s"), &unique("ses")).await?;
-    let other_session = app.register(&other, &unique("s"), &unique("ses")).await?;
+    let session = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let other_session = app
+        .register(&other, &unique("s"), &opencode_session_id())
+        .await?;
     let token = app.stream_token(&org, None);
 
     let first = app.open_stream(&session.session_id, &token, None).await?;

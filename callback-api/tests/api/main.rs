@@ -18,6 +18,7 @@ mod mirror;
 mod oauth;
 mod openapi;
 mod resilience;
+mod session_scope;
 mod slack;
 mod stream;
 mod vault;

@@ -17,7 +17,7 @@ use nubabel_store::{
 };
 use serde_json::json;
 
-use crate::helpers::{sidecar, spawn_app, unique};
+use crate::helpers::{opencode_session_id, sidecar, spawn_app, unique};
 
 #[derive(Clone, Default)]
 struct Recorder(Arc<Mutex<Vec<(Instant, TaskRef, TaskProgress)>>>);
@@ -37,7 +37,9 @@ async fn a_burst_of_progress_becomes_one_write_per_interval_with_the_newest_summ
 {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let task = mapping.task.clone().expect("task");
     let recorder = Recorder::default();
     let mirror = StatusMirror::start(
@@ -101,7 +103,9 @@ async fn a_burst_of_progress_becomes_one_write_per_interval_with_the_newest_summ
 async fn a_new_task_on_the_same_session_starts_its_summary_from_zero() -> Result<()> {
     let app = spawn_app().await?;
     let tenant = sidecar(&unique("org"));
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let response = app
         .callback(
             &tenant,

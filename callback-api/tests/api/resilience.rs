@@ -7,7 +7,7 @@ use nubabel_e2e::{PrivatePostgres, PrivateRedis, fresh_database};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{SseReader, progress, sidecar, spawn_app_on, unique};
+use crate::helpers::{SseReader, opencode_session_id, progress, sidecar, spawn_app_on, unique};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -21,7 +21,7 @@ async fn stopping_redis_mid_stream_loses_no_acknowledged_event() -> Result<()> {
     let org = unique("org");
     let tenant = sidecar(&org);
     let mapping = replica_a
-        .register(&tenant, &unique("s"), &unique("ses"))
+        .register(&tenant, &unique("s"), &opencode_session_id())
         .await?;
     let token = replica_b.stream_token(&org, None);
     let mut reader = SseReader::new(
@@ -115,7 +115,9 @@ async fn with_postgres_down_callbacks_get_503_with_retry_after_and_succeed_on_re
         .await?;
     let app = spawn_app_on(&database_url, &nubabel_e2e::test_redis_url().await?).await?;
     let tenant = sidecar(&unique("org"));
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let id = unique("msg");
     let body = progress(0);
 

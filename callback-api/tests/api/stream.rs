@@ -7,7 +7,9 @@ use nubabel_store::streams::stream_key;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{SseReader, progress, sidecar, spawn_app, spawn_app_on, unique};
+use crate::helpers::{
+    SseReader, opencode_session_id, progress, sidecar, spawn_app, spawn_app_on, unique,
+};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -16,7 +18,9 @@ async fn a_reader_gets_each_event_live_with_its_sequence_as_id_and_keep_alives()
     let app = spawn_app().await?;
     let org = unique("org");
     let tenant = sidecar(&org);
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let response = app
         .open_stream(&mapping.session_id, &app.stream_token(&org, None), None)
         .await?;
@@ -74,7 +78,9 @@ async fn a_reader_that_reconnects_gets_exactly_what_it_missed_in_order_then_live
     let app = spawn_app().await?;
     let org = unique("org");
     let tenant = sidecar(&org);
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let token = app.stream_token(&org, None);
     for i in 0..5 {
         app.callback(
@@ -133,7 +139,9 @@ async fn a_resume_older_than_the_redis_stream_replays_from_postgres() -> Result<
     let app = spawn_app().await?;
     let org = unique("org");
     let tenant = sidecar(&org);
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     for i in 0..20 {
         app.callback(
             &tenant,
@@ -174,8 +182,12 @@ async fn readers_need_a_valid_token_for_the_sessions_tenant() -> Result<()> {
     let app = spawn_app().await?;
     let org = unique("org");
     let tenant = sidecar(&org);
-    let mapping = app.register(&tenant, &unique("s"), &unique("ses")).await?;
-    let other = app.register(&tenant, &unique("s"), &unique("ses")).await?;
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let other = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
     let url = format!(
         "{}/api/sidecar/sessions/{}/stream",
         app.address, mapping.session_id
@@ -255,7 +267,7 @@ async fn a_reader_on_one_replica_sees_events_posted_to_another_within_millisecon
     let org = unique("org");
     let tenant = sidecar(&org);
     let mapping = replica_a
-        .register(&tenant, &unique("s"), &unique("ses"))
+        .register(&tenant, &unique("s"), &opencode_session_id())
         .await?;
     let mut reader = SseReader::new(
         replica_b

@@ -94,6 +94,7 @@ async fn demo() -> Result<()> {
         namespace.name()
     );
     let system = System::start(&env, &namespace).await?;
+    system.bind_organization("org-acme").await?;
 
     let mut sidecar = system.sidecar_manifest("acme", "org-acme", 1)?;
     match choose_llm(|name| std::env::var(name).ok()) {

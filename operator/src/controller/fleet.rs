@@ -42,6 +42,9 @@ pub const MCP_SERVER_NAME: &str = "nubabel";
 /// Milliseconds OpenCode waits for an MCP request to the gateway (its default is 5 s, shorter
 /// than an upstream call may take; the gateway answers within its 30 s request timeout).
 pub const MCP_TIMEOUT_MS: u64 = 30_000;
+/// Annotation on a Namespace, set by a cluster admin, listing the organizations (comma
+/// separated) whose fleets may run there. Without it a fleet gets no keys.
+pub const NAMESPACE_ORGANIZATIONS_ANNOTATION: &str = "nubabel.io/organizations";
 /// Annotation on the Secret recording the organization the fleet was created for.
 pub const ORGANIZATION_ANNOTATION: &str = "nubabel.io/organization-id";
 /// Pod-template annotation whose change rolls the pods when the configuration changes.

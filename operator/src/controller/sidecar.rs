@@ -63,6 +63,8 @@ pub struct Settings {
     pub operator_pod_labels: Labels,
     /// The master key sidecar signing keys are derived from.
     pub master_key: MasterKey,
+    /// Whether a fleet's namespace must be bound to its organization.
+    pub require_namespace_binding: bool,
 }
 
 impl Settings {
@@ -77,6 +79,7 @@ impl Settings {
             operator_namespace_labels: config.operator_namespace_selector(),
             operator_pod_labels: config.operator_pod_labels.clone(),
             master_key: MasterKey::new(config.signing_master_key.expose_secret().as_bytes())?,
+            require_namespace_binding: config.require_namespace_binding,
         })
     }
 }
@@ -163,13 +166,25 @@ impl Error {
         }
     }
 
-    /// Whether only a change to the object can help (so retrying is pointless).
-    pub fn needs_spec_change(&self) -> bool {
+    /// Whether the object cannot run as it stands: its status says what to change and no
+    /// child is touched.
+    pub fn is_refusal(&self) -> bool {
         match self {
             Self::InvalidObject(_) | Self::Validate(_) => true,
             Self::Apply(error) => error.is_rejection(),
             _ => false,
         }
+    }
+
+    /// Whether only a change to the object can help (so retrying is pointless). A namespace
+    /// not bound yet is retried with backoff: the binding lives on the Namespace, which is
+    /// not watched.
+    pub fn needs_spec_change(&self) -> bool {
+        self.is_refusal()
+            && !matches!(
+                self,
+                Self::Validate(validate::Error::NamespaceNotBound { .. })
+            )
     }
 
     /// The message for users: the error and its causes, without Debug noise.
@@ -247,8 +262,16 @@ async fn reconcile(sidecar: &OpencodeSidecar, ctx: &Context) -> Result<Action, E
     let name = sidecar.name_any();
     let client = &ctx.client;
 
-    let observed =
-        dereference::observe(&Api::namespaced(client.clone(), &namespace), &name).await?;
+    let namespaces = Api::all(client.clone());
+    let observed = dereference::observe(
+        ctx.settings
+            .require_namespace_binding
+            .then_some(&namespaces),
+        &namespace,
+        &Api::namespaced(client.clone(), &namespace),
+        &name,
+    )
+    .await?;
     let valid = validate::validate(sidecar, &observed, &ctx.settings)?;
     let provisioning = observed.password.is_none();
     let material = SecretMaterial {
@@ -321,7 +344,7 @@ async fn reconcile(sidecar: &OpencodeSidecar, ctx: &Context) -> Result<Action, E
 async fn report_failure(object: &Guarded, error: &Error, ctx: &Context) {
     ctx.metrics.reconcile_failed(error.category());
     let message = error.message();
-    if error.needs_spec_change() {
+    if error.is_refusal() {
         tracing::info!(reason = error.reason(), %message, "the spec needs a change");
     } else {
         tracing::warn!(category = error.category(), %message, "reconcile failed");
@@ -341,7 +364,7 @@ async fn report_failure(object: &Guarded, error: &Error, ctx: &Context) {
     let Some(namespace) = sidecar.namespace() else {
         return;
     };
-    let next = if error.needs_spec_change() {
+    let next = if error.is_refusal() {
         let detail = match error {
             Error::Apply(apply_error) => apply_error.api_message().unwrap_or(&message).to_owned(),
             _ => message,
@@ -451,6 +474,7 @@ pub(crate) mod test_support {
             .into(),
             operator_pod_labels: [("app".to_owned(), "operator".to_owned())].into(),
             master_key: MasterKey::new(&[7; 32]).unwrap(),
+            require_namespace_binding: false,
         }
     }
 
@@ -509,6 +533,17 @@ mod tests {
         let transient = Error::ListPods(kube::Error::LinesCodecMaxLineLengthExceeded);
         assert!(!transient.needs_spec_change());
         assert_eq!(transient.category(), "ListPods");
+    }
+
+    #[test]
+    fn an_unbound_namespace_is_reported_as_a_refusal_but_retried_for_its_binding() {
+        let error = Error::Validate(validate::Error::NamespaceNotBound {
+            namespace: "team-a".to_owned(),
+            organization: "org-a".to_owned(),
+        });
+        assert!(error.is_refusal());
+        assert!(!error.needs_spec_change());
+        assert_eq!(error.reason(), "NamespaceNotBound");
     }
 
     #[test]

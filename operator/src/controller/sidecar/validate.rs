@@ -49,6 +49,18 @@ pub enum Error {
         /// The organization the spec asks for now.
         requested: String,
     },
+    /// No cluster admin bound the namespace to the organization.
+    #[error(
+        "namespace {namespace} is not bound to organization {organization:?}, so the fleet gets \
+         no keys: a cluster admin binds it with `kubectl annotate namespace {namespace} \
+         nubabel.io/organizations={organization}` (a comma-separated list for several)"
+    )]
+    NamespaceNotBound {
+        /// The fleet's namespace.
+        namespace: String,
+        /// The organization the spec names.
+        organization: String,
+    },
     /// A model is not `<provider>/<model>`.
     #[error(
         "spec.{field} must be <provider>/<model>, e.g. anthropic/claude-sonnet-4-5; got {value:?}"
@@ -103,6 +115,7 @@ impl Error {
             Self::InvalidName(_) => "InvalidName",
             Self::InvalidOrganization(_) => "InvalidOrganization",
             Self::OrganizationChanged { .. } => "OrganizationChanged",
+            Self::NamespaceNotBound { .. } => "NamespaceNotBound",
             Self::InvalidModel { .. } => "InvalidModel",
             Self::InvalidProvider(_) => "InvalidProvider",
             Self::InvalidPlugin(_) => "InvalidPlugin",
@@ -187,6 +200,12 @@ pub const BRIDGE_DEFAULTS: Defaults = &[("cpu", "10m", "200m"), ("memory", "32Mi
 /// The init container only creates directories.
 pub const PREPARE_DEFAULTS: Defaults = &[("cpu", "10m", "100m"), ("memory", "16Mi", "64Mi")];
 
+/// Whether a namespace's organizations annotation (comma separated, blanks ignored) names
+/// `organization`.
+pub fn binds(annotation: Option<&str>, organization: &str) -> bool {
+    annotation.is_some_and(|list| list.split(',').any(|entry| entry.trim() == organization))
+}
+
 /// Validates `sidecar` against what was observed of its children.
 pub fn validate(
     sidecar: &OpencodeSidecar,
@@ -213,6 +232,17 @@ pub fn validate(
         return Err(Error::OrganizationChanged {
             recorded: recorded.clone(),
             requested: spec.organization_id.clone(),
+        });
+    }
+    if settings.require_namespace_binding
+        && !binds(
+            observed.namespace_organizations.as_deref(),
+            &spec.organization_id,
+        )
+    {
+        return Err(Error::NamespaceNotBound {
+            namespace: namespace.clone(),
+            organization: spec.organization_id.clone(),
         });
     }
 
@@ -523,6 +553,35 @@ mod tests {
         assert_eq!(quantity(&v.resources.opencode.limits, "memory"), "1536Mi");
         assert_eq!(quantity(&v.resources.bridge.limits, "cpu"), "200m");
         assert_eq!(v.organization_label, "org-a");
+    }
+
+    #[test]
+    fn a_fleet_runs_only_where_its_namespace_is_bound_to_its_organization() {
+        let required = Settings {
+            require_namespace_binding: true,
+            ..settings()
+        };
+        let spec = serde_json::json!({"organizationId": "org-a", "model": "a/b"});
+        let bound_to = |annotation: Option<&str>| {
+            let observed = Observed {
+                namespace_organizations: annotation.map(str::to_owned),
+                ..Observed::default()
+            };
+            validate(&sidecar(spec.clone()), &observed, &required)
+        };
+        assert!(bound_to(Some("org-a")).is_ok());
+        assert!(bound_to(Some("org-z, org-a ,")).is_ok());
+        for refused in [None, Some(""), Some("org-b"), Some("org-a-x"), Some("org")] {
+            let error = bound_to(refused).unwrap_err();
+            assert_eq!(error.reason(), "NamespaceNotBound", "{refused:?}");
+            let message = error.to_string();
+            assert!(
+                message.contains("team-a") && message.contains("nubabel.io/organizations=org-a"),
+                "{message}"
+            );
+        }
+        // Where binding is not required, the annotation is not consulted.
+        assert!(validate(&sidecar(spec), &Observed::default(), &settings()).is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use jiff::Timestamp;
 use nubabel_crds::conditions::types;
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
 use nubabel_opencode::{MessageWithParts, Role};
+use nubabel_store::sessions::validate_nubabel_session_id;
 
 /// Sessions one pod works on at once when the sidecar does not say.
 pub const DEFAULT_MAX_SESSIONS_PER_POD: i32 = 4;
@@ -25,6 +26,8 @@ pub const QUEUED_RECHECK: Duration = Duration::from_secs(10);
 
 /// Reasons of the conditions and events of a task.
 pub mod reasons {
+    /// `spec.sessionId` cannot name a Nubabel session.
+    pub const INVALID_SESSION_ID: &str = "InvalidSessionId";
     /// The task names a sidecar that does not exist, or no sidecar serves its organization.
     pub const SIDECAR_NOT_FOUND: &str = "SidecarNotFound";
     /// The named sidecar serves another organization.
@@ -299,6 +302,15 @@ pub fn plan(observed: &Observed<'_>) -> Step {
     }
 
     // Not dispatched yet (or interrupted while dispatching).
+    if let Some(session_id) = &task.spec.session_id
+        && let Err(invalid) = validate_nubabel_session_id("spec.sessionId", session_id)
+    {
+        return Step::Finish {
+            phase: TaskPhase::Failed,
+            reason: reasons::INVALID_SESSION_ID,
+            message: invalid.to_string(),
+        };
+    }
     let sidecar = match observed.sidecar {
         Resolved::Sidecar(sidecar) => sidecar,
         Resolved::NotFound => {
@@ -886,6 +898,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_session_id_in_opencodes_id_space_fails_the_task_before_dispatch() {
+        let (mut task, fleet) = (task(), sidecar("org-a"));
+        task.spec.session_id = Some("ses_3f2a".to_owned());
+        let pods = [pod("fleet-0", true, 0)];
+        match plan(&observe(&task, &fleet, &pods)) {
+            Step::Finish {
+                phase: TaskPhase::Failed,
+                reason,
+                message,
+            } => {
+                assert_eq!(reason, reasons::INVALID_SESSION_ID);
+                assert!(message.contains("spec.sessionId"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]
