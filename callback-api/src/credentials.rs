@@ -8,6 +8,9 @@
 //! first, so a waiter finds the token its predecessor stored and uses it. The new access token
 //! and a rotated refresh token are sealed and stored in one update. `invalid_grant` marks the
 //! connection as needing re-authorization.
+//!
+//! The token endpoint gets the refresh token and client secret in the form body, so it must
+//! answer directly (no redirect is followed), and its answer is read up to a cap.
 
 use std::{
     collections::HashMap,

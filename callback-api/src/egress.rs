@@ -39,6 +39,10 @@ use reqwest::{
 };
 use url::{Host, Url};
 
+/// Whether two URLs have the same origin (scheme, host and port): the unit stored secrets are
+/// bound to, and so the one redirects may not leave.
+pub use nubabel_store::connections::same_origin;
+
 /// Most redirects followed.
 const MAX_REDIRECTS: usize = 5;
 
@@ -265,10 +269,6 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// Whether two URLs have the same origin: scheme, host and port. Stored secrets are bound to
-/// that unit, so redirects use the same rule.
-pub use nubabel_store::connections::same_origin;
-
 /// `scheme://host[:port]` of a URL: what messages show of it (its path or query may hold a
 /// key).
 fn shown(url: &Url) -> String {
@@ -421,8 +421,10 @@ impl Resolve for GuardedResolver {
 /// The SSRF-safe outbound client, shared by the MCP gateway and the OAuth refresh.
 #[derive(Debug, Clone)]
 pub struct Egress {
-    same_origin: reqwest::Client,
-    no_redirects: reqwest::Client,
+    /// Follows redirects on the request's origin.
+    follow_same_origin: reqwest::Client,
+    /// Follows none.
+    follow_none: reqwest::Client,
     rules: Arc<Rules>,
 }
 
@@ -436,8 +438,8 @@ impl Egress {
     pub fn new(allow: Allowlist) -> Result<Self, BuildError> {
         let rules = Arc::new(Rules { allow });
         Ok(Self {
-            same_origin: client(&rules, Redirects::SameOrigin)?,
-            no_redirects: client(&rules, Redirects::Refused)?,
+            follow_same_origin: client(&rules, Redirects::SameOrigin)?,
+            follow_none: client(&rules, Redirects::Refused)?,
             rules,
         })
     }
@@ -484,8 +486,8 @@ impl Egress {
     ) -> Result<RequestBuilder, EgressError> {
         self.check_url(&url)?;
         let client = match redirects {
-            Redirects::SameOrigin => &self.same_origin,
-            Redirects::Refused => &self.no_redirects,
+            Redirects::SameOrigin => &self.follow_same_origin,
+            Redirects::Refused => &self.follow_none,
         };
         Ok(client.request(method, url))
     }
