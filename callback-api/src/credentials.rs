@@ -8,6 +8,9 @@
 //! first, so a waiter finds the token its predecessor stored and uses it. The new access token
 //! and a rotated refresh token are sealed and stored in one update. `invalid_grant` marks the
 //! connection as needing re-authorization.
+//!
+//! The token endpoint gets the refresh token and client secret in the form body, so it must
+//! answer directly (no redirect is followed), and its answer is read up to a cap.
 
 use std::{
     collections::HashMap,
@@ -31,7 +34,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::egress::{self, Egress};
+use crate::egress::{self, Egress, ReadError, Redirects};
 
 /// Default time before expiry at which an access token is refreshed.
 pub const DEFAULT_REFRESH_SKEW: Duration = Duration::from_secs(60);
@@ -391,7 +394,9 @@ impl Broker {
         };
         let request = self
             .egress
-            .request(Method::POST, token_url.clone())
+            // The form carries the refresh token and client secret: a 307 would post them
+            // again to wherever the endpoint points, so no redirect is followed.
+            .request(Method::POST, token_url.clone(), Redirects::Refused)
             .map_err(|e| RefreshFailure::Other(format!("token endpoint of {provider}: {e}")))?;
         let response = request
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -414,14 +419,18 @@ impl Broker {
                 RefreshFailure::Other(format!("the token endpoint of {provider} {reason}"))
             })?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|_| {
-            RefreshFailure::Other(format!("reading the token response of {provider} failed"))
-        })?;
-        if bytes.len() > MAX_TOKEN_RESPONSE_BYTES {
-            return Err(RefreshFailure::Other(format!(
-                "the token response of {provider} is too large"
-            )));
-        }
+        let bytes = Zeroizing::new(
+            egress::read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
+                .await
+                .map_err(|error| match error {
+                    ReadError::TooLarge(max) => RefreshFailure::Other(format!(
+                        "the token response of {provider} is larger than {max} bytes"
+                    )),
+                    ReadError::Body(_) => RefreshFailure::Other(format!(
+                        "reading the token response of {provider} failed"
+                    )),
+                })?,
+        );
         let parsed: Option<TokenResponse> = serde_json::from_slice(&bytes).ok();
         if status.is_success() {
             return parsed.ok_or_else(|| {

@@ -4,6 +4,11 @@
 //! [`Connection`] carries no secret and is safe to print; secrets come out only through
 //! [`load`] (and the OAuth refresh path, which locks the row), as [`Secrets`] whose values are
 //! `SecretString`s. Plaintext JSON of the secrets lives only in zeroized buffers.
+//!
+//! Secrets are sealed to their destination as well as their owner (see
+//! [`crate::vault::connection_aad`]): every write that changes where they are sent seals them
+//! again, and moving the upstream URL to another origin needs the credentials again, since
+//! stored secrets are sent only to the origin they were given for.
 
 use std::fmt;
 
@@ -16,7 +21,7 @@ use url::Url;
 use uuid::Uuid;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::vault::{Keyring, Sealed, VaultError, connection_aad};
+use crate::vault::{AadVersion, ConnectionBinding, Keyring, Sealed, VaultError, connection_aad};
 
 /// Longest provider name; tool names are `<provider>_<tool>` and MCP caps names at 128.
 pub const MAX_PROVIDER_LEN: usize = 32;
@@ -335,7 +340,7 @@ pub struct Unsealed {
 macro_rules! columns {
     () => {
         "id, organization_id, provider, upstream_url, auth_kind, auth_header,
-    oauth_token_url, oauth_client_id, state, key_id, nonce, ciphertext,
+    oauth_token_url, oauth_client_id, state, key_id, nonce, ciphertext, aad_version,
     (extract(epoch from token_expires_at) * 1000000)::int8 as token_expires_at_us,
     (extract(epoch from created_at) * 1000000)::int8 as created_at_us,
     (extract(epoch from updated_at) * 1000000)::int8 as updated_at_us"
@@ -401,28 +406,92 @@ fn sealed_from_row(row: &PgRow) -> Result<Sealed, ConnectionError> {
     })
 }
 
+/// Whether two URLs have the same origin (scheme, host and port, a default port written out
+/// or not): the unit stored secrets may be sent within.
+pub fn same_origin(a: &Url, b: &Url) -> bool {
+    let origin = a.origin();
+    origin.is_tuple() && origin == b.origin()
+}
+
+/// Where secrets of `auth_kind` for `upstream_url` are sent, as the vault binds them.
+fn destination<'a>(upstream_url: &'a Url, auth_kind: &'a AuthKind) -> Vec<(&'a str, &'a str)> {
+    let mut fields = vec![
+        ("auth_kind", auth_kind.as_str()),
+        ("upstream_url", upstream_url.as_str()),
+    ];
+    match auth_kind {
+        AuthKind::Bearer => {}
+        AuthKind::ApiKey { header } => fields.push(("auth_header", header.as_str())),
+        AuthKind::OAuth2 {
+            token_url,
+            client_id,
+        } => {
+            fields.push(("oauth_token_url", token_url.as_str()));
+            fields.push(("oauth_client_id", client_id.as_str()));
+        }
+    }
+    fields
+}
+
+/// The associated data of the secrets of connection `id` under `version`.
+fn aad(
+    version: AadVersion,
+    organization_id: &str,
+    id: Uuid,
+    upstream_url: &Url,
+    auth_kind: &AuthKind,
+) -> Vec<u8> {
+    let connection_id = id.to_string();
+    let destination = destination(upstream_url, auth_kind);
+    connection_aad(
+        version,
+        &ConnectionBinding {
+            organization_id,
+            connection_id: &connection_id,
+            destination: &destination,
+        },
+    )
+}
+
+/// Secrets sealed for their owner and destination under the current associated data.
+struct SealedFor {
+    sealed: Sealed,
+    version: AadVersion,
+}
+
 fn seal(
     keyring: &Keyring,
     organization_id: &str,
     id: Uuid,
+    upstream_url: &Url,
+    auth_kind: &AuthKind,
     secrets: &Secrets,
-) -> Result<Sealed, ConnectionError> {
+) -> Result<SealedFor, ConnectionError> {
     let document = secrets.to_document();
     let plaintext = Zeroizing::new(
         serde_json::to_vec(&document)
             .map_err(|e| crate::Error::Corrupt(format!("encoding secrets: {e}")))?,
     );
-    Ok(keyring.seal(
-        &connection_aad(organization_id, &id.to_string()),
+    let version = AadVersion::CURRENT;
+    let sealed = keyring.seal(
+        &aad(version, organization_id, id, upstream_url, auth_kind),
         &plaintext,
-    )?)
+    )?;
+    Ok(SealedFor { sealed, version })
 }
 
 fn open(keyring: &Keyring, row: &PgRow) -> Result<Unsealed, ConnectionError> {
     let connection = connection_from_row(row)?;
     let sealed = sealed_from_row(row)?;
+    let version = AadVersion::from_i16(row.try_get("aad_version")?)?;
     let plaintext = keyring.open(
-        &connection_aad(&connection.organization_id, &connection.id.to_string()),
+        &aad(
+            version,
+            &connection.organization_id,
+            connection.id,
+            &connection.upstream_url,
+            &connection.auth_kind,
+        ),
         &sealed,
     )?;
     let document: SecretDocument = serde_json::from_slice(&plaintext)
@@ -455,14 +524,21 @@ pub async fn create(
     new.credentials.check()?;
     let id = Uuid::now_v7();
     let organization_id = new.organization_id.as_str();
-    let sealed = seal(keyring, organization_id, id, &new.credentials.secrets)?;
+    let SealedFor { sealed, version } = seal(
+        keyring,
+        organization_id,
+        id,
+        new.upstream_url,
+        &new.credentials.auth_kind,
+        &new.credentials.secrets,
+    )?;
     let (header, token_url, client_id) = auth_columns(&new.credentials.auth_kind);
     let row = sqlx::query(concat!(
         "insert into mcp_connections (id, organization_id, provider, upstream_url, auth_kind,
              auth_header, oauth_token_url, oauth_client_id, key_id, nonce, ciphertext,
-             token_expires_at)
+             token_expires_at, aad_version)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                 to_timestamp($12::float8 / 1000000))
+                 to_timestamp($12::float8 / 1000000), $13)
          returning ",
         columns!(),
         ""
@@ -479,6 +555,7 @@ pub async fn create(
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
     .bind(micros(new.credentials.token_expires_at))
+    .bind(version.as_i16())
     .fetch_one(db)
     .await
     .map_err(|e| match ConnectionError::from(e) {
@@ -569,10 +646,17 @@ pub async fn store_secrets(
     secrets: &Secrets,
     token_expires_at: Option<Timestamp>,
 ) -> Result<(), ConnectionError> {
-    let sealed = seal(keyring, &connection.organization_id, connection.id, secrets)?;
+    let SealedFor { sealed, version } = seal(
+        keyring,
+        &connection.organization_id,
+        connection.id,
+        &connection.upstream_url,
+        &connection.auth_kind,
+        secrets,
+    )?;
     sqlx::query(
         "update mcp_connections
-         set key_id = $3, nonce = $4, ciphertext = $5,
+         set key_id = $3, nonce = $4, ciphertext = $5, aad_version = $7,
              token_expires_at = to_timestamp($6::float8 / 1000000), state = 'active'
          where organization_id = $1 and id = $2",
     )
@@ -582,6 +666,7 @@ pub async fn store_secrets(
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
     .bind(micros(token_expires_at))
+    .bind(version.as_i16())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -635,25 +720,28 @@ pub async fn update(
         return Ok(None);
     };
     let current = connection_from_row(&row)?;
-    if let Some(url) = change.upstream_url {
-        sqlx::query("update mcp_connections set upstream_url = $2 where id = $1")
-            .bind(current.id)
-            .bind(url.as_str())
-            .execute(&mut *tx)
-            .await?;
-    }
+    let upstream_url = change.upstream_url.unwrap_or(&current.upstream_url);
     if let Some(credentials) = change.credentials {
         credentials.check()?;
-        let sealed = seal(keyring, organization_id, current.id, &credentials.secrets)?;
+        let SealedFor { sealed, version } = seal(
+            keyring,
+            organization_id,
+            current.id,
+            upstream_url,
+            &credentials.auth_kind,
+            &credentials.secrets,
+        )?;
         let (header, token_url, client_id) = auth_columns(&credentials.auth_kind);
         sqlx::query(
             "update mcp_connections
-             set auth_kind = $2, auth_header = $3, oauth_token_url = $4, oauth_client_id = $5,
-                 key_id = $6, nonce = $7, ciphertext = $8,
-                 token_expires_at = to_timestamp($9::float8 / 1000000), state = 'active'
+             set upstream_url = $2, auth_kind = $3, auth_header = $4, oauth_token_url = $5,
+                 oauth_client_id = $6, key_id = $7, nonce = $8, ciphertext = $9,
+                 aad_version = $10, token_expires_at = to_timestamp($11::float8 / 1000000),
+                 state = 'active'
              where id = $1",
         )
         .bind(current.id)
+        .bind(upstream_url.as_str())
         .bind(credentials.auth_kind.as_str())
         .bind(header)
         .bind(token_url)
@@ -661,7 +749,46 @@ pub async fn update(
         .bind(&sealed.key_id)
         .bind(&sealed.nonce)
         .bind(&sealed.ciphertext)
+        .bind(version.as_i16())
         .bind(micros(credentials.token_expires_at))
+        .execute(&mut *tx)
+        .await?;
+    } else if *upstream_url != current.upstream_url {
+        // The stored secrets move with the URL only within their origin; sealed again, for
+        // the new URL.
+        if !same_origin(upstream_url, &current.upstream_url) {
+            return Err(ConnectionError::Invalid {
+                field: "auth",
+                reason: "required when upstreamUrl moves to another origin (scheme, host or \
+                         port): stored secrets are sent only to the origin they were given for"
+                    .to_owned(),
+            });
+        }
+        let unsealed = open(keyring, &row).map_err(|_| ConnectionError::Invalid {
+            field: "auth",
+            reason: "required: the stored secrets cannot be decrypted with the configured \
+                     keys, so they cannot be sealed for the new upstreamUrl"
+                .to_owned(),
+        })?;
+        let SealedFor { sealed, version } = seal(
+            keyring,
+            organization_id,
+            current.id,
+            upstream_url,
+            &current.auth_kind,
+            &unsealed.secrets,
+        )?;
+        sqlx::query(
+            "update mcp_connections
+             set upstream_url = $2, key_id = $3, nonce = $4, ciphertext = $5, aad_version = $6
+             where id = $1",
+        )
+        .bind(current.id)
+        .bind(upstream_url.as_str())
+        .bind(&sealed.key_id)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(version.as_i16())
         .execute(&mut *tx)
         .await?;
     }
@@ -695,7 +822,8 @@ pub async fn delete(
 /// Rows sealed under a key other than the current one, re-encrypted per batch.
 const REENCRYPT_BATCH: i64 = 100;
 
-/// Re-encrypts every row sealed with an older key under the current key; returns how many.
+/// Re-encrypts every row sealed with an older key or an older associated-data version under
+/// the current key and version; returns how many.
 ///
 /// Rows locked by a concurrent refresh are skipped in that batch and picked up by the next
 /// (the refresh re-seals them under the current key anyway). A row that no key opens is left
@@ -710,12 +838,13 @@ pub async fn reencrypt_stale(db: &PgPool, keyring: &Keyring) -> Result<u64, Conn
             "select ",
             columns!(),
             " from mcp_connections
-             where key_id <> $1 and not (id = any($2))
+             where (key_id <> $1 or aad_version <> $4) and not (id = any($2))
              order by id limit $3 for update skip locked"
         ))
         .bind(&current)
         .bind(&failed)
         .bind(REENCRYPT_BATCH)
+        .bind(AadVersion::CURRENT.as_i16())
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {

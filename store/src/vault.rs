@@ -1,8 +1,11 @@
 //! The credential vault: AES-256-GCM with a keyring of named master keys.
 //!
-//! Every encryption draws a fresh random 96-bit nonce and binds the ciphertext to its owner
-//! through the associated data (`nubabel/connection/v1|<organization>|<connection id>`), so a
-//! ciphertext copied into another tenant's row (or another connection's) fails to decrypt.
+//! Every encryption draws a fresh random 96-bit nonce and binds the ciphertext through the
+//! associated data to its owner and to where it is sent ([`connection_aad`], version 2:
+//! organization, connection id, and the destination fields), so a ciphertext copied into
+//! another tenant's row, another connection's, or a row whose upstream URL, header or token
+//! URL was changed fails to decrypt. Version 1 (organization and connection id only) still
+//! opens the rows sealed before version 2; they are re-sealed as version 2.
 //! Each sealed value records the id of the key that sealed it; the keyring's first key seals,
 //! every key opens, so master keys rotate without downtime: add the new key in front, let rows
 //! be re-encrypted, then drop the old key.
@@ -49,6 +52,9 @@ pub enum VaultError {
     /// Encryption failed (a plaintext too large for GCM).
     #[error("encryption failed")]
     Encrypt,
+    /// The row names an associated-data version this build does not know.
+    #[error("the stored secret has an unknown associated-data version {0}")]
+    UnknownAadVersion(i16),
 }
 
 /// One named master key.
@@ -90,9 +96,75 @@ impl fmt::Debug for Sealed {
     }
 }
 
-/// The associated data of a connection's secrets: binds a ciphertext to its tenant and row.
-pub fn connection_aad(organization_id: &str, connection_id: &str) -> Vec<u8> {
-    format!("nubabel/connection/v1|{organization_id}|{connection_id}").into_bytes()
+/// Which associated data a connection's secrets are sealed with; stored beside the
+/// ciphertext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AadVersion {
+    /// `nubabel/connection/v1|<organization>|<connection id>`: the owner only.
+    V1 = 1,
+    /// The owner and the destination, length-prefixed (see [`connection_aad`]).
+    V2 = 2,
+}
+
+impl AadVersion {
+    /// The version new values are sealed with.
+    pub const CURRENT: Self = Self::V2;
+
+    /// The stored number.
+    pub fn as_i16(self) -> i16 {
+        self as i16
+    }
+
+    /// The version a stored number names.
+    pub fn from_i16(value: i16) -> Result<Self, VaultError> {
+        match value {
+            1 => Ok(Self::V1),
+            2 => Ok(Self::V2),
+            other => Err(VaultError::UnknownAadVersion(other)),
+        }
+    }
+}
+
+/// Whose a connection's secrets are and where they may be sent: what they are bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionBinding<'a> {
+    /// The tenant.
+    pub organization_id: &'a str,
+    /// The connection's row id.
+    pub connection_id: &'a str,
+    /// Where the secrets go, as (field, value) pairs in a fixed order: the auth kind, the
+    /// upstream URL, the API key header, the token URL and client id.
+    pub destination: &'a [(&'a str, &'a str)],
+}
+
+/// The associated data of a connection's secrets under `version`.
+///
+/// Version 2 is `nubabel/connection/v2` followed by every field as a 4-byte big-endian
+/// length and its bytes (organization, connection id, then each destination name and
+/// value), so no value can be read as part of another, whatever characters it holds.
+pub fn connection_aad(version: AadVersion, binding: &ConnectionBinding<'_>) -> Vec<u8> {
+    let ConnectionBinding {
+        organization_id,
+        connection_id,
+        destination,
+    } = binding;
+    match version {
+        AadVersion::V1 => {
+            format!("nubabel/connection/v1|{organization_id}|{connection_id}").into_bytes()
+        }
+        AadVersion::V2 => {
+            let mut aad = b"nubabel/connection/v2".to_vec();
+            let fields = [*organization_id, *connection_id]
+                .into_iter()
+                .chain(destination.iter().flat_map(|(name, value)| [*name, *value]));
+            for field in fields {
+                let length = u32::try_from(field.len()).unwrap_or(u32::MAX);
+                aad.extend_from_slice(&length.to_be_bytes());
+                aad.extend_from_slice(field.as_bytes());
+            }
+            aad
+        }
+    }
 }
 
 impl Keyring {
@@ -219,20 +291,91 @@ mod tests {
         format!("{id}={}", BASE64.encode([byte; KEY_BYTES]))
     }
 
+    fn owner<'a>(
+        organization_id: &'a str,
+        connection_id: &'a str,
+        destination: &'a [(&'a str, &'a str)],
+    ) -> ConnectionBinding<'a> {
+        ConnectionBinding {
+            organization_id,
+            connection_id,
+            destination,
+        }
+    }
+
+    const UPSTREAM: &[(&str, &str)] = &[
+        ("auth_kind", "api_key"),
+        ("upstream_url", "https://mcp.example.com/mcp"),
+        ("auth_header", "x-api-key"),
+    ];
+
     #[test]
     fn a_sealed_value_opens_with_the_same_associated_data_only() {
         let ring = Keyring::parse(&spec("k1", 1)).unwrap();
-        let aad = connection_aad("org-a", "c1");
+        let aad = connection_aad(AadVersion::V2, &owner("org-a", "c1", UPSTREAM));
         let sealed = ring.seal(&aad, b"secret-token").unwrap();
         assert_eq!(sealed.key_id, "k1");
         assert_eq!(&*ring.open(&aad, &sealed).unwrap(), b"secret-token");
+        for other in [
+            owner("org-b", "c1", UPSTREAM),
+            owner("org-a", "c2", UPSTREAM),
+        ] {
+            assert_eq!(
+                ring.open(&connection_aad(AadVersion::V2, &other), &sealed),
+                Err(VaultError::Decrypt)
+            );
+        }
+        // Sealed under version 2, it does not open as version 1 of the same owner.
         assert_eq!(
-            ring.open(&connection_aad("org-b", "c1"), &sealed),
+            ring.open(
+                &connection_aad(AadVersion::V1, &owner("org-a", "c1", UPSTREAM)),
+                &sealed
+            ),
             Err(VaultError::Decrypt)
         );
+    }
+
+    #[test]
+    fn version_2_binds_the_destination_and_version_1_does_not() {
+        let ring = Keyring::parse(&spec("k1", 1)).unwrap();
+        let moved: &[(&str, &str)] = &[
+            ("auth_kind", "api_key"),
+            ("upstream_url", "https://attacker.example/mcp"),
+            ("auth_header", "x-api-key"),
+        ];
+        let renamed: &[(&str, &str)] = &[
+            ("auth_kind", "api_key"),
+            ("upstream_url", "https://mcp.example.com/mcp"),
+            ("auth_header", "x-other"),
+        ];
+        let v2 = |destination| connection_aad(AadVersion::V2, &owner("org-a", "c1", destination));
+        let sealed = ring.seal(&v2(UPSTREAM), b"key").unwrap();
+        assert_eq!(ring.open(&v2(moved), &sealed), Err(VaultError::Decrypt));
+        assert_eq!(ring.open(&v2(renamed), &sealed), Err(VaultError::Decrypt));
+        let v1 = |destination| connection_aad(AadVersion::V1, &owner("org-a", "c1", destination));
+        assert_eq!(v1(UPSTREAM), b"nubabel/connection/v1|org-a|c1");
+        assert_eq!(v1(UPSTREAM), v1(moved));
+    }
+
+    #[test]
+    fn version_2_fields_cannot_run_into_each_other() {
+        let a = connection_aad(AadVersion::V2, &owner("org|a", "c1", &[]));
+        let b = connection_aad(AadVersion::V2, &owner("org", "a|c1", &[]));
+        assert_ne!(a, b);
+        let c = connection_aad(AadVersion::V2, &owner("o", "c", &[("url", "xy")]));
+        let d = connection_aad(AadVersion::V2, &owner("o", "c", &[("urlx", "y")]));
+        assert_ne!(c, d);
+    }
+
+    #[test]
+    fn aad_versions_round_trip_and_unknown_ones_are_refused() {
+        for version in [AadVersion::V1, AadVersion::V2] {
+            assert_eq!(AadVersion::from_i16(version.as_i16()), Ok(version));
+        }
+        assert_eq!(AadVersion::CURRENT, AadVersion::V2);
         assert_eq!(
-            ring.open(&connection_aad("org-a", "c2"), &sealed),
-            Err(VaultError::Decrypt)
+            AadVersion::from_i16(3),
+            Err(VaultError::UnknownAadVersion(3))
         );
     }
 

@@ -2,6 +2,10 @@
 //! `initialize`, `notifications/initialized`, then requests, each answered with JSON or an
 //! SSE stream; `Mcp-Session-Id` kept when the server assigns one, and the session closed with
 //! `DELETE` when done.
+//!
+//! Redirects are followed on the upstream's own origin only: a redirect to another origin
+//! fails the request, so the credential header (whatever its name) never leaves the origin
+//! the connection names.
 
 use futures::StreamExt;
 use reqwest::{Method, StatusCode, header};
@@ -9,7 +13,10 @@ use serde_json::{Value, json};
 use url::Url;
 
 use super::protocol::{LATEST_PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER, SESSION_ID_HEADER};
-use crate::{credentials::UpstreamAuth, egress::Egress};
+use crate::{
+    credentials::UpstreamAuth,
+    egress::{self, Egress, ReadError, Redirects},
+};
 
 /// Largest upstream response body read, in bytes.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -48,7 +55,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     fn transport(error: &reqwest::Error) -> Self {
-        if let Some(refusal) = crate::egress::refusal(error) {
+        if let Some(refusal) = egress::refusal(error) {
             return Self::Refused(refusal.to_string());
         }
         let kind = if error.is_timeout() {
@@ -157,7 +164,10 @@ impl<'a> UpstreamSession<'a> {
         let Some(session_id) = self.session_id.as_deref() else {
             return;
         };
-        let Ok(request) = self.egress.request(Method::DELETE, self.url.clone()) else {
+        let Ok(request) =
+            self.egress
+                .request(Method::DELETE, self.url.clone(), Redirects::SameOrigin)
+        else {
             return;
         };
         let Ok(credential) = self.auth.header_value() else {
@@ -177,7 +187,7 @@ impl<'a> UpstreamSession<'a> {
         })?;
         let mut request = self
             .egress
-            .request(Method::POST, self.url.clone())
+            .request(Method::POST, self.url.clone(), Redirects::SameOrigin)
             .map_err(|e| UpstreamError::Refused(e.to_string()))?
             .header(header::ACCEPT, "application/json, text/event-stream")
             .header(header::CONTENT_TYPE, "application/json")
@@ -249,18 +259,12 @@ fn match_answer(message: Value, id: u64) -> Option<Value> {
 }
 
 async fn read_limited(response: reqwest::Response) -> Result<Vec<u8>, UpstreamError> {
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| UpstreamError::transport(&e))?;
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(UpstreamError::Protocol(format!(
-                "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    egress::read_capped(response, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|error| match &error {
+            ReadError::TooLarge(_) => UpstreamError::Protocol(error.to_string()),
+            ReadError::Body(error) => UpstreamError::transport(error),
+        })
 }
 
 /// Splits an SSE byte stream into the `data` of its events.

@@ -154,11 +154,11 @@ async fn connections_are_created_listed_updated_and_deleted_per_tenant() -> Resu
         .admin(
             Method::PATCH,
             &format!("{base_a}/github"),
-            Some(&json!({"upstreamUrl": "http://127.0.0.1:7003/mcp"})),
+            Some(&json!({"upstreamUrl": "http://127.0.0.1:7001/v2/mcp"})),
         )
         .await?;
     assert_eq!(status, StatusCode::OK, "{updated}");
-    assert_eq!(updated["upstreamUrl"], "http://127.0.0.1:7003/mcp");
+    assert_eq!(updated["upstreamUrl"], "http://127.0.0.1:7001/v2/mcp");
     assert_eq!(updated["auth"]["secrets"], json!(["apiKey"]));
 
     let (status, _) = app
@@ -388,5 +388,83 @@ async fn no_secret_appears_in_responses_or_logs() -> Result<()> {
             assert!(!answer.to_string().contains(secret), "{secret} in {answer}");
         }
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn moving_the_upstream_url_reseals_the_secrets_within_its_origin_and_needs_them_across()
+-> Result<()> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let (app, state) = build_app_with(&database_url, &redis_url, loopback).await?;
+    let org = unique("org");
+    let base = format!("/api/admin/organizations/{org}/connections");
+    let (status, created) = app
+        .admin(
+            Method::POST,
+            &base,
+            Some(&json!({
+                "provider": "github",
+                "upstreamUrl": "http://127.0.0.1:7001/mcp",
+                "auth": {"type": "apiKey", "header": "x-api-key", "key": "key-1"},
+            })),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let path = format!("{base}/github");
+    let key = || async {
+        let connection = nubabel_store::connections::find(&app.db, &org, "github")
+            .await
+            .unwrap()
+            .unwrap();
+        let auth = state.credentials.authorize(&connection).await.unwrap();
+        secrecy::ExposeSecret::expose_secret(&auth.value).to_owned()
+    };
+
+    // Another path on the same origin: the stored key is sealed again, for the new URL.
+    let (status, moved) = app
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(&json!({"upstreamUrl": "http://127.0.0.1:7001/v2/mcp"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{moved}");
+    assert_eq!(moved["auth"]["secrets"], json!(["apiKey"]));
+    assert_eq!(key().await, "key-1");
+
+    // Another origin (another port, another host): the key does not follow without being given again.
+    for other in ["http://127.0.0.1:7003/mcp", "http://127.0.0.2:7001/v2/mcp"] {
+        let (status, refused) = app
+            .admin(Method::PATCH, &path, Some(&json!({"upstreamUrl": other})))
+            .await?;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{other}: {refused}"
+        );
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("auth: required when upstreamUrl moves to another origin"),
+            "{message}"
+        );
+    }
+    let (_, unchanged) = app.admin(Method::GET, &path, None).await?;
+    assert_eq!(unchanged["upstreamUrl"], "http://127.0.0.1:7001/v2/mcp");
+    assert_eq!(key().await, "key-1");
+
+    let (status, replaced) = app
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(&json!({
+                "upstreamUrl": "http://127.0.0.1:7003/mcp",
+                "auth": {"type": "apiKey", "header": "x-api-key", "key": "key-2"},
+            })),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{replaced}");
+    assert_eq!(replaced["upstreamUrl"], "http://127.0.0.1:7003/mcp");
+    assert_eq!(key().await, "key-2");
     Ok(())
 }

@@ -642,3 +642,39 @@ async fn the_rest_form_runs_the_same_call_and_refuses_to_name_another_tenant() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(response.text().await.unwrap().contains("toolName"));
 }
+
+#[tokio::test]
+async fn an_upstream_redirect_to_another_origin_is_not_followed_with_the_api_key() {
+    let app = app_with(|_| {}).await;
+    let elsewhere = McpUpstream::start().unwrap();
+    let redirector = crate::egress::Landing::start().await.unwrap();
+    let keyring = Keyring::parse(VAULT_KEYS).unwrap();
+    connections::create(
+        &app.db,
+        &keyring,
+        &NewConnection {
+            organization_id: &OrganizationId::parse("org-a").unwrap(),
+            provider: "alpha",
+            upstream_url: &redirector.redirect_to(&elsewhere.url()),
+            credentials: &Credentials {
+                auth_kind: AuthKind::ApiKey {
+                    header: "x-api-key".to_owned(),
+                },
+                secrets: Secrets::ApiKey {
+                    key: "key-of-a".to_owned().into(),
+                },
+                token_expires_at: None,
+            },
+        },
+    )
+    .await
+    .unwrap();
+
+    let listed = rpc(&app, &sidecar("org-a"), "tools/list", json!({})).await;
+    assert_eq!(tool_names(&listed), Vec::<String>::new(), "{listed}");
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the other origin was called: {:?}",
+        elsewhere.requests()
+    );
+}

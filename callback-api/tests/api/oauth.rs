@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 use axum::{Json, Router, body::Bytes, extract::State, http::StatusCode, routing::post};
-use futures::future::join_all;
+use futures::{StreamExt, future::join_all};
 use nubabel_callback_api::{
     credentials::{CredentialError, UpstreamAuth},
     state::AppState,
@@ -341,6 +341,80 @@ async fn a_token_endpoint_on_an_inward_address_is_refused_when_not_allowlisted()
     assert!(
         message.starts_with("auth.tokenUrl: egress refused"),
         "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_redirects_is_refused_and_the_form_goes_nowhere_else() -> Result<()> {
+    let ((app, first), _) = two_instances().await?;
+    let elsewhere = TokenEndpoint::start(TokenMode::Rotate).await?;
+    let redirector = crate::egress::Landing::start().await?;
+    let token_url = redirector.redirect_to(&elsewhere.url);
+    let org = unique("org");
+    let connection = app
+        .register_oauth(&org, "linear", token_url.as_str(), &an_hour_ago())
+        .await?;
+
+    let error = first.credentials.authorize(&connection).await.unwrap_err();
+    let CredentialError::Unavailable(message) = &error else {
+        panic!("{error:?}");
+    };
+    assert!(
+        message.starts_with("the token endpoint of linear")
+            && message.contains("redirected")
+            && message.contains("must answer directly"),
+        "{message}"
+    );
+    assert_eq!(
+        elsewhere.count(),
+        0,
+        "the refresh token was posted elsewhere"
+    );
+    // Nothing was stored: the connection is still active with its old token.
+    let stored = connections::find(&app.db, &org, "linear").await?.unwrap();
+    assert_eq!(stored.token_expires_at, connection.token_expires_at);
+    Ok(())
+}
+
+/// A token endpoint answering 200 with twice `MAX` bytes of a chunked body, then never
+/// ending it.
+async fn start_endless_token_endpoint() -> Result<String> {
+    const CHUNK: usize = 16 * 1024;
+    let app = Router::new().route(
+        "/token",
+        post(|| async {
+            let chunks = futures::stream::iter(
+                (0..8).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b' '; CHUNK]))),
+            );
+            let endless = chunks.chain(futures::stream::pending());
+            axum::body::Body::from_stream(endless)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://127.0.0.1:{}/token", listener.local_addr()?.port());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+#[tokio::test]
+async fn a_token_response_past_the_cap_is_refused_while_it_streams() -> Result<()> {
+    let ((app, first), _) = two_instances().await?;
+    let token_url = start_endless_token_endpoint().await?;
+    let org = unique("org");
+    let connection = app
+        .register_oauth(&org, "linear", &token_url, &an_hour_ago())
+        .await?;
+
+    // The body never ends: only a reader that stops at the cap answers before the timeout.
+    let error = first.credentials.authorize(&connection).await.unwrap_err();
+    assert_eq!(
+        error,
+        CredentialError::Unavailable(
+            "the token response of linear is larger than 65536 bytes".into()
+        )
     );
     Ok(())
 }

@@ -1,11 +1,15 @@
-//! The credential vault on real Postgres: ciphertexts are bound to their tenant and row, are
-//! not plaintext, and survive a master key rotation, after which they are re-encrypted.
+//! The credential vault on real Postgres: ciphertexts are bound to their tenant, row and
+//! destination, are not plaintext, and survive a master key rotation and the change of the
+//! associated data's version, after which they are re-encrypted.
 
 use std::time::Duration;
 
 use anyhow::Result;
 use nubabel_callback_api::credentials::CredentialError;
-use nubabel_store::connections;
+use nubabel_store::{
+    connections,
+    vault::{AadVersion, ConnectionBinding, Keyring, connection_aad},
+};
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -206,6 +210,141 @@ async fn malformed_vault_keys_or_egress_entries_stop_startup_with_a_clear_error(
     assert_eq!(
         error.to_string(),
         "NUBABEL_EGRESS_ALLOW: \"metadata\" is neither a CIDR (10.0.0.0/8) nor host:port"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ciphertext_whose_destination_was_changed_behind_the_api_fails_to_decrypt() -> Result<()>
+{
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let (app, state) = build_app_with(&database_url, &redis_url, loopback).await?;
+    let org = unique("org");
+    let (status, body) = app
+        .admin(
+            Method::POST,
+            &format!("/api/admin/organizations/{org}/connections"),
+            Some(&json!({
+                "provider": "github",
+                "upstreamUrl": "http://127.0.0.1:9/mcp",
+                "auth": {"type": "apiKey", "header": "x-api-key", "key": "key-of-org"},
+            })),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let endpoint = crate::oauth::TokenEndpoint::start(crate::oauth::TokenMode::Rotate).await?;
+    let in_an_hour = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    app.register_oauth(&org, "linear", &endpoint.url, &in_an_hour)
+        .await?;
+
+    // Each column that says where a secret goes, pointed elsewhere in the database, then back.
+    let token_url = endpoint.url.clone();
+    for (provider, set, elsewhere, original) in [
+        (
+            "github",
+            "update mcp_connections set upstream_url = $3 where organization_id = $1 and provider = $2",
+            "http://127.0.0.1:10/mcp",
+            "http://127.0.0.1:9/mcp",
+        ),
+        (
+            "github",
+            "update mcp_connections set auth_header = $3 where organization_id = $1 and provider = $2",
+            "x-forwarded-key",
+            "x-api-key",
+        ),
+        (
+            "linear",
+            "update mcp_connections set oauth_token_url = $3 where organization_id = $1 and provider = $2",
+            "http://127.0.0.1:10/token",
+            token_url.as_str(),
+        ),
+    ] {
+        let connection = connections::find(&app.db, &org, provider).await?.unwrap();
+        for (value, opens) in [(elsewhere, false), (original, true)] {
+            sqlx::query(set)
+                .bind(&org)
+                .bind(provider)
+                .bind(value)
+                .execute(&app.db)
+                .await?;
+            let result = state.credentials.authorize(&connection).await;
+            assert_eq!(
+                result.is_ok(),
+                opens,
+                "{provider}: {set} {value}: {result:?}"
+            );
+            if !opens {
+                assert_eq!(
+                    result.unwrap_err(),
+                    CredentialError::Unavailable(
+                        "the stored credentials cannot be decrypted".into()
+                    )
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn rows_sealed_under_the_first_aad_version_still_open_and_are_resealed() -> Result<()> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let (app, state) = build_app_with(&database_url, &redis_url, loopback).await?;
+    let org = unique("org");
+    register_bearer(&app, &org, "linear", "current-token").await?;
+    let connection = connections::find(&app.db, &org, "linear").await?.unwrap();
+
+    // The row as a build before version 2 wrote it: bound to organization and id only.
+    let keyring = Keyring::parse(VAULT_KEYS)?;
+    let id = connection.id.to_string();
+    let legacy = keyring.seal(
+        &connection_aad(
+            AadVersion::V1,
+            &ConnectionBinding {
+                organization_id: &org,
+                connection_id: &id,
+                destination: &[],
+            },
+        ),
+        br#"{"token":"legacy-token"}"#,
+    )?;
+    sqlx::query(
+        "update mcp_connections set nonce = $2, ciphertext = $3, aad_version = 1 where id = $1",
+    )
+    .bind(connection.id)
+    .bind(&legacy.nonce)
+    .bind(&legacy.ciphertext)
+    .execute(&app.db)
+    .await?;
+    let auth = state.credentials.authorize(&connection).await?;
+    assert_eq!(auth.value.expose_secret(), "Bearer legacy-token");
+
+    // Re-encryption (as at startup, or the admin endpoint) moves it to the current version.
+    let (status, body) = app
+        .admin(Method::POST, "/api/admin/vault/reencrypt", None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"reencrypted": 1, "keyId": "k1"}));
+    let version: i16 = sqlx::query_scalar("select aad_version from mcp_connections where id = $1")
+        .bind(connection.id)
+        .fetch_one(&app.db)
+        .await?;
+    assert_eq!(version, AadVersion::CURRENT.as_i16());
+    let auth = state.credentials.authorize(&connection).await?;
+    assert_eq!(auth.value.expose_secret(), "Bearer legacy-token");
+
+    // Now bound to its destination too.
+    sqlx::query(
+        "update mcp_connections set upstream_url = 'http://127.0.0.1:10/mcp' where id = $1",
+    )
+    .bind(connection.id)
+    .execute(&app.db)
+    .await?;
+    assert_eq!(
+        state.credentials.authorize(&connection).await.unwrap_err(),
+        CredentialError::Unavailable("the stored credentials cannot be decrypted".into())
     );
     Ok(())
 }
