@@ -216,7 +216,7 @@ pub async fn bind_organization(client: &Client, namespace: &str, organization: &
             .get(fleet::NAMESPACE_ORGANIZATIONS_ANNOTATION)
             .cloned()
             .unwrap_or_default();
-        if listed.split(',').any(|entry| entry.trim() == organization) {
+        if fleet::namespace_binds(Some(&listed), organization) {
             return Ok(());
         }
         let value = if listed.trim().is_empty() {

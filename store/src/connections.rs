@@ -453,12 +453,7 @@ fn aad(
     )
 }
 
-/// Secrets sealed for their owner and destination under the current associated data.
-struct SealedFor {
-    sealed: Sealed,
-    version: AadVersion,
-}
-
+/// Seals `secrets` for their owner and destination under the current associated-data version.
 fn seal(
     keyring: &Keyring,
     organization_id: &str,
@@ -466,18 +461,22 @@ fn seal(
     upstream_url: &Url,
     auth_kind: &AuthKind,
     secrets: &Secrets,
-) -> Result<SealedFor, ConnectionError> {
+) -> Result<Sealed, ConnectionError> {
     let document = secrets.to_document();
     let plaintext = Zeroizing::new(
         serde_json::to_vec(&document)
             .map_err(|e| crate::Error::Corrupt(format!("encoding secrets: {e}")))?,
     );
-    let version = AadVersion::CURRENT;
-    let sealed = keyring.seal(
-        &aad(version, organization_id, id, upstream_url, auth_kind),
+    Ok(keyring.seal(
+        &aad(
+            AadVersion::CURRENT,
+            organization_id,
+            id,
+            upstream_url,
+            auth_kind,
+        ),
         &plaintext,
-    )?;
-    Ok(SealedFor { sealed, version })
+    )?)
 }
 
 fn open(keyring: &Keyring, row: &PgRow) -> Result<Unsealed, ConnectionError> {
@@ -524,7 +523,7 @@ pub async fn create(
     new.credentials.check()?;
     let id = Uuid::now_v7();
     let organization_id = new.organization_id.as_str();
-    let SealedFor { sealed, version } = seal(
+    let sealed = seal(
         keyring,
         organization_id,
         id,
@@ -555,7 +554,7 @@ pub async fn create(
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
     .bind(micros(new.credentials.token_expires_at))
-    .bind(version.as_i16())
+    .bind(AadVersion::CURRENT.as_i16())
     .fetch_one(db)
     .await
     .map_err(|e| match ConnectionError::from(e) {
@@ -646,7 +645,7 @@ pub async fn store_secrets(
     secrets: &Secrets,
     token_expires_at: Option<Timestamp>,
 ) -> Result<(), ConnectionError> {
-    let SealedFor { sealed, version } = seal(
+    let sealed = seal(
         keyring,
         &connection.organization_id,
         connection.id,
@@ -666,7 +665,7 @@ pub async fn store_secrets(
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
     .bind(micros(token_expires_at))
-    .bind(version.as_i16())
+    .bind(AadVersion::CURRENT.as_i16())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -723,7 +722,7 @@ pub async fn update(
     let upstream_url = change.upstream_url.unwrap_or(&current.upstream_url);
     if let Some(credentials) = change.credentials {
         credentials.check()?;
-        let SealedFor { sealed, version } = seal(
+        let sealed = seal(
             keyring,
             organization_id,
             current.id,
@@ -749,7 +748,7 @@ pub async fn update(
         .bind(&sealed.key_id)
         .bind(&sealed.nonce)
         .bind(&sealed.ciphertext)
-        .bind(version.as_i16())
+        .bind(AadVersion::CURRENT.as_i16())
         .bind(micros(credentials.token_expires_at))
         .execute(&mut *tx)
         .await?;
@@ -770,7 +769,7 @@ pub async fn update(
                      keys, so they cannot be sealed for the new upstreamUrl"
                 .to_owned(),
         })?;
-        let SealedFor { sealed, version } = seal(
+        let sealed = seal(
             keyring,
             organization_id,
             current.id,
@@ -788,7 +787,7 @@ pub async fn update(
         .bind(&sealed.key_id)
         .bind(&sealed.nonce)
         .bind(&sealed.ciphertext)
-        .bind(version.as_i16())
+        .bind(AadVersion::CURRENT.as_i16())
         .execute(&mut *tx)
         .await?;
     }

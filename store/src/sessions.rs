@@ -266,20 +266,7 @@ pub async fn resolve_session(
     organization_id: &OrganizationId,
     id: &str,
 ) -> Result<Option<SessionRef>> {
-    let query = if is_opencode_session_id(id) {
-        "select s.id, s.session_id
-         from session_mappings m
-         join sessions s on s.id = m.session_pk
-         where m.organization_id = $1 and m.opencode_session_id = $2"
-    } else {
-        "select id, session_id from sessions where organization_id = $1 and session_id = $2"
-    };
-    let row = sqlx::query(query)
-        .bind(organization_id.as_str())
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|row| session_ref(&row)).transpose()
+    resolve(pool, organization_id, None, id).await
 }
 
 /// Finds a session by the id in a callback path, as [`resolve_session`] does, but only among
@@ -290,26 +277,39 @@ pub async fn resolve_fleet_session(
     sidecar: &SidecarIdentity,
     id: &str,
 ) -> Result<Option<SessionRef>> {
+    let fleet = (sidecar.namespace(), sidecar.name());
+    resolve(pool, sidecar.organization_id(), Some(fleet), id).await
+}
+
+/// The session `id` names within the tenant, among those mapped to `fleet` (namespace, name)
+/// when one is given.
+async fn resolve(
+    pool: &PgPool,
+    organization_id: &OrganizationId,
+    fleet: Option<(&str, &str)>,
+    id: &str,
+) -> Result<Option<SessionRef>> {
     let query = if is_opencode_session_id(id) {
         "select s.id, s.session_id
          from session_mappings m
          join sessions s on s.id = m.session_pk
          where m.organization_id = $1 and m.opencode_session_id = $2
-           and m.sidecar_namespace = $3 and m.sidecar_name = $4"
+           and ($3::text is null or (m.sidecar_namespace = $3 and m.sidecar_name = $4))"
     } else {
         "select s.id, s.session_id
          from sessions s
          where s.organization_id = $1 and s.session_id = $2
-           and exists (
+           and ($3::text is null or exists (
                select 1 from session_mappings m
                where m.session_pk = s.id
-                 and m.sidecar_namespace = $3 and m.sidecar_name = $4)"
+                 and m.sidecar_namespace = $3 and m.sidecar_name = $4))"
     };
+    let (namespace, name) = fleet.unzip();
     let row = sqlx::query(query)
-        .bind(sidecar.organization_id().as_str())
+        .bind(organization_id.as_str())
         .bind(id)
-        .bind(sidecar.namespace())
-        .bind(sidecar.name())
+        .bind(namespace)
+        .bind(name)
         .fetch_optional(pool)
         .await?;
     row.map(|row| session_ref(&row)).transpose()

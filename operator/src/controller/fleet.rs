@@ -45,6 +45,12 @@ pub const MCP_TIMEOUT_MS: u64 = 30_000;
 /// Annotation on a Namespace, set by a cluster admin, listing the organizations (comma
 /// separated) whose fleets may run there. Without it a fleet gets no keys.
 pub const NAMESPACE_ORGANIZATIONS_ANNOTATION: &str = "nubabel.io/organizations";
+/// Whether a namespace's organizations annotation (comma separated, blanks ignored) names
+/// `organization`.
+pub fn namespace_binds(annotation: Option<&str>, organization: &str) -> bool {
+    annotation.is_some_and(|list| list.split(',').any(|entry| entry.trim() == organization))
+}
+
 /// Annotation on the Secret recording the organization the fleet was created for.
 pub const ORGANIZATION_ANNOTATION: &str = "nubabel.io/organization-id";
 /// Pod-template annotation whose change rolls the pods when the configuration changes.

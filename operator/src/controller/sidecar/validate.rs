@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::Settings;
 use super::dereference::Observed;
+use crate::controller::fleet;
 use crate::quantity::{InvalidQuantity, ParsedQuantity};
 
 /// Longest `OpencodeSidecar` name: the StatefulSet controller labels pods with
@@ -200,12 +201,6 @@ pub const BRIDGE_DEFAULTS: Defaults = &[("cpu", "10m", "200m"), ("memory", "32Mi
 /// The init container only creates directories.
 pub const PREPARE_DEFAULTS: Defaults = &[("cpu", "10m", "100m"), ("memory", "16Mi", "64Mi")];
 
-/// Whether a namespace's organizations annotation (comma separated, blanks ignored) names
-/// `organization`.
-pub fn binds(annotation: Option<&str>, organization: &str) -> bool {
-    annotation.is_some_and(|list| list.split(',').any(|entry| entry.trim() == organization))
-}
-
 /// Validates `sidecar` against what was observed of its children.
 pub fn validate(
     sidecar: &OpencodeSidecar,
@@ -235,7 +230,7 @@ pub fn validate(
         });
     }
     if settings.require_namespace_binding
-        && !binds(
+        && !fleet::namespace_binds(
             observed.namespace_organizations.as_deref(),
             &spec.organization_id,
         )
