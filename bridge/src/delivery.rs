@@ -1,7 +1,8 @@
 //! Signing and sending callbacks, with retries.
 //!
 //! Each request carries the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
-//! `webhook-signature`, signed with the sidecar's key as `nubabel_contract::signing` does) and the
+//! `webhook-signature`, signed over the request and body with the sidecar's key as
+//! `nubabel_contract::signing::sign_request` does) and the
 //! identity headers the callback API derives the key from. A retry sends the same id and body
 //! with a fresh timestamp, so the API deduplicates it.
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nubabel_contract::identity::SidecarIdentity;
-use nubabel_contract::signing::{SidecarKey, sign};
+use nubabel_contract::signing::{RequestTarget, SidecarKey, sign_request};
 use reqwest::header::CONTENT_TYPE;
 
 use crate::liveness::Liveness;
@@ -94,10 +95,17 @@ impl CallbackSender {
     /// One attempt.
     pub async fn send(&self, callback: &Callback) -> Outcome {
         let timestamp = unix_seconds();
-        let signature = sign(&self.key, &callback.webhook_id, timestamp, &callback.body);
+        let path = callback.path();
+        let signature = sign_request(
+            &self.key,
+            &callback.webhook_id,
+            timestamp,
+            RequestTarget::post(&path),
+            &callback.body,
+        );
         let request = self
             .http
-            .post(format!("{}{}", self.base_url, callback.path()))
+            .post(format!("{}{path}", self.base_url))
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", &callback.webhook_id)
             .header("webhook-timestamp", timestamp.to_string())

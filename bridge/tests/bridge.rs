@@ -25,7 +25,10 @@ use nubabel_callback_api::config::{Config as ApiConfig, LogFormat};
 use nubabel_callback_api::startup::Application;
 use nubabel_callback_api::state::AppState;
 use nubabel_contract::identity::SidecarIdentity;
-use nubabel_contract::signing::{self, MasterKey, SidecarKey, SignedHeaders, derive_sidecar_key};
+use nubabel_contract::signing::{
+    self, Acceptance, MasterKey, RequestTarget, SidecarKey, SignedHeaders, Versions,
+    derive_sidecar_key,
+};
 use nubabel_e2e::fake_llm::{ANSWER_PREFIX, TOOL_OUTPUT, TOOL_RESULT_PREFIX};
 use nubabel_e2e::opencode_server::shared_opencode;
 use nubabel_e2e::{fresh_database, test_redis_url, within};
@@ -67,6 +70,7 @@ impl Api {
     async fn start() -> Result<Self> {
         let config = ApiConfig {
             http_addr: "127.0.0.1:0".parse()?,
+            admin_http_addr: "127.0.0.1:0".parse()?,
             database_url: fresh_database().await?.into(),
             database_max_connections: 4,
             redis_url: test_redis_url().await?.into(),
@@ -74,6 +78,7 @@ impl Api {
             stream_token_key: "bridge-test-stream-key-0123456789abcdef".into(),
             max_body_bytes: 64 * 1024,
             signature_tolerance_seconds: 300,
+            accept_body_only_signatures: false,
             stream_max_len: 1000,
             sse_keep_alive_seconds: 15,
             status_mirror: false,
@@ -418,7 +423,20 @@ async fn receive(
     .unwrap();
     let identity_ok = header("x-nubabel-organization") == Some(ORGANIZATION)
         && header("x-nubabel-sidecar") == Some("team-a/fleet");
-    if !identity_ok || signing::verify(&sidecar_key(), &signed, &body, now, 300).is_err() {
+    let target = format!("/api/sidecar/sessions/{session}/{route}");
+    let acceptance = Acceptance {
+        tolerance_seconds: 300,
+        versions: Versions::RequestBoundOnly,
+    };
+    let verified = signing::verify(
+        &sidecar_key(),
+        &signed,
+        RequestTarget::post(&target),
+        &body,
+        now,
+        acceptance,
+    );
+    if !identity_ok || verified.is_err() {
         receiver.bad_signatures.fetch_add(1, Ordering::Relaxed);
         return StatusCode::UNAUTHORIZED;
     }

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use nubabel_contract::{
     identity::SidecarIdentity,
-    signing::{self, MasterKey, derive_sidecar_key},
+    signing::{self, MasterKey, RequestTarget, derive_sidecar_key},
     stream_token::{self, StreamTokenKey},
 };
 use nubabel_store::sessions::{NewMapping, SessionMapping, SessionMappings};
@@ -64,16 +64,18 @@ impl Target {
         let id = format!("bench-{n}-{}", uuid::Uuid::new_v4().simple());
         let ts = i64::try_from(unix_micros() / 1_000_000)?;
         let key = derive_sidecar_key(&MasterKey::new(MASTER_KEY.as_bytes())?, &self.sidecar);
+        let path = format!(
+            "/api/sidecar/sessions/{}/progress",
+            session.opencode_session_id
+        );
+        let signature = signing::sign_request(&key, &id, ts, RequestTarget::post(&path), &body);
         let response = self
             .client
-            .post(format!(
-                "{}/api/sidecar/sessions/{}/progress",
-                self.address, session.opencode_session_id
-            ))
+            .post(format!("{}{path}", self.address))
             .header("content-type", "application/json")
             .header("webhook-id", &id)
             .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signing::sign(&key, &id, ts, &body))
+            .header("webhook-signature", signature)
             .header(
                 "x-nubabel-organization",
                 self.sidecar.organization_id().as_str(),

@@ -2,23 +2,25 @@
 //!
 //! Sidecars sign every callback in the Standard Webhooks style with the key of their fleet,
 //! and name the fleet in `x-nubabel-organization` and `x-nubabel-sidecar: <namespace>/<name>`.
-//! The key is derived from those headers, so a forged identity fails verification. Headers
-//! are checked before the body is read; the body is read up to the configured limit only.
+//! The key is derived from those headers, so a forged identity fails verification. The
+//! signature (`v2`) covers the method and the path, so a captured callback cannot be re-sent
+//! to another route or session. Headers are checked before the body is read; the body is read
+//! up to the configured limit only.
 //!
 //! Stream readers present a stream token (see `nubabel_contract::stream_token`) as
 //! `Authorization: Bearer <token>`, or as `?access_token=<token>` for browsers' `EventSource`,
 //! which cannot set headers.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, FromRequestParts, Query, Request},
+    extract::{FromRequest, FromRequestParts, OriginalUri, Query, Request},
     http::{HeaderMap, StatusCode, header, request::Parts},
 };
 use nubabel_contract::{
     identity::SidecarIdentity,
-    signing::{self, SignedHeaders, derive_sidecar_key},
+    signing::{self, RequestTarget, SignedHeaders, Verified, derive_sidecar_key},
     stream_token::{self, StreamGrant},
 };
 use serde::Deserialize;
@@ -70,8 +72,8 @@ impl FromRequest<AppState> for SignedCallback {
             signature: header(headers, "webhook-signature"),
         };
         let now = unix_now();
-        let tolerance = state.settings.signature_tolerance_seconds;
-        let (webhook_id, _) = signing::check_headers(&signed, now, tolerance)
+        let acceptance = state.settings.signatures;
+        let (webhook_id, _) = signing::check_headers(&signed, now, acceptance.tolerance_seconds)
             .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
         let (webhook_id, timestamp, signature) = (
             webhook_id.to_owned(),
@@ -84,6 +86,15 @@ impl FromRequest<AppState> for SignedCallback {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
+        let method = request.method().as_str().to_owned();
+        // The URI as the client sent it, even under a nested router.
+        let uri = request
+            .extensions()
+            .get::<OriginalUri>()
+            .map_or(request.uri(), |original| &original.0);
+        let target = uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_owned(), ToString::to_string);
 
         // Honours DefaultBodyLimit: a declared length over it is refused before reading, and
         // a streamed body is cut off at the limit.
@@ -103,13 +114,43 @@ impl FromRequest<AppState> for SignedCallback {
             timestamp: timestamp.as_deref(),
             signature: signature.as_deref(),
         };
-        signing::verify(&key, &signed, &body, now, tolerance)
+        let request = RequestTarget {
+            method: &method,
+            target: &target,
+        };
+        let verified = signing::verify(&key, &signed, request, &body, now, acceptance)
             .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+        if verified == Verified::BodyOnly {
+            state.metrics.body_only_signatures.inc();
+        }
         Ok(Self {
             sidecar,
             webhook_id,
             body,
         })
+    }
+}
+
+impl SignedCallback {
+    /// Claims this callback's `webhook-id` for as long as its signature could be replayed,
+    /// for routes whose effect must happen at most once (a tool call): 409 when it was
+    /// claimed before, 503 when Redis cannot say.
+    pub async fn claim_once(&self, state: &AppState) -> Result<(), ApiError> {
+        // A timestamp up to `tolerance` ahead stays valid until `2 * tolerance` from now.
+        let tolerance = state.settings.signatures.tolerance_seconds;
+        let ttl = Duration::from_secs(tolerance.saturating_mul(2).saturating_add(5));
+        let claimed = state
+            .redis
+            .claim_request_id(self.sidecar.organization_id(), &self.webhook_id, ttl)
+            .await
+            .map_err(|error| ApiError::Unavailable(error.into()))?;
+        if claimed {
+            Ok(())
+        } else {
+            Err(ApiError::Conflict(
+                "webhook-id was already used: this request runs at most once per id".into(),
+            ))
+        }
     }
 }
 

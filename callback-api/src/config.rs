@@ -23,7 +23,8 @@ pub enum LogFormat {
     about = "Receives signed sidecar callbacks, persists them and streams them to clients"
 )]
 pub struct Config {
-    /// Address to serve the API, health, metrics and OpenAPI document on.
+    /// Address to serve the API, health, metrics and OpenAPI document on (everything but the
+    /// admin API).
     #[arg(
         long,
         env = "NUBABEL_CALLBACK_API_HTTP_ADDR",
@@ -63,6 +64,14 @@ pub struct Config {
         default_value_t = 300
     )]
     pub signature_tolerance_seconds: u64,
+
+    /// Also accept callbacks signed only over their body (`v1`), from bridges that predate
+    /// request-bound `v2` signatures. Such a callback could be re-sent to another route or
+    /// session of the same fleet within the time window: turn this on only while sidecar pods
+    /// roll to the new bridge during an upgrade (`nubabel_callback_api_body_only_signatures_total`
+    /// counts them).
+    #[arg(long, env = "NUBABEL_ACCEPT_BODY_ONLY_SIGNATURES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub accept_body_only_signatures: bool,
 
     /// Approximate number of events kept per session in Redis; older ones replay from Postgres.
     #[arg(long, env = "NUBABEL_STREAM_MAX_LEN", default_value_t = 1000)]
@@ -137,6 +146,17 @@ pub struct Config {
     /// connections cannot be stored or used.
     #[arg(long, env = "NUBABEL_VAULT_KEYS", hide_env_values = true)]
     pub vault_keys: Option<SecretString>,
+
+    /// Address to serve the admin API (`/api/admin/...`) on, and nothing else. The default,
+    /// loopback, keeps it out of reach of every other pod (sidecars run LLM-written code):
+    /// reach it with `kubectl port-forward`, or listen on `0.0.0.0:8081` behind a
+    /// NetworkPolicy that admits only the admin clients.
+    #[arg(
+        long,
+        env = "NUBABEL_ADMIN_HTTP_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub admin_http_addr: SocketAddr,
 
     /// Bearer token of the admin API (`/api/admin/...`), at least 32 bytes
     /// ([`MIN_ADMIN_TOKEN_BYTES`]; a shorter one stops startup); without it the admin API

@@ -116,6 +116,11 @@ impl From<nubabel_store::Error> for ApiError {
         if error.is_postgres_unavailable() {
             return Self::Unavailable(error.into());
         }
+        if error.is_unstorable_text() {
+            return Self::Unprocessable(
+                "a text field holds a NUL character, which cannot be stored".into(),
+            );
+        }
         match error {
             nubabel_store::Error::SessionNotFound => Self::SessionNotFound,
             other => Self::Internal(other.into()),

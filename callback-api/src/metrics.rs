@@ -114,6 +114,8 @@ pub struct Metrics {
     pub mcp_tool_calls: Family<McpCallLabels, Counter>,
     /// Time of MCP tool calls (waiting for a slot included), by path and outcome.
     pub mcp_tool_call_duration: Family<McpCallLabels, Histogram>,
+    /// Callbacks accepted with a body-only (`v1`) signature, under the upgrade setting.
+    pub body_only_signatures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -188,6 +190,12 @@ impl Metrics {
             "Time of MCP tool calls, waiting for a slot included",
             mcp_tool_call_duration.clone(),
         );
+        let body_only_signatures = Counter::default();
+        registry.register(
+            "body_only_signatures",
+            "Callbacks accepted with a signature that does not cover the request",
+            body_only_signatures.clone(),
+        );
         let tenant_limited = Family::<LimitLabels, Counter>::default();
         registry.register(
             "tenant_limited",
@@ -212,6 +220,7 @@ impl Metrics {
             tenant_limited,
             mcp_tool_calls,
             mcp_tool_call_duration,
+            body_only_signatures,
         }
     }
 

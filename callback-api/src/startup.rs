@@ -3,7 +3,11 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use nubabel_contract::{signing::MasterKey, stream_token::StreamTokenKey};
+use futures::FutureExt;
+use nubabel_contract::{
+    signing::{Acceptance, MasterKey, Versions},
+    stream_token::StreamTokenKey,
+};
 use nubabel_store::{
     connections,
     db::{self, PoolSettings},
@@ -37,6 +41,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A built application, bound to its port and ready to serve.
 pub struct Application {
     listener: TcpListener,
+    admin_listener: TcpListener,
     port: u16,
     state: AppState,
     header_read_timeout: Duration,
@@ -121,7 +126,14 @@ impl Application {
             keys: Arc::new(keys),
             settings: Arc::new(Settings {
                 max_body_bytes: config.max_body_bytes,
-                signature_tolerance_seconds: config.signature_tolerance_seconds,
+                signatures: Acceptance {
+                    tolerance_seconds: config.signature_tolerance_seconds,
+                    versions: if config.accept_body_only_signatures {
+                        Versions::AllowBodyOnly
+                    } else {
+                        Versions::RequestBoundOnly
+                    },
+                },
                 sse_keep_alive: config.sse_keep_alive(),
                 delegate_max_wait: Duration::from_secs(config.delegate_max_wait_seconds),
             }),
@@ -139,8 +151,12 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
         let port = listener.local_addr()?.port();
+        let admin_listener = TcpListener::bind(config.admin_http_addr)
+            .await
+            .with_context(|| format!("binding the admin address {}", config.admin_http_addr))?;
         Ok(Self {
             listener,
+            admin_listener,
             port,
             state,
             header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
@@ -165,6 +181,11 @@ impl Application {
         self.listener.local_addr()
     }
 
+    /// The address the admin API listens on.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin_listener.local_addr()
+    }
+
     /// The shared state (tests use its pool and stores).
     pub fn state(&self) -> &AppState {
         &self.state
@@ -182,8 +203,24 @@ impl Application {
             }
             _ => Vec::new(),
         };
+        let admin = routes::admin_router(self.state.clone(), REQUEST_TIMEOUT);
         let app = routes::router(self.state, REQUEST_TIMEOUT);
-        let served = serve(self.listener, app, self.header_read_timeout, shutdown).await;
+        let shutdown = shutdown.shared();
+        let served = tokio::try_join!(
+            serve(
+                self.listener,
+                app,
+                self.header_read_timeout,
+                shutdown.clone()
+            ),
+            serve(
+                self.admin_listener,
+                admin,
+                self.header_read_timeout,
+                shutdown
+            ),
+        )
+        .map(|((), ())| ());
         for task in background {
             task.abort();
         }

@@ -3,7 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::FromRef;
-use nubabel_contract::{signing::MasterKey, stream_token::StreamTokenKey};
+use nubabel_contract::{
+    signing::{Acceptance, MasterKey},
+    stream_token::StreamTokenKey,
+};
 use nubabel_store::streams::RedisStore;
 use sqlx::PgPool;
 
@@ -32,8 +35,8 @@ pub struct Keys {
 pub struct Settings {
     /// Largest callback body, in bytes.
     pub max_body_bytes: usize,
-    /// Accepted clock difference for `webhook-timestamp`, in seconds.
-    pub signature_tolerance_seconds: u64,
+    /// Accepted clock difference for `webhook-timestamp` and accepted signature versions.
+    pub signatures: Acceptance,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
     /// Longest a waiting `POST /api/delegate` holds the request.

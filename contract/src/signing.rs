@@ -6,8 +6,16 @@
 //! Secret) and the API derives it again from the identity headers of each callback, so the API
 //! needs no key store and a forged identity simply yields the wrong key.
 //!
-//! A signature is `v1,<base64(HMAC-SHA256(key, "{webhook-id}.{webhook-timestamp}.{body}"))>`,
-//! over the raw body bytes, as <https://www.standardwebhooks.com> specifies.
+//! A `v1` signature is `v1,<base64(HMAC-SHA256(key, "{webhook-id}.{webhook-timestamp}.{body}"))>`,
+//! over the raw body bytes, as <https://www.standardwebhooks.com> specifies. It does not cover
+//! the request, so a captured callback could be re-sent to another route or session within the
+//! time window. A `v2` signature also covers the method and the request target (path and
+//! query, as sent): `v2,<base64(HMAC-SHA256(key, "nubabel-request/v2\0" + webhook-id + "\0" +
+//! timestamp + "\0" + METHOD + "\0" + target + "\0" + body))>`. None of the first five fields
+//! can hold a NUL, so the separators are unambiguous. Senders put both in `webhook-signature`
+//! ([`sign_request`]); a receiver that knows `v2` checks only it, and accepts a `v1`-only
+//! request only when told to ([`Versions::AllowBodyOnly`], for senders that predate
+//! `v2`).
 //!
 //! MCP requests cannot be signed (OpenCode sends them, not the bridge), so a sidecar presents
 //! a bearer token to the MCP gateway instead: `nmcp_<base64url(HMAC-SHA256(master,
@@ -169,9 +177,90 @@ pub fn verify_mcp_token(master: &MasterKey, sidecar: &SidecarIdentity, presented
     mcp_token_mac(master, sidecar).verify_slice(&tag).is_ok()
 }
 
-/// Signs one message: returns the `webhook-signature` header value (`v1,<base64>`).
+/// Domain separation for `v2` signatures, which cover the request as well as the body.
+const REQUEST_SIGNATURE_CONTEXT: &[u8] = b"nubabel-request/v2\0";
+
+/// The request a `v2` signature is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTarget<'a> {
+    /// The HTTP method, e.g. `POST`.
+    pub method: &'a str,
+    /// The path and query exactly as sent, e.g. `/api/sidecar/sessions/s-1/progress`.
+    pub target: &'a str,
+}
+
+impl<'a> RequestTarget<'a> {
+    /// A `POST` to `target`.
+    pub fn post(target: &'a str) -> Self {
+        Self {
+            method: "POST",
+            target,
+        }
+    }
+}
+
+/// Which signature versions a receiver accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Versions {
+    /// Only `v2` signatures, which cover the method and target.
+    #[default]
+    RequestBoundOnly,
+    /// `v2` when the request carries one; otherwise a `v1` signature over the body alone (for
+    /// senders that predate `v2`, during an upgrade).
+    AllowBodyOnly,
+}
+
+/// Which kind of signature a verified request carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// A `v2` signature over the request and the body.
+    RequestBound,
+    /// A `v1` signature over the body alone (accepted under [`Versions::AllowBodyOnly`]).
+    BodyOnly,
+}
+
+/// Signs one message with `v1` only: returns the `webhook-signature` header value
+/// (`v1,<base64>`). Receivers that require `v2` refuse it; senders use [`sign_request`].
 pub fn sign(key: &SidecarKey, webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
     signature_for(&key.0, webhook_id, timestamp, body)
+}
+
+/// Signs one request: returns the `webhook-signature` header value `v1,<base64> v2,<base64>`,
+/// so receivers that predate `v2` still verify it.
+pub fn sign_request(
+    key: &SidecarKey,
+    webhook_id: &str,
+    timestamp: i64,
+    request: RequestTarget<'_>,
+    body: &[u8],
+) -> String {
+    let mut mac = key.mac();
+    feed_request(&mut mac, webhook_id, timestamp, request, body);
+    format!(
+        "{} v2,{}",
+        sign(key, webhook_id, timestamp, body),
+        BASE64.encode(mac.finalize().into_bytes())
+    )
+}
+
+fn feed_request(
+    mac: &mut HmacSha256,
+    webhook_id: &str,
+    timestamp: i64,
+    request: RequestTarget<'_>,
+    body: &[u8],
+) {
+    mac.update(REQUEST_SIGNATURE_CONTEXT);
+    for field in [
+        webhook_id.as_bytes(),
+        timestamp.to_string().as_bytes(),
+        request.method.as_bytes(),
+        request.target.as_bytes(),
+    ] {
+        mac.update(field);
+        mac.update(b"\0");
+    }
+    mac.update(body);
 }
 
 fn signature_for(key: &[u8], webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
@@ -209,6 +298,10 @@ pub enum SignatureError {
     /// No signature matched the body with the sender's key.
     #[error("no signature matches")]
     NoMatchingSignature,
+    /// Only `v1` signatures, which do not cover the method and path, and the receiver requires
+    /// `v2`.
+    #[error("webhook-signature must hold a v2 signature, which covers the method and path")]
+    RequestNotSigned,
 }
 
 /// The three Standard Webhooks headers of one request, as received.
@@ -265,42 +358,71 @@ pub fn validate_webhook_id(id: &str) -> Result<(), SignatureError> {
 
 /// Verifies a whole message: headers, time window and signature (constant-time comparison).
 ///
-/// Any one of several `v1` signatures may match, so senders can rotate keys without downtime.
+/// When any `v2` entry is present, only `v2` entries count, so a request cannot be downgraded
+/// by a `v1` entry beside a wrong `v2`. Without one, a `v1` entry counts only under
+/// [`Versions::AllowBodyOnly`]. Any one of several matching entries is enough, so senders
+/// can rotate keys without downtime.
 pub fn verify(
     key: &SidecarKey,
     headers: &SignedHeaders<'_>,
+    request: RequestTarget<'_>,
     body: &[u8],
     now: i64,
-    tolerance_seconds: u64,
-) -> Result<(), SignatureError> {
-    let (id, timestamp) = check_headers(headers, now, tolerance_seconds)?;
+    acceptance: Acceptance,
+) -> Result<Verified, SignatureError> {
+    let (id, timestamp) = check_headers(headers, now, acceptance.tolerance_seconds)?;
     let signature = headers
         .signature
         .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
     if signature.len() > MAX_SIGNATURE_HEADER_LEN {
         return Err(SignatureError::MalformedSignature);
     }
-    let mut mac = key.mac();
-    feed(&mut mac, id, timestamp, body);
-    let mut saw_v1 = false;
-    for entry in signature.split(' ').filter(|e| !e.is_empty()) {
-        let Some(("v1", encoded)) = entry.split_once(',') else {
-            continue;
-        };
-        saw_v1 = true;
+    let entries = || {
+        signature
+            .split(' ')
+            .filter_map(|entry| entry.split_once(','))
+    };
+    let (version, verified, mac) = if entries().any(|(version, _)| version == "v2") {
+        if request.method.contains('\0') || request.target.contains('\0') {
+            return Err(SignatureError::NoMatchingSignature);
+        }
+        let mut mac = key.mac();
+        feed_request(&mut mac, id, timestamp, request, body);
+        ("v2", Verified::RequestBound, mac)
+    } else if acceptance.versions == Versions::AllowBodyOnly {
+        let mut mac = key.mac();
+        feed(&mut mac, id, timestamp, body);
+        ("v1", Verified::BodyOnly, mac)
+    } else if entries().any(|(version, _)| version == "v1") {
+        return Err(SignatureError::RequestNotSigned);
+    } else {
+        return Err(SignatureError::MalformedSignature);
+    };
+    let mut saw_version = false;
+    for (_, encoded) in entries().filter(|(v, _)| *v == version) {
+        saw_version = true;
         let Ok(candidate) = BASE64.decode(encoded) else {
             continue;
         };
         // verify_slice compares in constant time.
         if mac.clone().verify_slice(&candidate).is_ok() {
-            return Ok(());
+            return Ok(verified);
         }
     }
-    Err(if saw_v1 {
+    Err(if saw_version {
         SignatureError::NoMatchingSignature
     } else {
         SignatureError::MalformedSignature
     })
+}
+
+/// What a receiver accepts: how far timestamps may be from its clock, and which signatures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acceptance {
+    /// Seconds a timestamp may be from now, either way.
+    pub tolerance_seconds: u64,
+    /// Which signature versions count.
+    pub versions: Versions,
 }
 
 #[cfg(test)]
@@ -315,6 +437,151 @@ mod tests {
             &master,
             &SidecarIdentity::new("org-a", "tenant-a", "fleet").unwrap(),
         )
+    }
+
+    const TARGET: &str = "/api/sidecar/sessions/s-1/progress";
+
+    /// `verify` as a receiver that still accepts `v1` does it, for a POST to [`TARGET`].
+    fn verify_v1(
+        key: &SidecarKey,
+        headers: &SignedHeaders<'_>,
+        body: &[u8],
+        now: i64,
+        tolerance_seconds: u64,
+    ) -> Result<Verified, SignatureError> {
+        verify(
+            key,
+            headers,
+            RequestTarget::post(TARGET),
+            body,
+            now,
+            Acceptance {
+                tolerance_seconds,
+                versions: Versions::AllowBodyOnly,
+            },
+        )
+    }
+
+    fn strict() -> Acceptance {
+        Acceptance {
+            tolerance_seconds: 300,
+            versions: Versions::RequestBoundOnly,
+        }
+    }
+
+    #[test]
+    fn a_request_signature_verifies_only_for_its_method_and_target() {
+        let body = br#"{"state":"busy"}"#;
+        let sig = sign_request(&key(), "msg_1", NOW, RequestTarget::post(TARGET), body);
+        let ts = NOW.to_string();
+        let check = |request: RequestTarget<'_>, body: &[u8]| {
+            verify(
+                &key(),
+                &headers("msg_1", &ts, &sig),
+                request,
+                body,
+                NOW,
+                strict(),
+            )
+        };
+        assert_eq!(
+            check(RequestTarget::post(TARGET), body),
+            Ok(Verified::RequestBound)
+        );
+        for other in [
+            "/api/sidecar/sessions/s-2/progress",
+            "/api/sidecar/sessions/s-1/update",
+            "/api/sidecar/mcp/invoke",
+            "/api/sidecar/sessions/s-1/progress?x=1",
+        ] {
+            assert_eq!(
+                check(RequestTarget::post(other), body),
+                Err(SignatureError::NoMatchingSignature),
+                "{other}"
+            );
+        }
+        let put = RequestTarget {
+            method: "PUT",
+            target: TARGET,
+        };
+        assert_eq!(check(put, body), Err(SignatureError::NoMatchingSignature));
+        assert_eq!(
+            check(RequestTarget::post(TARGET), br#"{"state":"idle"}"#),
+            Err(SignatureError::NoMatchingSignature)
+        );
+    }
+
+    #[test]
+    fn a_body_only_signature_is_refused_unless_allowed() {
+        let sig = sign(&key(), "msg_1", NOW, b"{}");
+        let ts = NOW.to_string();
+        let target = RequestTarget::post(TARGET);
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &ts, &sig),
+                target,
+                b"{}",
+                NOW,
+                strict()
+            ),
+            Err(SignatureError::RequestNotSigned)
+        );
+        assert_eq!(
+            verify_v1(&key(), &headers("msg_1", &ts, &sig), b"{}", NOW, 300),
+            Ok(Verified::BodyOnly)
+        );
+    }
+
+    #[test]
+    fn a_wrong_v2_is_not_rescued_by_a_valid_v1_beside_it() {
+        // A captured request re-sent to another target with its v2 kept: only v2 counts.
+        let sig = sign_request(&key(), "msg_1", NOW, RequestTarget::post(TARGET), b"{}");
+        let moved = RequestTarget::post("/api/sidecar/sessions/s-2/progress");
+        assert_eq!(
+            verify_v1(
+                &key(),
+                &headers("msg_1", &NOW.to_string(), &sig),
+                b"{}",
+                NOW,
+                300
+            ),
+            Ok(Verified::RequestBound)
+        );
+        let lenient = Acceptance {
+            tolerance_seconds: 300,
+            versions: Versions::AllowBodyOnly,
+        };
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &NOW.to_string(), &sig),
+                moved,
+                b"{}",
+                NOW,
+                lenient
+            ),
+            Err(SignatureError::NoMatchingSignature)
+        );
+    }
+
+    #[test]
+    fn shifted_field_boundaries_sign_differently() {
+        let a = sign_request(&key(), "msg_1", NOW, RequestTarget::post("/a"), b"b");
+        let b = sign_request(&key(), "msg_1", NOW, RequestTarget::post("/a\0b"), b"");
+        assert_ne!(a.split(' ').nth(1), b.split(' ').nth(1));
+        let ts = NOW.to_string();
+        assert_eq!(
+            verify(
+                &key(),
+                &headers("msg_1", &ts, &b),
+                RequestTarget::post("/a\0b"),
+                b"",
+                NOW,
+                strict()
+            ),
+            Err(SignatureError::NoMatchingSignature)
+        );
     }
 
     fn headers<'a>(id: &'a str, ts: &'a str, sig: &'a str) -> SignedHeaders<'a> {
@@ -339,21 +606,21 @@ mod tests {
         let body = br#"{"state":"busy"}"#;
         let sig = sign(&key(), "msg_1", NOW, body);
         assert_eq!(
-            verify(
+            verify_v1(
                 &key(),
                 &headers("msg_1", &NOW.to_string(), &sig),
                 body,
                 NOW,
                 300
             ),
-            Ok(())
+            Ok(Verified::BodyOnly)
         );
     }
 
     #[test]
     fn a_tampered_body_is_refused() {
         let sig = sign(&key(), "msg_1", NOW, br#"{"state":"busy"}"#);
-        let result = verify(
+        let result = verify_v1(
             &key(),
             &headers("msg_1", &NOW.to_string(), &sig),
             br#"{"state":"idle"}"#,
@@ -366,7 +633,7 @@ mod tests {
     #[test]
     fn a_tampered_id_is_refused() {
         let sig = sign(&key(), "msg_1", NOW, b"{}");
-        let result = verify(
+        let result = verify_v1(
             &key(),
             &headers("msg_2", &NOW.to_string(), &sig),
             b"{}",
@@ -384,7 +651,7 @@ mod tests {
             &SidecarIdentity::new("org-b", "tenant-a", "fleet").unwrap(),
         );
         let sig = sign(&other, "msg_1", NOW, b"{}");
-        let result = verify(
+        let result = verify_v1(
             &key(),
             &headers("msg_1", &NOW.to_string(), &sig),
             b"{}",
@@ -419,7 +686,7 @@ mod tests {
             (NOW + 301, false),
         ] {
             let sig = sign(&key(), "msg_1", ts, body);
-            let result = verify(
+            let result = verify_v1(
                 &key(),
                 &headers("msg_1", &ts.to_string(), &sig),
                 body,
@@ -465,7 +732,7 @@ mod tests {
         ];
         for (h, name) in cases {
             assert_eq!(
-                verify(&key(), &h, b"{}", NOW, 300),
+                verify_v1(&key(), &h, b"{}", NOW, 300),
                 Err(SignatureError::MissingHeader(name))
             );
         }
@@ -476,18 +743,18 @@ mod tests {
         let good = sign(&key(), "msg_1", NOW, b"{}");
         let list = format!("v1,Zm9vYmFy v1a,ignored {good}");
         assert_eq!(
-            verify(
+            verify_v1(
                 &key(),
                 &headers("msg_1", &NOW.to_string(), &list),
                 b"{}",
                 NOW,
                 300
             ),
-            Ok(())
+            Ok(Verified::BodyOnly)
         );
         let none = "v1,Zm9vYmFy v1,YmFyYmF6";
         assert_eq!(
-            verify(
+            verify_v1(
                 &key(),
                 &headers("msg_1", &NOW.to_string(), none),
                 b"{}",
@@ -503,19 +770,19 @@ mod tests {
         let sig = sign(&key(), "msg_1", NOW, b"{}");
         let ts = NOW.to_string();
         assert_eq!(
-            verify(&key(), &headers("msg_1", "soon", &sig), b"{}", NOW, 300),
+            verify_v1(&key(), &headers("msg_1", "soon", &sig), b"{}", NOW, 300),
             Err(SignatureError::InvalidTimestamp)
         );
         assert_eq!(
-            verify(&key(), &headers("msg.1", &ts, &sig), b"{}", NOW, 300),
+            verify_v1(&key(), &headers("msg.1", &ts, &sig), b"{}", NOW, 300),
             Err(SignatureError::InvalidId)
         );
         assert_eq!(
-            verify(&key(), &headers("", &ts, &sig), b"{}", NOW, 300),
+            verify_v1(&key(), &headers("", &ts, &sig), b"{}", NOW, 300),
             Err(SignatureError::InvalidId)
         );
         assert_eq!(
-            verify(
+            verify_v1(
                 &key(),
                 &headers("msg_1", &ts, "sha256=abc"),
                 b"{}",
@@ -525,11 +792,11 @@ mod tests {
             Err(SignatureError::MalformedSignature)
         );
         assert_eq!(
-            verify(&key(), &headers("msg_1", &ts, "v1,***"), b"{}", NOW, 300),
+            verify_v1(&key(), &headers("msg_1", &ts, "v1,***"), b"{}", NOW, 300),
             Err(SignatureError::NoMatchingSignature)
         );
         assert_eq!(
-            verify(
+            verify_v1(
                 &key(),
                 &headers("msg_1", &ts, &"v1,a".repeat(400)),
                 b"{}",

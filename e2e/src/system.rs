@@ -213,6 +213,7 @@ impl System {
             [
                 "nubabel-callback-api".to_owned(),
                 format!("--http-addr={HOST_IP}:0"),
+                "--admin-http-addr=127.0.0.1:0".to_owned(),
                 format!("--database-url={database_url}"),
                 format!("--redis-url={redis_url}"),
                 format!("--signing-master-key={master_key}"),

@@ -203,6 +203,49 @@ async fn optional_objects_appear_only_when_their_feature_is_on() -> Result<()> {
 }
 
 #[tokio::test]
+async fn the_admin_api_and_callbacks_are_reachable_only_by_their_own_peers() -> Result<()> {
+    // By default the admin API listens on loopback: no other pod reaches it.
+    let default = documents(&template(NAMESPACE, &values_args("default")).await?);
+    let api = kind_named(&default, "Deployment", "nubabel-callback-api");
+    assert_eq!(env_value(api, "NUBABEL_ADMIN_HTTP_ADDR"), "127.0.0.1:8081");
+    assert_eq!(
+        env_value(api, "NUBABEL_CALLBACK_API_HTTP_ADDR"),
+        "0.0.0.0:8080"
+    );
+
+    // Opened to the cluster, the admin port admits only admin.clients, and sidecar pods are
+    // admitted only from tenant namespaces, never from every namespace.
+    let all = documents(&template(NAMESPACE, &values_args("all-features")).await?);
+    let api = kind_named(&all, "Deployment", "nubabel-callback-api");
+    assert_eq!(env_value(api, "NUBABEL_ADMIN_HTTP_ADDR"), "0.0.0.0:8081");
+    let policy = kind_named(&all, "NetworkPolicy", "nubabel-callback-api");
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let api_rule = rules
+        .iter()
+        .find(|rule| rule["ports"][0]["port"] == "http")
+        .expect("a rule for the API port");
+    let sidecars = &api_rule["from"][0];
+    assert_eq!(
+        sidecars["namespaceSelector"],
+        json!({"matchLabels": {"nubabel.io/tenant": "true"}})
+    );
+    assert_eq!(
+        sidecars["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "opencode-sidecar"
+    );
+    let admin_rules: Vec<&Value> = rules
+        .iter()
+        .filter(|rule| rule["ports"][0]["port"] == "admin")
+        .collect();
+    assert_eq!(admin_rules.len(), 1);
+    assert_eq!(
+        admin_rules[0]["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "platform-admin"}}}])
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn both_deployments_run_restricted_with_probes_and_limits() -> Result<()> {
     for set in VALUE_SETS {
         let docs = documents(&template(NAMESPACE, &values_args(set)).await?);

@@ -50,5 +50,16 @@ impl Error {
     }
 }
 
+impl Error {
+    /// True when Postgres refused a text for a character it cannot store (NUL, in `text` or
+    /// in a `jsonb` string): the input is at fault, so the caller answers 4xx. Texts from
+    /// outside are made storable first ([`crate::storable`]); this catches any that was not.
+    pub fn is_unstorable_text(&self) -> bool {
+        // 22021: character_not_in_repertoire; 22P05: untranslatable_character.
+        matches!(self, Self::Postgres(sqlx::Error::Database(db))
+            if db.code().is_some_and(|code| code == "22021" || code == "22P05"))
+    }
+}
+
 /// The data layer's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

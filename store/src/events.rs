@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     sessions::TaskRef,
+    storable,
 };
 
 /// Whether an event is a progress event or a state update.
@@ -164,28 +165,37 @@ pub struct PreparedEvent {
 }
 
 impl PreparedEvent {
-    /// Prepares `event`: its stored body, fingerprint and summary delta.
+    /// Prepares `event`: its stored body (with any NUL replaced, see [`storable`]),
+    /// fingerprint (of the raw body) and summary delta.
     pub fn new(event: &NewEvent<'_>) -> Self {
         let (kind, event_type, body, delta, state, metadata) = match &event.payload {
             EventPayload::Progress {
                 event_type,
                 progress,
-            } => (
-                EventKind::Progress,
-                *event_type,
-                (*progress).clone(),
-                ProgressDelta::from_progress(event_type, progress),
-                None,
-                None,
-            ),
-            EventPayload::State { state, metadata } => (
-                EventKind::State,
-                *state,
-                json!({ "state": state, "metadata": metadata }),
-                ProgressDelta::default(),
-                Some((*state).to_owned()),
-                Some((*metadata).clone()),
-            ),
+            } => {
+                let progress = storable::json_owned(progress);
+                let delta = ProgressDelta::from_progress(event_type, &progress);
+                (
+                    EventKind::Progress,
+                    *event_type,
+                    progress,
+                    delta,
+                    None,
+                    None,
+                )
+            }
+            EventPayload::State { state, metadata } => {
+                // The state itself is a validated name (`[A-Za-z0-9_.-]`).
+                let metadata = storable::json_owned(metadata);
+                (
+                    EventKind::State,
+                    *state,
+                    json!({ "state": state, "metadata": metadata }),
+                    ProgressDelta::default(),
+                    Some((*state).to_owned()),
+                    Some(metadata),
+                )
+            }
         };
         Self {
             session_pk: event.session_pk,

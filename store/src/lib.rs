@@ -14,6 +14,7 @@ pub mod events;
 pub mod results;
 pub mod sessions;
 pub mod slack;
+pub mod storable;
 pub mod streams;
 pub mod vault;
 

@@ -4,7 +4,7 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::{error::Result, storable};
 
 /// The outcome of one finished task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +29,8 @@ pub struct TaskResult<'a> {
     pub error_message: Option<&'a str>,
 }
 
-/// Records (or, for a repeated write of the same task, replaces) a task's outcome.
+/// Records (or, for a repeated write of the same task, replaces) a task's outcome. The agent's
+/// answer and the error message are stored with any NUL replaced ([`storable`]).
 pub async fn record(pool: &PgPool, result: &TaskResult<'_>) -> Result<()> {
     sqlx::query(
         "insert into task_results (task_uid, organization_id, task_namespace, task_name,
@@ -45,9 +46,9 @@ pub async fn record(pool: &PgPool, result: &TaskResult<'_>) -> Result<()> {
     .bind(result.task_name)
     .bind(result.session_id)
     .bind(result.phase)
-    .bind(result.output)
+    .bind(result.output.map(storable::text))
     .bind(result.error_reason)
-    .bind(result.error_message)
+    .bind(result.error_message.map(storable::text))
     .execute(pool)
     .await?;
     Ok(())

@@ -9,6 +9,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use nubabel_contract::identity::OrganizationId;
 use redis::{
     AsyncConnectionConfig, Client, RedisError, Script, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
@@ -163,6 +164,27 @@ impl RedisStore {
             Err(error) if is_superseded(&error) => Ok(StreamAppend::Superseded),
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Claims `request_id` of `organization` for `ttl`: true the first time, false while an
+    /// earlier claim holds. Signed requests that must run at most once (a tool call) claim
+    /// their `webhook-id` for as long as their signature could be replayed.
+    pub async fn claim_request_id(
+        &self,
+        organization: &OrganizationId,
+        request_id: &str,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let mut conn = self.manager.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("nubabel:request:{organization}:{request_id}"))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
     }
 
     /// Keeps `state` as the session's hot state unless a newer one is stored.

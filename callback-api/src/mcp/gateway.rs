@@ -258,8 +258,10 @@ impl Gateway {
         arguments: Map<String, Value>,
     ) -> Result<CallOutcome, CallError> {
         let organization_id = caller.sidecar.organization_id().as_str();
-        let (provider, tool) =
-            protocol::split_tool_name(name).ok_or_else(|| CallError::UnknownTool(name.into()))?;
+        let (provider, tool) = protocol::split_tool_name(name)
+            // A provider no connection can have (a NUL in it, say) is unknown without a query.
+            .filter(|(provider, _)| connections::validate_provider(provider).is_ok())
+            .ok_or_else(|| CallError::UnknownTool(name.into()))?;
         let connection = connections::find(context.db, organization_id, provider)
             .await
             .map_err(CallError::Store)?

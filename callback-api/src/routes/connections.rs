@@ -365,6 +365,14 @@ fn not_found(provider: &str) -> ApiError {
     ApiError::NotFound(format!("no connection for provider {provider:?}"))
 }
 
+/// The `{provider}` of a path: a name no connection can have (a NUL or a slash in it, say) is
+/// answered 404 before any query.
+fn named_provider(provider: &str) -> Result<&str, ApiError> {
+    connections::validate_provider(provider)
+        .map(|()| provider)
+        .map_err(|_| not_found(provider))
+}
+
 async fn view(
     state: &AppState,
     keyring: Option<&Keyring>,
@@ -534,10 +542,11 @@ async fn get_connection(
     Path((organization_id, provider)): Path<(String, String)>,
 ) -> Result<Json<ConnectionView>, ApiError> {
     let organization_id = organization(&organization_id)?;
-    let connection = connections::find(&state.db, organization_id.as_str(), &provider)
+    let provider = named_provider(&provider)?;
+    let connection = connections::find(&state.db, organization_id.as_str(), provider)
         .await
         .map_err(store_error)?
-        .ok_or_else(|| not_found(&provider))?;
+        .ok_or_else(|| not_found(provider))?;
     let keyring = state.credentials.keyring().cloned();
     Ok(Json(view(&state, keyring.as_deref(), connection).await))
 }
@@ -569,6 +578,7 @@ async fn update_connection(
     body: Bytes,
 ) -> Result<Json<ConnectionView>, ApiError> {
     let organization_id = organization(&organization_id)?;
+    let provider = named_provider(&provider)?;
     let keyring = keyring(&state)?;
     let request: UpdateConnection = parse_body(&body)?;
     let upstream_url = match &request.upstream_url {
@@ -583,7 +593,7 @@ async fn update_connection(
         &state.db,
         keyring,
         organization_id.as_str(),
-        &provider,
+        provider,
         &ConnectionUpdate {
             upstream_url: upstream_url.as_ref(),
             credentials: credentials.as_ref(),
@@ -591,7 +601,7 @@ async fn update_connection(
     )
     .await
     .map_err(store_error)?
-    .ok_or_else(|| not_found(&provider))?;
+    .ok_or_else(|| not_found(provider))?;
     tracing::info!(
         organization_id = %updated.organization_id,
         provider = %updated.provider,
@@ -624,14 +634,15 @@ async fn delete_connection(
     Path((organization_id, provider)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let organization_id = organization(&organization_id)?;
-    if connections::delete(&state.db, organization_id.as_str(), &provider)
+    let provider = named_provider(&provider)?;
+    if connections::delete(&state.db, organization_id.as_str(), provider)
         .await
         .map_err(store_error)?
     {
         tracing::info!(%organization_id, %provider, "deleted an MCP connection");
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(not_found(&provider))
+        Err(not_found(provider))
     }
 }
 

@@ -1,5 +1,7 @@
 //! `POST /api/sidecar/mcp/invoke`: the seed's REST form of a tool call, for seed-style
 //! plugins. Signed like every sidecar callback; it runs the same gateway call as `/mcp`.
+//! Unlike a progress callback, a tool call is not idempotent, so each `webhook-id` runs once:
+//! a replayed request is answered 409 and runs nothing.
 
 use axum::{Json, extract::State};
 use nubabel_store::{connections::validate_provider, sessions::validate_session_id};
@@ -78,6 +80,7 @@ pub struct InvokeResponse {
         (status = 401, description = "Missing, stale or invalid signature", body = ErrorBody),
         (status = 403, description = "organizationId is not the caller's organization", body = ErrorBody),
         (status = 404, description = "The organization has no such provider", body = ErrorBody),
+        (status = 409, description = "This webhook-id was used before: a call runs at most once per id", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing or invalid", body = ErrorBody),
@@ -105,6 +108,7 @@ async fn invoke(
         validate_session_id("sessionId", session)
             .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     }
+    callback.claim_once(&state).await?;
     let caller = Caller {
         sidecar: callback.sidecar,
         pod: None,

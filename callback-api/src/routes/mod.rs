@@ -47,7 +47,7 @@ use crate::{error, metrics, state::AppState};
         (name = "delegate", description = "Delegating a task, as Nubabel's delegate_task does"),
         (name = "slack", description = "The Slack bot's Events API endpoint"),
         (name = "mcp", description = "The MCP gateway: tenant tools over MCP (streamable HTTP) and the REST form"),
-        (name = "admin", description = "Tenants' MCP connections and the credential vault, for platform administrators"),
+        (name = "admin", description = "Tenants' MCP connections and the credential vault, for platform administrators; served only on the admin listener (NUBABEL_ADMIN_HTTP_ADDR, loopback by default), not on the API's port"),
     )
 )]
 struct ApiDoc;
@@ -61,10 +61,12 @@ impl Modify for SecuritySchemes {
             "sidecar_signature",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
                 "webhook-signature",
-                "`v1,<base64 HMAC-SHA256(key, webhook-id.webhook-timestamp.body)>` with headers \
-                 `webhook-id`, `webhook-timestamp`, `x-nubabel-organization` and \
-                 `x-nubabel-sidecar: <namespace>/<name>`; the key is derived from the master key \
-                 and the sidecar's identity (docs/callback-api.md).",
+                "`v1,<base64> v2,<base64>`: v2 is HMAC-SHA256(key, \"nubabel-request/v2\\0\" + \
+                 webhook-id + \"\\0\" + webhook-timestamp + \"\\0\" + method + \"\\0\" + \
+                 path-and-query + \"\\0\" + body), required unless the server accepts body-only \
+                 v1 signatures during an upgrade; with headers `webhook-id`, `webhook-timestamp`, \
+                 `x-nubabel-organization` and `x-nubabel-sidecar: <namespace>/<name>`; the key is \
+                 derived from the master key and the sidecar's identity (docs/callback-api.md).",
             ))),
         );
         components.add_security_scheme(
@@ -134,13 +136,13 @@ async fn get_openapi() -> Json<openapi::OpenApi> {
     Json(openapi())
 }
 
+/// Every route but the admin API's.
 fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sessions::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(mcp::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(invoke::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(stream::router())
-        .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .merge(health::router())
         .merge(slack::router())
         .routes(routes!(health::get_metrics))
@@ -155,17 +157,42 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
         )))
 }
 
+/// The admin API, served on its own listener.
+fn admin_api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+}
+
 /// Largest `POST /api/delegate` body: a prompt may be up to 256 KiB.
 const DELEGATE_MAX_BODY_BYTES: usize = 512 * 1024;
 
-/// The OpenAPI document of every route.
+/// The OpenAPI document of every route, the admin listener's included.
 pub fn openapi() -> openapi::OpenApi {
-    api_router(0, Duration::ZERO).into_openapi()
+    api_router(0, Duration::ZERO)
+        .merge(admin_api_router(0, Duration::ZERO))
+        .into_openapi()
 }
 
-/// The whole application; plain requests taking longer than `request_timeout` are answered 408.
+/// The application but the admin API; plain requests taking longer than `request_timeout`
+/// are answered 408.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let (router, _) = api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
+    serve_with(router, state)
+}
+
+/// The admin API alone, for its own listener.
+pub fn admin_router(state: AppState, request_timeout: Duration) -> Router {
+    let (router, _) =
+        admin_api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
+    serve_with(router, state)
+}
+
+/// `router` with the layers every listener has: failure logs, metrics and trace spans.
+fn serve_with(router: Router<AppState>, state: AppState) -> Router {
     router
         .route_layer(middleware::from_fn(error::log_failures))
         .route_layer(middleware::from_fn_with_state(

@@ -5,7 +5,12 @@ use nubabel_store::streams::{RedisSettings, RedisStore};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{now, opencode_session_id, progress, sidecar, spawn_app, unique};
+use nubabel_contract::signing::{self, MasterKey, derive_sidecar_key};
+
+use crate::helpers::{
+    MASTER_KEY, now, opencode_session_id, progress, sidecar, spawn_app, spawn_app_configured,
+    unique,
+};
 
 #[tokio::test]
 async fn a_state_update_is_committed_to_postgres_and_kept_hot_in_redis() -> Result<()> {
@@ -92,7 +97,7 @@ async fn a_repeated_delivery_is_answered_as_success_and_applied_once() -> Result
     let attempts = (0..5).map(|_| {
         app.post_raw(
             &path,
-            app.signed_headers(&sidecar, &id, now(), &body),
+            app.signed_headers(&sidecar, &path, &id, now(), &body),
             body.clone(),
         )
     });
@@ -108,7 +113,7 @@ async fn a_repeated_delivery_is_answered_as_success_and_applied_once() -> Result
     let retry = app
         .post_raw(
             &path,
-            app.signed_headers(&sidecar, &id, now() + 1, &body),
+            app.signed_headers(&sidecar, &path, &id, now() + 1, &body),
             body.clone(),
         )
         .await?;
@@ -146,7 +151,7 @@ async fn concurrent_events_of_one_session_are_numbered_without_gaps_and_counted_
         [0, 1].map(|_| {
             app.post_raw(
                 &path,
-                app.signed_headers(&sidecar, id, now(), body),
+                app.signed_headers(&sidecar, &path, id, now(), body),
                 body.clone(),
             )
         })
@@ -249,7 +254,8 @@ async fn no_tenant_can_touch_another_tenants_sessions() -> Result<()> {
 
     // A tenant's key cannot pass for another tenant: the identity headers choose the key.
     let body = serde_json::to_vec(&progress(0))?;
-    let mut forged = app.signed_headers(&tenants[0], &unique("msg"), now(), &body);
+    let path = format!("/api/sidecar/sessions/{}/progress", sessions[1].session_id);
+    let mut forged = app.signed_headers(&tenants[0], &path, &unique("msg"), now(), &body);
     forged.insert(
         "x-nubabel-organization",
         tenants[1].organization_id().to_string().parse()?,
@@ -258,7 +264,6 @@ async fn no_tenant_can_touch_another_tenants_sessions() -> Result<()> {
         "x-nubabel-sidecar",
         format!("{}/{}", tenants[1].namespace(), tenants[1].name()).parse()?,
     );
-    let path = format!("/api/sidecar/sessions/{}/progress", sessions[1].session_id);
     let response = app.post_raw(&path, forged, body).await?;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(app.count("session_events").await?, 8);
@@ -276,7 +281,7 @@ async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
     let body = serde_json::to_vec(&progress(0))?;
 
     let tampered = {
-        let headers = app.signed_headers(&tenant, &unique("msg"), now(), &body);
+        let headers = app.signed_headers(&tenant, &path, &unique("msg"), now(), &body);
         (headers, serde_json::to_vec(&progress(1))?)
     };
     let wrong_key = {
@@ -286,7 +291,7 @@ async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
             tenant.namespace(),
             "other",
         )?;
-        let mut headers = app.signed_headers(&other, &unique("msg"), now(), &body);
+        let mut headers = app.signed_headers(&other, &path, &unique("msg"), now(), &body);
         headers.insert(
             "x-nubabel-sidecar",
             format!("{}/{}", tenant.namespace(), tenant.name()).parse()?,
@@ -294,18 +299,41 @@ async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
         (headers, body.clone())
     };
     let stale = (
-        app.signed_headers(&tenant, &unique("msg"), now() - 301, &body),
+        app.signed_headers(&tenant, &path, &unique("msg"), now() - 301, &body),
         body.clone(),
     );
     let future = (
-        app.signed_headers(&tenant, &unique("msg"), now() + 301, &body),
+        app.signed_headers(&tenant, &path, &unique("msg"), now() + 301, &body),
         body.clone(),
     );
+    // Signed for another session of the same fleet, or for another route: a capture cannot
+    // be re-sent elsewhere.
+    let other_session = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let other_path = format!(
+        "/api/sidecar/sessions/{}/progress",
+        other_session.session_id
+    );
+    let moved_session = (
+        app.signed_headers(&tenant, &other_path, &unique("msg"), now(), &body),
+        body.clone(),
+    );
+    let update_path = format!("/api/sidecar/sessions/{}/update", mapping.session_id);
+    let moved_route = (
+        app.signed_headers(&tenant, &update_path, &unique("msg"), now(), &body),
+        body.clone(),
+    );
+    // Signed over the body alone (v1 only), which this server does not accept by default.
+    let body_only = (body_only_signed(&app, &tenant, &path, &body)?, body.clone());
     let mut cases = vec![
         ("tampered body", tampered),
         ("wrong key", wrong_key),
         ("stale", stale),
         ("future", future),
+        ("signed for another session", moved_session),
+        ("signed for another route", moved_route),
+        ("signed over the body only", body_only),
     ];
     for header in [
         "webhook-id",
@@ -314,7 +342,7 @@ async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
         "x-nubabel-organization",
         "x-nubabel-sidecar",
     ] {
-        let mut headers = app.signed_headers(&tenant, &unique("msg"), now(), &body);
+        let mut headers = app.signed_headers(&tenant, &path, &unique("msg"), now(), &body);
         headers.remove(header);
         cases.push((header, (headers, body.clone())));
     }
@@ -330,7 +358,7 @@ async fn bad_signatures_are_refused_with_401_and_write_nothing() -> Result<()> {
     let valid = app
         .post_raw(
             &path,
-            app.signed_headers(&tenant, &unique("msg"), now(), &body),
+            app.signed_headers(&tenant, &path, &unique("msg"), now(), &body),
             body.clone(),
         )
         .await?;
@@ -427,7 +455,7 @@ async fn malformed_incomplete_or_oversized_bodies_are_refused_and_write_nothing(
         ),
     ];
     for (name, path, body, status, message) in cases {
-        let headers = app.signed_headers(&tenant, &unique("msg"), now(), &body);
+        let headers = app.signed_headers(&tenant, path, &unique("msg"), now(), &body);
         let response = app.post_raw(path, headers, body).await?;
         assert_eq!(response.status(), status, "{name}");
         let error: Value = response.json().await?;
@@ -440,7 +468,7 @@ async fn malformed_incomplete_or_oversized_bodies_are_refused_and_write_nothing(
 
     // A body that is not declared as JSON.
     let body = serde_json::to_vec(&progress(0))?;
-    let mut headers = app.signed_headers(&tenant, &unique("msg"), now(), &body);
+    let mut headers = app.signed_headers(&tenant, &progress_path, &unique("msg"), now(), &body);
     headers.insert("content-type", "text/plain".parse()?);
     let response = app.post_raw(&progress_path, headers, body).await?;
     assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
@@ -460,13 +488,11 @@ async fn an_endless_body_is_cut_off_with_413_before_it_is_read_whole() -> Result
     let chunks = futures::stream::repeat_with(|| {
         Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 4096]))
     });
-    let headers = app.signed_headers(&tenant, &unique("msg"), now(), b"{}");
+    let path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
+    let headers = app.signed_headers(&tenant, &path, &unique("msg"), now(), b"{}");
     let response = app
         .client
-        .post(format!(
-            "{}/api/sidecar/sessions/{}/progress",
-            app.address, mapping.session_id
-        ))
+        .post(format!("{}{path}", app.address))
         .headers(headers)
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
@@ -477,5 +503,54 @@ async fn an_endless_body_is_cut_off_with_413_before_it_is_read_whole() -> Result
         Err(error) => assert!(error.is_request() || error.is_body(), "{error}"),
     }
     assert_eq!(app.count("session_events").await?, 0);
+    Ok(())
+}
+
+/// Headers a bridge that predates request-bound signatures sends: `v1` over the body only.
+fn body_only_signed(
+    app: &crate::helpers::TestApp,
+    tenant: &nubabel_contract::identity::SidecarIdentity,
+    path: &str,
+    body: &[u8],
+) -> Result<reqwest::header::HeaderMap> {
+    let id = unique("msg");
+    let timestamp = now();
+    let mut headers = app.signed_headers(tenant, path, &id, timestamp, body);
+    let master = MasterKey::new(MASTER_KEY.as_bytes())?;
+    let v1 = signing::sign(&derive_sidecar_key(&master, tenant), &id, timestamp, body);
+    headers.insert("webhook-signature", v1.parse()?);
+    Ok(headers)
+}
+
+#[tokio::test]
+async fn body_only_signatures_are_refused_by_name_unless_the_upgrade_setting_allows_them()
+-> Result<()> {
+    let body = serde_json::to_vec(&progress(0))?;
+    for (allowed, expected) in [(false, StatusCode::UNAUTHORIZED), (true, StatusCode::OK)] {
+        let app =
+            spawn_app_configured(|config| config.accept_body_only_signatures = allowed).await?;
+        let tenant = sidecar(&unique("org"));
+        let mapping = app
+            .register(&tenant, &unique("s"), &opencode_session_id())
+            .await?;
+        let path = format!("/api/sidecar/sessions/{}/progress", mapping.session_id);
+        let headers = body_only_signed(&app, &tenant, &path, &body)?;
+        let response = app.post_raw(&path, headers, body.clone()).await?;
+        assert_eq!(response.status(), expected, "allowed: {allowed}");
+        if allowed {
+            let metrics = reqwest::get(format!("{}/metrics", app.address))
+                .await?
+                .text()
+                .await?;
+            assert!(
+                metrics.contains("nubabel_callback_api_body_only_signatures_total 1"),
+                "{metrics}"
+            );
+        } else {
+            let error: Value = response.json().await?;
+            let message = error["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("v2"), "{message}");
+        }
+    }
     Ok(())
 }

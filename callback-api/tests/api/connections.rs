@@ -23,13 +23,40 @@ fn loopback(config: &mut nubabel_callback_api::config::Config) {
 #[tokio::test]
 async fn admin_routes_need_the_admin_token() -> Result<()> {
     let app = spawn_app().await?;
-    let url = format!("{}/api/admin/organizations/org-a/connections", app.address);
+    let url = format!(
+        "{}/api/admin/organizations/org-a/connections",
+        app.admin_address
+    );
     let missing = app.client.get(&url).send().await?;
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
     let wrong = app.client.get(&url).bearer_auth("nope").send().await?;
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     let body: Value = wrong.json().await?;
     assert_eq!(body["error"]["message"], "invalid admin token");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_admin_api_is_served_only_on_its_own_listener() -> Result<()> {
+    let app = spawn_app().await?;
+    let path = "/api/admin/organizations/org-a/connections";
+    // With the right token, on the API's listener (the one sidecars reach): no such route.
+    let public = app
+        .client
+        .get(format!("{}{path}", app.address))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .send()
+        .await?;
+    assert_eq!(public.status(), StatusCode::NOT_FOUND);
+    let (status, body) = app.admin(Method::GET, path, None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // And the admin listener serves nothing else.
+    let stray = app
+        .client
+        .get(format!("{}/healthz", app.admin_address))
+        .send()
+        .await?;
+    assert_eq!(stray.status(), StatusCode::NOT_FOUND);
     Ok(())
 }
 

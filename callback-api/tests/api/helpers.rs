@@ -10,7 +10,7 @@ use nubabel_callback_api::{
 };
 use nubabel_contract::{
     identity::{OrganizationId, SidecarIdentity},
-    signing::{self, MasterKey, derive_sidecar_key},
+    signing::{self, MasterKey, RequestTarget, derive_sidecar_key},
     stream_token::{self, StreamTokenKey},
 };
 use nubabel_store::sessions::{NewMapping, SessionMapping, SessionMappings, TaskRef};
@@ -28,6 +28,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 /// A running application and what a test needs to reach it.
 pub struct TestApp {
     pub address: String,
+    /// The admin listener's address (`http://127.0.0.1:PORT`).
+    pub admin_address: String,
     pub db: PgPool,
     pub database_url: String,
     pub redis_url: String,
@@ -49,6 +51,7 @@ impl Drop for TestApp {
 pub fn test_config(database_url: &str, redis_url: &str) -> Config {
     Config {
         http_addr: "127.0.0.1:0".parse().expect("address"),
+        admin_http_addr: "127.0.0.1:0".parse().expect("address"),
         database_url: database_url.into(),
         database_max_connections: 8,
         redis_url: redis_url.into(),
@@ -56,6 +59,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         stream_token_key: STREAM_KEY.into(),
         max_body_bytes: 16 * 1024,
         signature_tolerance_seconds: 300,
+        accept_body_only_signatures: false,
         stream_max_len: 1000,
         sse_keep_alive_seconds: 1,
         status_mirror: false,
@@ -132,6 +136,7 @@ pub async fn build_app_with(
     let reencryption = application.take_reencryption();
     let state = application.state().clone();
     let address = format!("http://127.0.0.1:{}", application.port());
+    let admin_address = format!("http://{}", application.admin_addr()?);
     let db = application.state().db.clone();
     let (shutdown, stopped) = oneshot::channel();
     tokio::spawn(application.run_until(async {
@@ -140,6 +145,7 @@ pub async fn build_app_with(
     Ok((
         TestApp {
             address,
+            admin_address,
             db,
             database_url: database_url.to_owned(),
             redis_url: redis_url.to_owned(),
@@ -192,10 +198,11 @@ impl TestApp {
             .await?)
     }
 
-    /// Signed headers for `body`, as `sidecar` would send them.
+    /// Signed headers for a POST of `body` to `path`, as `sidecar`'s bridge sends them.
     pub fn signed_headers(
         &self,
         sidecar: &SidecarIdentity,
+        path: &str,
         webhook_id: &str,
         timestamp: i64,
         body: &[u8],
@@ -211,7 +218,7 @@ impl TestApp {
         set("webhook-timestamp", timestamp.to_string());
         set(
             "webhook-signature",
-            signing::sign(&key, webhook_id, timestamp, body),
+            signing::sign_request(&key, webhook_id, timestamp, RequestTarget::post(path), body),
         );
         set(
             "x-nubabel-organization",
@@ -250,13 +257,9 @@ impl TestApp {
         body: &Value,
     ) -> Result<Response> {
         let body = serde_json::to_vec(body)?;
-        let headers = self.signed_headers(sidecar, webhook_id, now(), &body);
-        self.post_raw(
-            &format!("/api/sidecar/sessions/{session}/{action}"),
-            headers,
-            body,
-        )
-        .await
+        let path = format!("/api/sidecar/sessions/{session}/{action}");
+        let headers = self.signed_headers(sidecar, &path, webhook_id, now(), &body);
+        self.post_raw(&path, headers, body).await
     }
 
     /// A stream token for `org` (optionally limited to one session), valid ten minutes.

@@ -15,6 +15,7 @@ mod limits;
 mod mappings;
 mod mcp;
 mod mirror;
+mod nul;
 mod oauth;
 mod openapi;
 mod resilience;

@@ -549,10 +549,59 @@ async fn a_call_is_recorded_as_progress_of_the_pods_working_session_only_when_un
 
 async fn invoke(app: &TestApp, sidecar: &SidecarIdentity, body: &Value) -> reqwest::Response {
     let body = serde_json::to_vec(body).unwrap();
-    let headers = app.signed_headers(sidecar, &unique("invoke"), crate::helpers::now(), &body);
-    app.post_raw("/api/sidecar/mcp/invoke", headers, body)
+    let path = "/api/sidecar/mcp/invoke";
+    let headers = app.signed_headers(
+        sidecar,
+        path,
+        &unique("invoke"),
+        crate::helpers::now(),
+        &body,
+    );
+    app.post_raw(path, headers, body).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_tool_name_with_nul_is_an_unknown_tool_not_an_internal_error() {
+    let app = app_with(|_| {}).await;
+    let upstream = McpUpstream::start().unwrap();
+    connect(&app, "org-a", "alpha", &upstream, "token-of-a").await;
+    let a = sidecar("org-a");
+    for name in ["al\u{0}pha_echo", "alpha\u{0}_echo"] {
+        let answer = call(&app, &a, name, json!({})).await;
+        assert_eq!(answer["error"]["code"], -32602, "{name:?}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_rest_call_is_refused_and_runs_the_tool_once() {
+    let app = app_with(|_| {}).await;
+    let upstream = McpUpstream::start().unwrap();
+    connect(&app, "org-a", "alpha", &upstream, "token-of-a").await;
+    let a = sidecar("org-a");
+    app.register(&a, "conversation-r", "ses_replayed")
         .await
-        .unwrap()
+        .unwrap();
+    let body = serde_json::to_vec(&json!({"organizationId": "org-a", "provider": "alpha",
+        "toolName": "echo", "args": {"n": 1}, "sessionId": "conversation-r"}))
+    .unwrap();
+    let path = "/api/sidecar/mcp/invoke";
+    let captured = app.signed_headers(&a, path, &unique("invoke"), crate::helpers::now(), &body);
+    let first = app
+        .post_raw(path, captured.clone(), body.clone())
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let replayed = app.post_raw(path, captured, body).await.unwrap();
+    assert_eq!(replayed.status(), StatusCode::CONFLICT);
+    let error: Value = replayed.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most once"),
+        "{error}"
+    );
+    assert_eq!(recorded_calls(&app, "conversation-r").await.len(), 1);
 }
 
 #[tokio::test]

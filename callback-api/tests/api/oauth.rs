@@ -120,7 +120,7 @@ impl TestApp {
     ) -> Result<(StatusCode, Value)> {
         let mut request = self
             .client
-            .request(method, format!("{}{path}", self.address))
+            .request(method, format!("{}{path}", self.admin_address))
             .bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
             request = request.json(body);
