@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod event_log;
+pub mod extract;
 pub mod fanout;
 pub mod limits;
 pub mod mcp;

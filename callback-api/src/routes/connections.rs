@@ -9,7 +9,7 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{FromRequestParts, Path, State},
+    extract::{FromRequestParts, State},
     http::{StatusCode, header, request::Parts},
 };
 use jiff::{SignedDuration, Timestamp};
@@ -31,6 +31,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     error::{ApiError, ErrorBody},
+    extract::ApiPath,
     routes::sessions::parse_body,
     state::AppState,
 };
@@ -452,7 +453,7 @@ async fn view(
 async fn list_connections(
     _admin: Admin,
     State(state): State<AppState>,
-    Path(organization_id): Path<String>,
+    ApiPath(organization_id): ApiPath<String>,
 ) -> Result<Json<ConnectionList>, ApiError> {
     let organization_id = organization(&organization_id)?;
     let keyring = state.credentials.keyring().cloned();
@@ -486,7 +487,7 @@ async fn list_connections(
 async fn create_connection(
     _admin: Admin,
     State(state): State<AppState>,
-    Path(organization_id): Path<String>,
+    ApiPath(organization_id): ApiPath<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
     let organization_id = organization(&organization_id)?;
@@ -531,6 +532,7 @@ async fn create_connection(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "The connection, without secrets", body = ConnectionView),
+        (status = 400, description = "Malformed organization id", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such connection for this tenant", body = ErrorBody),
         (status = 503, description = "Admin API disabled or Postgres unavailable", body = ErrorBody),
@@ -539,7 +541,7 @@ async fn create_connection(
 async fn get_connection(
     _admin: Admin,
     State(state): State<AppState>,
-    Path((organization_id, provider)): Path<(String, String)>,
+    ApiPath((organization_id, provider)): ApiPath<(String, String)>,
 ) -> Result<Json<ConnectionView>, ApiError> {
     let organization_id = organization(&organization_id)?;
     let provider = named_provider(&provider)?;
@@ -574,7 +576,7 @@ async fn get_connection(
 async fn update_connection(
     _admin: Admin,
     State(state): State<AppState>,
-    Path((organization_id, provider)): Path<(String, String)>,
+    ApiPath((organization_id, provider)): ApiPath<(String, String)>,
     body: Bytes,
 ) -> Result<Json<ConnectionView>, ApiError> {
     let organization_id = organization(&organization_id)?;
@@ -623,6 +625,7 @@ async fn update_connection(
     security(("admin_token" = [])),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "Malformed organization id", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such connection for this tenant", body = ErrorBody),
         (status = 503, description = "Admin API disabled or Postgres unavailable", body = ErrorBody),
@@ -631,7 +634,7 @@ async fn update_connection(
 async fn delete_connection(
     _admin: Admin,
     State(state): State<AppState>,
-    Path((organization_id, provider)): Path<(String, String)>,
+    ApiPath((organization_id, provider)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let organization_id = organization(&organization_id)?;
     let provider = named_provider(&provider)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::{
     Json,
     body::Bytes,
-    extract::{Query, State},
+    extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -33,6 +33,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::{
     auth::unix_now,
     error::{ApiError, ErrorBody},
+    extract::ApiQuery,
     state::AppState,
 };
 
@@ -171,7 +172,7 @@ pub struct DelegateAccepted {
 )]
 async fn delegate(
     State(state): State<AppState>,
-    Query(query): Query<DelegateQuery>,
+    ApiQuery(query): ApiQuery<DelegateQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {

@@ -90,7 +90,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     get,
     path = "/metrics",
     tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
+    responses((status = 200, description = "The metrics in the OpenMetrics text format", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"))
 )]
 pub async fn get_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
     match metrics.render() {

@@ -5,10 +5,7 @@
 //! Postgres exactly once, then fan it out and mark the task's status for the mirror. A 2xx
 //! means the event is committed; a repeated `webhook-id` is answered 200 and changes nothing.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use nubabel_store::{
     events::EventPayload,
     sessions::{SessionRef, resolve_fleet_session, validate_session_id},
@@ -21,6 +18,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::{
     auth::SignedCallback,
     error::{ApiError, ErrorBody},
+    extract::ApiPath,
     state::AppState,
 };
 
@@ -105,7 +103,7 @@ pub struct Accepted {
 )]
 async fn update_session(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
     callback: SignedCallback,
 ) -> Result<Json<Accepted>, ApiError> {
     let _in_flight = state
@@ -147,7 +145,7 @@ async fn update_session(
 )]
 async fn record_progress(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
     callback: SignedCallback,
 ) -> Result<Json<Accepted>, ApiError> {
     let _in_flight = state
