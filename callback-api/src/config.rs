@@ -141,6 +141,20 @@ pub struct Config {
     /// before posting them (claims older than five minutes), in seconds.
     #[arg(long, env = "NUBABEL_SLACK_FINAL_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub slack_final_sweep_seconds: u64,
+
+    /// Days session events (every accepted callback) are kept; older ones are deleted, so a
+    /// replay from the start begins at the oldest kept event. 0 keeps them forever.
+    #[arg(long, env = "NUBABEL_RETENTION_EVENTS_DAYS", default_value_t = 30)]
+    pub retention_events_days: u32,
+
+    /// Days task results (each finished task's whole answer) and Slack thread records are kept
+    /// after their last change. 0 keeps them forever.
+    #[arg(long, env = "NUBABEL_RETENTION_RESULTS_DAYS", default_value_t = 90)]
+    pub retention_results_days: u32,
+
+    /// Seconds between two retention sweeps of each replica.
+    #[arg(long, env = "NUBABEL_RETENTION_INTERVAL_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention_interval_seconds: u64,
     /// Credential vault master keys, `<id>=<base64 of 32 bytes>` separated by commas, the
     /// current key first (`k2=...,k1=...`); older keys only decrypt. Without it, MCP
     /// connections cannot be stored or used.

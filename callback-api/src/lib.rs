@@ -17,6 +17,7 @@ pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod mirror;
+pub mod retention;
 pub mod routes;
 pub mod session_cache;
 pub mod slack;

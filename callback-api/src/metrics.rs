@@ -80,6 +80,13 @@ pub struct LimitLabels {
     pub limit: &'static str,
 }
 
+/// Labels of the retention counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// `session_events`, `task_results` or `slack_threads`.
+    pub table: &'static str,
+}
+
 /// Labels of the MCP tool-call counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct McpCallLabels {
@@ -116,6 +123,8 @@ pub struct Metrics {
     pub mcp_tool_call_duration: Family<McpCallLabels, Histogram>,
     /// Callbacks accepted with a body-only (`v1`) signature, under the upgrade setting.
     pub body_only_signatures: Counter,
+    /// Rows deleted by retention, by table.
+    pub retention_deleted: Family<TableLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -190,6 +199,12 @@ impl Metrics {
             "Time of MCP tool calls, waiting for a slot included",
             mcp_tool_call_duration.clone(),
         );
+        let retention_deleted = Family::<TableLabels, Counter>::default();
+        registry.register(
+            "retention_deleted",
+            "Rows deleted because they were older than their retention",
+            retention_deleted.clone(),
+        );
         let body_only_signatures = Counter::default();
         registry.register(
             "body_only_signatures",
@@ -221,6 +236,7 @@ impl Metrics {
             mcp_tool_calls,
             mcp_tool_call_duration,
             body_only_signatures,
+            retention_deleted,
         }
     }
 

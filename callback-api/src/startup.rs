@@ -28,7 +28,7 @@ use crate::{
     mcp::{Gateway, GatewaySettings},
     metrics::Metrics,
     mirror::{KubeStatusWriter, StatusMirror},
-    routes,
+    retention, routes,
     slack::{SlackBot, SlackSettings, notifier::Notifier},
     state::{AppState, Keys, KubeClient, Settings},
 };
@@ -46,6 +46,7 @@ pub struct Application {
     state: AppState,
     header_read_timeout: Duration,
     reencryption: Option<JoinHandle<()>>,
+    retention: JoinHandle<()>,
 }
 
 impl Application {
@@ -109,6 +110,7 @@ impl Application {
         let reencryption = keyring
             .as_ref()
             .map(|keyring| reencrypt_in_background(db.clone(), Arc::clone(keyring)));
+        let (db_for_retention, metrics_for_retention) = (db.clone(), Arc::clone(&metrics));
         let state = AppState {
             credentials: Arc::new(Broker::new(
                 db.clone(),
@@ -160,6 +162,12 @@ impl Application {
             port,
             state,
             header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+            retention: retention::start(
+                db_for_retention,
+                retention::policy(&config),
+                Duration::from_secs(config.retention_interval_seconds),
+                metrics_for_retention,
+            ),
             reencryption,
         })
     }
@@ -224,6 +232,7 @@ impl Application {
         for task in background {
             task.abort();
         }
+        self.retention.abort();
         served
     }
 

@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod results;
+pub mod retention;
 pub mod sessions;
 pub mod slack;
 pub mod storable;

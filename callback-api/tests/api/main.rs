@@ -19,6 +19,7 @@ mod nul;
 mod oauth;
 mod openapi;
 mod resilience;
+mod retention;
 mod session_scope;
 mod slack;
 mod stream;
