@@ -11,7 +11,7 @@ use nubabel_contract::signing::SidecarKey;
 use nubabel_opencode::ClientConfig;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::delivery::Backoff;
+use crate::retry::Backoff;
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

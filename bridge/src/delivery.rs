@@ -4,40 +4,28 @@
 //! `webhook-signature`, signed over the request and body with the sidecar's key as
 //! `nubabel_contract::signing::sign_request` does) and the
 //! identity headers the callback API derives the key from. A retry sends the same id and body
-//! with a fresh timestamp, so the API deduplicates it.
+//! with a fresh timestamp, so the API deduplicates it. When to retry and how long to wait is
+//! [`crate::retry`]'s decision; a callback refused for good is dropped, so it never holds up the
+//! ones behind it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nubabel_contract::identity::SidecarIdentity;
 use nubabel_contract::signing::{RequestTarget, SidecarKey, sign_request};
-use reqwest::header::CONTENT_TYPE;
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 
 use crate::liveness::Liveness;
 use crate::mapping::Callback;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::random;
+use crate::retry::{Backoff, honours_retry_after, is_retryable, parse_retry_after};
 
 /// Header naming the caller's organization (as the callback API reads it).
 pub const ORGANIZATION_HEADER: &str = "x-nubabel-organization";
 /// Header naming the caller's sidecar fleet as `<namespace>/<name>`.
 pub const SIDECAR_HEADER: &str = "x-nubabel-sidecar";
-
-/// Exponential backoff bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// First pause.
-    pub initial: Duration,
-    /// Longest pause.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The pause after `pause`: doubled, at most `max`.
-    pub fn next(&self, pause: Duration) -> Duration {
-        (pause * 2).min(self.max)
-    }
-}
 
 /// What one attempt to deliver a callback gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +43,8 @@ pub enum Outcome {
     Retry {
         /// Why.
         reason: String,
+        /// The pause the API asked for (`Retry-After` on 429 and 503), if it gave a valid one.
+        retry_after: Option<Duration>,
     },
 }
 
@@ -124,6 +114,7 @@ impl CallbackSender {
             Err(error) => {
                 return Outcome::Retry {
                     reason: error_chain(&error),
+                    retry_after: None,
                 };
             }
         };
@@ -131,6 +122,16 @@ impl CallbackSender {
         if status.is_success() {
             return Outcome::Delivered;
         }
+        let code = status.as_u16();
+        let retry_after = if honours_retry_after(code) {
+            response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| parse_retry_after(value, SystemTime::now()))
+        } else {
+            None
+        };
         let reason: String = response
             .text()
             .await
@@ -138,10 +139,10 @@ impl CallbackSender {
             .chars()
             .take(300)
             .collect();
-        let code = status.as_u16();
-        if status.is_server_error() || code == 408 || code == 429 {
+        if is_retryable(code) {
             Outcome::Retry {
                 reason: format!("{code}: {reason}"),
+                retry_after,
             }
         } else {
             Outcome::Rejected {
@@ -158,8 +159,9 @@ impl CallbackSender {
     }
 }
 
-/// Delivers the buffer's callbacks in order, forever: each is retried with exponential backoff
-/// until the API accepts or refuses it, or it is dropped from a full buffer meanwhile.
+/// Delivers the buffer's callbacks in order, forever: each is retried with jittered exponential
+/// backoff (at least as long as the API's `Retry-After`) until the API accepts or refuses it, or
+/// it is dropped from a full buffer meanwhile.
 pub async fn deliver(
     outbox: Arc<Outbox>,
     sender: CallbackSender,
@@ -196,19 +198,24 @@ pub async fn deliver(
                     );
                     break;
                 }
-                Outcome::Retry { reason } => {
+                Outcome::Retry {
+                    reason,
+                    retry_after,
+                } => {
                     metrics.failed_attempts.inc();
+                    pause = backoff.retry_pause(pause, retry_after, random::fraction());
                     // The first failure and then every tenth, so an outage does not flood the log.
                     if attempts == 1 || attempts.is_multiple_of(10) {
                         tracing::warn!(
                             attempts,
                             reason,
+                            ?retry_after,
+                            ?pause,
                             buffered = outbox.len(),
                             "callback delivery failed; retrying"
                         );
                     }
                     tokio::time::sleep(pause).await;
-                    pause = backoff.next(pause);
                     if !outbox.is_front(seq) {
                         break;
                     }
@@ -235,23 +242,4 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_maximum() {
-        let backoff = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_millis(350),
-        };
-        let pauses: Vec<u128> =
-            std::iter::successors(Some(backoff.initial), |p| Some(backoff.next(*p)))
-                .take(4)
-                .map(|p| p.as_millis())
-                .collect();
-        assert_eq!(pauses, [100, 200, 350, 350]);
-    }
 }

@@ -13,6 +13,8 @@ pub mod liveness;
 pub mod mapping;
 pub mod metrics;
 pub mod outbox;
+mod random;
+pub mod retry;
 pub mod telemetry;
 
 use std::future::Future;
@@ -25,12 +27,13 @@ use nubabel_opencode::{Event, OpencodeClient};
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
-use crate::delivery::{Backoff, CallbackSender};
+use crate::delivery::CallbackSender;
 use crate::health::HealthState;
 use crate::liveness::Liveness;
-use crate::mapping::{Mapper, MapperSettings};
+use crate::mapping::{IdOrigin, Mapper, MapperSettings};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::retry::Backoff;
 
 /// Why the bridge could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +150,7 @@ impl Bridge {
                 pod_name: settings.pod_name.clone(),
                 pod_ip: settings.pod_ip.clone(),
             },
-            unix_millis(),
+            IdOrigin::new(unix_millis()),
         );
         tokio::select! {
             () = follow_events(opencode, mapper, Arc::clone(&outbox), Arc::clone(&metrics), liveness, settings.reconnect_backoff) => {}

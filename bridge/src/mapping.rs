@@ -11,7 +11,9 @@
 //! recognised by the callback API: `{partId}-start` / `{partId}-end` for tool calls,
 //! `{partId}-final` / `{partId}-{length}` for text, `{requestId}-asked` for permissions and
 //! questions, `{eventId}-{what}` for status changes, and `resync-...` for states posted after a
-//! reconnect.
+//! reconnect. Events without an OpenCode id get `b{boot}-{nonce}-{n}` (see [`IdOrigin`]): the
+//! callback API deduplicates ids per organization, so they must differ between the pods of a
+//! tenant even when two start in the same millisecond.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -160,25 +162,46 @@ pub struct MapperSettings {
     pub pod_ip: Option<String>,
 }
 
+/// What keeps the ids a mapper makes up for events without an OpenCode id apart from those of
+/// every other bridge of the tenant: the start time, and a random nonce for bridges that start
+/// in the same millisecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdOrigin {
+    /// The bridge's start, in Unix milliseconds.
+    pub boot_millis: u64,
+    /// 64 random bits drawn once per process.
+    pub nonce: u64,
+}
+
+impl IdOrigin {
+    /// The origin of a bridge that started at `boot_millis`, with a fresh random nonce.
+    pub fn new(boot_millis: u64) -> Self {
+        Self {
+            boot_millis,
+            nonce: crate::random::u64(),
+        }
+    }
+}
+
 /// Turns events into callbacks, remembering what each session reported so far.
 #[derive(Debug)]
 pub struct Mapper {
     settings: MapperSettings,
     sessions: HashMap<String, SessionTrack>,
     parents: HashMap<String, String>,
-    boot: u64,
+    origin: IdOrigin,
     generated: u64,
 }
 
 impl Mapper {
-    /// A mapper that knows nothing yet; `boot` (e.g. the start time in ms) keeps the ids of
-    /// events without an OpenCode id apart across restarts.
-    pub fn new(settings: MapperSettings, boot: u64) -> Self {
+    /// A mapper that knows nothing yet; `origin` sets the ids of events without an OpenCode id
+    /// apart from other pods' and other runs'.
+    pub fn new(settings: MapperSettings, origin: IdOrigin) -> Self {
         Self {
             settings,
             sessions: HashMap::new(),
             parents: HashMap::new(),
-            boot,
+            origin,
             generated: 0,
         }
     }
@@ -189,7 +212,11 @@ impl Mapper {
             Some(id) => id.clone(),
             None => {
                 self.generated += 1;
-                format!("b{}-{}", self.boot, self.generated)
+                // At most 1 + 20 + 1 + 16 + 1 + 20 characters: well within the 128 allowed.
+                format!(
+                    "b{}-{:016x}-{}",
+                    self.origin.boot_millis, self.origin.nonce, self.generated
+                )
             }
         };
         match &envelope.event {
@@ -638,7 +665,10 @@ mod tests {
                 pod_name: Some("fleet-0".into()),
                 pod_ip: None,
             },
-            7,
+            IdOrigin {
+                boot_millis: 7,
+                nonce: 0xab,
+            },
         )
     }
 
@@ -1058,7 +1088,50 @@ mod tests {
             "properties": {"sessionID": "ses_1", "status": {"type": "busy"}}})),
             Instant::now(),
         );
-        assert_eq!(out[0].webhook_id, "b7-1-busy");
+        assert_eq!(out[0].webhook_id, "b7-00000000000000ab-1-busy");
+    }
+
+    fn busy_without_an_id() -> EventEnvelope {
+        EventEnvelope::from_value(json!({"type": "session.status",
+            "properties": {"sessionID": "ses_1", "status": {"type": "busy"}}}))
+    }
+
+    #[test]
+    fn pods_started_in_the_same_millisecond_give_events_without_an_id_different_valid_ids() {
+        let settings = MapperSettings {
+            text_interval: Duration::from_secs(1),
+            pod_name: None,
+            pod_ip: None,
+        };
+        let boot = 1_800_000_000_000;
+        let ids: Vec<String> = [IdOrigin::new(boot), IdOrigin::new(boot)]
+            .into_iter()
+            .map(|origin| {
+                let mut m = Mapper::new(settings.clone(), origin);
+                m.handle(&busy_without_an_id(), Instant::now())
+                    .remove(0)
+                    .webhook_id
+            })
+            .collect();
+        assert_ne!(ids[0], ids[1]);
+        for id in &ids {
+            assert!(validate_webhook_id(id).is_ok(), "{id}");
+            assert!(id.starts_with("b1800000000000-"), "{id}");
+        }
+        // The longest an id can get still fits.
+        let mut m = Mapper::new(
+            settings,
+            IdOrigin {
+                boot_millis: u64::MAX,
+                nonce: u64::MAX,
+            },
+        );
+        m.generated = u64::MAX - 1;
+        let longest = m.handle(&busy_without_an_id(), Instant::now()).remove(0);
+        assert_eq!(
+            longest.webhook_id,
+            format!("b{0}-ffffffffffffffff-{0}-busy", u64::MAX)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use axum::Router;
@@ -19,16 +19,11 @@ use clap::Parser;
 use futures::StreamExt;
 use nubabel_bridge::Bridge;
 use nubabel_bridge::config::Config as BridgeConfig;
-use nubabel_bridge::delivery::Backoff;
 use nubabel_bridge::metrics::Metrics;
+use nubabel_bridge::retry::Backoff;
 use nubabel_callback_api::config::{Config as ApiConfig, LogFormat};
 use nubabel_callback_api::startup::Application;
 use nubabel_callback_api::state::AppState;
-use nubabel_contract::identity::SidecarIdentity;
-use nubabel_contract::signing::{
-    self, Acceptance, MasterKey, RequestTarget, SidecarKey, SignedHeaders, Versions,
-    derive_sidecar_key,
-};
 use nubabel_e2e::fake_llm::{ANSWER_PREFIX, TOOL_OUTPUT, TOOL_RESULT_PREFIX};
 use nubabel_e2e::opencode_server::shared_opencode;
 use nubabel_e2e::{fresh_database, test_redis_url, within};
@@ -36,21 +31,14 @@ use nubabel_opencode::{ClientConfig, Event, OpencodeClient, PromptRequest};
 use nubabel_store::events::{self, EventKind, StoredEvent};
 use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 use serde_json::Value;
+use support::{MASTER_KEY, ORGANIZATION, identity, sidecar_key, verified_webhook_id};
 use tokio::sync::oneshot;
+
+mod support;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 const TURN_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
-const MASTER_KEY: &str = "bridge-test-master-key-0123456789abcdef";
-const ORGANIZATION: &str = "org-bridge";
-
-fn identity() -> SidecarIdentity {
-    SidecarIdentity::new(ORGANIZATION, "team-a", "fleet").unwrap()
-}
-
-fn sidecar_key() -> SidecarKey {
-    derive_sidecar_key(&MasterKey::new(MASTER_KEY.as_bytes()).unwrap(), &identity())
-}
 
 async fn opencode_client() -> Result<OpencodeClient> {
     let (base_url, password) = shared_opencode().await?;
@@ -411,38 +399,11 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let signed = SignedHeaders {
-        id: header("webhook-id"),
-        timestamp: header("webhook-timestamp"),
-        signature: header("webhook-signature"),
-    };
-    let now = i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap();
-    let identity_ok = header("x-nubabel-organization") == Some(ORGANIZATION)
-        && header("x-nubabel-sidecar") == Some("team-a/fleet");
     let target = format!("/api/sidecar/sessions/{session}/{route}");
-    let acceptance = Acceptance {
-        tolerance_seconds: 300,
-        versions: Versions::RequestBoundOnly,
-    };
-    let verified = signing::verify(
-        &sidecar_key(),
-        &signed,
-        RequestTarget::post(&target),
-        &body,
-        now,
-        acceptance,
-    );
-    if !identity_ok || verified.is_err() {
+    let Some(id) = verified_webhook_id(&target, &headers, &body) else {
         receiver.bad_signatures.fetch_add(1, Ordering::Relaxed);
         return StatusCode::UNAUTHORIZED;
-    }
+    };
     if !receiver.up.load(Ordering::Relaxed) {
         receiver.refused_while_down.fetch_add(1, Ordering::Relaxed);
         return StatusCode::SERVICE_UNAVAILABLE;
@@ -453,7 +414,6 @@ async fn receive(
     } else {
         body["progress"]["type"].clone()
     };
-    let id = signed.id.unwrap_or_default().to_owned();
     receiver.accepted.lock().unwrap().push((
         session,
         id,
