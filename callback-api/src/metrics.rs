@@ -4,6 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::Method,
     middleware::Next,
     response::Response,
 };
@@ -16,8 +17,8 @@ use prometheus_client::{
 /// Labels of an HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    /// HTTP method.
-    pub method: String,
+    /// HTTP method, as [`method_label`] names it.
+    pub method: &'static str,
     /// The route template, e.g. `/api/sidecar/sessions/{session_id}/progress`.
     pub matched_path: String,
     /// Response status code.
@@ -27,8 +28,8 @@ pub struct HttpLabels {
 /// Labels of the request-duration histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    /// HTTP method.
-    pub method: String,
+    /// HTTP method, as [`method_label`] names it.
+    pub method: &'static str,
     /// The route template.
     pub matched_path: String,
 }
@@ -37,12 +38,29 @@ impl RouteLabels {
     /// The method and matched route of `request` (`unmatched` outside every route).
     pub fn of(request: &Request) -> Self {
         Self {
-            method: request.method().to_string(),
+            method: method_label(request.method()),
             matched_path: request
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned()),
         }
+    }
+}
+
+/// The label of an HTTP method: one of the nine standard methods (RFC 9110 and PATCH), or
+/// `other`, since a client may send any token as a method and each would be a new series.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "other",
     }
 }
 
@@ -239,7 +257,7 @@ pub async fn track_requests(
     metrics
         .http_request_duration
         .get_or_create(&RouteLabels {
-            method: method.clone(),
+            method,
             matched_path: matched_path.clone(),
         })
         .observe(start.elapsed().as_secs_f64());
@@ -252,4 +270,23 @@ pub async fn track_requests(
         })
         .inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_methods_keep_their_name_and_invented_ones_are_other() {
+        for name in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), name);
+        }
+        for name in ["PURGE", "FOOBAR", "get", "PROPFIND", "X-1"] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{name}");
+        }
+    }
 }
