@@ -107,6 +107,26 @@ pub struct McpCallLabels {
     pub outcome: &'static str,
 }
 
+/// One unit of a gauge, held from creation to drop: every way the holder ends (returning, an
+/// error, a panic unwinding, a client going away and its response body being dropped) gives it
+/// back.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn hold(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric the API exports.
 pub struct Metrics {
     registry: Registry,
@@ -118,7 +138,7 @@ pub struct Metrics {
     pub callbacks: Family<CallbackLabels, Counter>,
     /// Committed events whose Redis append failed (they replay from Postgres).
     pub redis_append_failures: Counter,
-    /// Open SSE streams on this replica.
+    /// Open SSE streams on this replica (each held by a [`GaugeGuard`] in its response body).
     pub sse_streams: Gauge,
     /// 1 while the fan-out reads Postgres because Redis is unreachable.
     pub fanout_degraded: Gauge,
@@ -288,5 +308,20 @@ mod tests {
             let method = Method::from_bytes(name.as_bytes()).unwrap();
             assert_eq!(method_label(&method), "other", "{name}");
         }
+    }
+
+    #[test]
+    fn a_gauge_guard_gives_its_unit_back_even_when_its_holder_panics() {
+        let gauge = Gauge::default();
+        let held = GaugeGuard::hold(&gauge);
+        assert_eq!(gauge.get(), 1);
+        drop(held);
+        assert_eq!(gauge.get(), 0);
+        let unwound = std::panic::catch_unwind(|| {
+            let _held = GaugeGuard::hold(&gauge);
+            panic!("the holder fails");
+        });
+        assert!(unwound.is_err());
+        assert_eq!(gauge.get(), 0);
     }
 }
