@@ -271,12 +271,27 @@ impl TestApp {
         session_id: Option<&str>,
         seconds: i64,
     ) -> String {
+        self.stream_token_with(
+            org,
+            session_id,
+            stream_token::Validity::starting_at(now(), seconds),
+        )
+    }
+
+    /// A stream token for `org` (optionally limited to one session) with the given `iat` and
+    /// `exp`, whatever they are.
+    pub fn stream_token_with(
+        &self,
+        org: &str,
+        session_id: Option<&str>,
+        validity: stream_token::Validity,
+    ) -> String {
         let key = StreamTokenKey::new(STREAM_KEY.as_bytes()).expect("stream key");
         stream_token::issue(
             &key,
             &OrganizationId::parse(org).expect("org"),
             session_id,
-            now() + seconds,
+            validity,
         )
     }
 
