@@ -160,7 +160,7 @@ async fn subscribe_all(
         &key,
         target.sidecar.organization_id(),
         None,
-        i64::try_from(unix_micros() / 1_000_000)? + 3000,
+        stream_token::Validity::starting_at(i64::try_from(unix_micros() / 1_000_000)?, 3000),
     );
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)

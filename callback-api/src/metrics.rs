@@ -4,6 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::Method,
     middleware::Next,
     response::Response,
 };
@@ -16,8 +17,8 @@ use prometheus_client::{
 /// Labels of an HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    /// HTTP method.
-    pub method: String,
+    /// HTTP method, as [`method_label`] names it.
+    pub method: &'static str,
     /// The route template, e.g. `/api/sidecar/sessions/{session_id}/progress`.
     pub matched_path: String,
     /// Response status code.
@@ -27,8 +28,8 @@ pub struct HttpLabels {
 /// Labels of the request-duration histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    /// HTTP method.
-    pub method: String,
+    /// HTTP method, as [`method_label`] names it.
+    pub method: &'static str,
     /// The route template.
     pub matched_path: String,
 }
@@ -37,12 +38,29 @@ impl RouteLabels {
     /// The method and matched route of `request` (`unmatched` outside every route).
     pub fn of(request: &Request) -> Self {
         Self {
-            method: request.method().to_string(),
+            method: method_label(request.method()),
             matched_path: request
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned()),
         }
+    }
+}
+
+/// The label of an HTTP method: one of the nine standard methods (RFC 9110 and PATCH), or
+/// `other`, since a client may send any token as a method and each would be a new series.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "other",
     }
 }
 
@@ -96,6 +114,26 @@ pub struct McpCallLabels {
     pub outcome: &'static str,
 }
 
+/// One unit of a gauge, held from creation to drop: every way the holder ends (returning, an
+/// error, a panic unwinding, a client going away and its response body being dropped) gives it
+/// back.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn hold(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric the API exports.
 pub struct Metrics {
     registry: Registry,
@@ -107,7 +145,7 @@ pub struct Metrics {
     pub callbacks: Family<CallbackLabels, Counter>,
     /// Committed events whose Redis append failed (they replay from Postgres).
     pub redis_append_failures: Counter,
-    /// Open SSE streams on this replica.
+    /// Open SSE streams on this replica (each held by a [`GaugeGuard`] in its response body).
     pub sse_streams: Gauge,
     /// 1 while the fan-out reads Postgres because Redis is unreachable.
     pub fanout_degraded: Gauge,
@@ -264,7 +302,7 @@ pub async fn track_requests(
     metrics
         .http_request_duration
         .get_or_create(&RouteLabels {
-            method: method.clone(),
+            method,
             matched_path: matched_path.clone(),
         })
         .observe(start.elapsed().as_secs_f64());
@@ -277,4 +315,38 @@ pub async fn track_requests(
         })
         .inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_methods_keep_their_name_and_invented_ones_are_other() {
+        for name in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), name);
+        }
+        for name in ["PURGE", "FOOBAR", "get", "PROPFIND", "X-1"] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{name}");
+        }
+    }
+
+    #[test]
+    fn a_gauge_guard_gives_its_unit_back_even_when_its_holder_panics() {
+        let gauge = Gauge::default();
+        let held = GaugeGuard::hold(&gauge);
+        assert_eq!(gauge.get(), 1);
+        drop(held);
+        assert_eq!(gauge.get(), 0);
+        let unwound = std::panic::catch_unwind(|| {
+            let _held = GaugeGuard::hold(&gauge);
+            panic!("the holder fails");
+        });
+        assert!(unwound.is_err());
+        assert_eq!(gauge.get(), 0);
+    }
 }

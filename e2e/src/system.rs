@@ -515,12 +515,12 @@ impl System {
         let key = StreamTokenKey::new(self.stream_token_key.as_bytes())
             .map_err(|e| anyhow::anyhow!("stream token key: {e:?}"))?;
         let organization = OrganizationId::parse(organization_id)?;
-        let expires = jiff::Timestamp::now().as_second() + 600;
+        let now = jiff::Timestamp::now().as_second();
         Ok(stream_token::issue(
             &key,
             &organization,
             session_id,
-            expires,
+            stream_token::Validity::starting_at(now, 600),
         ))
     }
 

@@ -506,7 +506,7 @@ fn accepted(
         &state.keys.stream_token,
         &organization,
         Some(&session_id),
-        unix_now() + STREAM_TOKEN_SECONDS,
+        stream_token::Validity::starting_at(unix_now(), STREAM_TOKEN_SECONDS),
     );
     let body = DelegateAccepted {
         status: "accepted".into(),

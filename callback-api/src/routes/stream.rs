@@ -6,8 +6,17 @@
 //! are never sent again. The `id` and `event` fields are server-made (a number and
 //! `progress`/`state`); client strings only ever travel inside the JSON `data` line, where
 //! JSON escaping keeps newlines out of the framing.
+//!
+//! A `Last-Event-ID` past the session's last committed number is refused (400): no stream ever
+//! sent it, and waiting for that number would silently skip every event up to it.
+//!
+//! A stream lasts no longer than its token: at the token's expiry the body ends cleanly, and a
+//! client that reconnects needs a new token.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use axum::{
     extract::{Path, State},
@@ -32,6 +41,7 @@ use crate::{
     auth::StreamReader,
     error::{ApiError, ErrorBody},
     fanout::{PG_BATCH, Subscription},
+    metrics::GaugeGuard,
     state::AppState,
 };
 
@@ -57,8 +67,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     ),
     security(("stream_token" = [])),
     responses(
-        (status = 200, description = "`text/event-stream`: events `progress` and `state`, each with `id` = sequence number and JSON `data`", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Last-Event-ID is not a number", body = ErrorBody),
+        (status = 200, description = "`text/event-stream`: events `progress` and `state`, each with `id` = sequence number and JSON `data`; the stream ends when the token expires", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Last-Event-ID is not a non-negative integer, or is past the session's last event", body = ErrorBody),
         (status = 401, description = "Missing, expired or invalid stream token", body = ErrorBody),
         (status = 404, description = "No such session for this token", body = ErrorBody),
         (status = 429, description = "The tenant has too many streams open on this replica (see Retry-After)", body = ErrorBody),
@@ -93,11 +103,30 @@ async fn stream_session(
         .acquire(grant.organization_id.as_str())?;
     // Subscribe before replaying, so nothing committed in between is missed.
     let subscription = state.fanout.subscribe(session.pk).await?;
+    // Everything up to `live_after` is committed; only a later resume point needs a look.
+    if after > subscription.live_after {
+        let last = events::last_seqs(&state.db, &[session.pk])
+            .await?
+            .first()
+            .map_or(0, |(_, seq)| *seq);
+        refuse_resume_past(after, last)?;
+    }
     let (sender, receiver) = mpsc::channel(CONNECTION_BUFFER);
-    tokio::spawn(pump(state.clone(), session.pk, after, subscription, sender));
+    // Held with the stream's place by the response body, so however the stream ends (the
+    // client leaving, the pump stopping or failing) both are given back.
+    let held = (open, GaugeGuard::hold(&state.metrics.sse_streams));
+    let token_left = time_left(grant.expires_at, SystemTime::now());
+    tokio::spawn(pump(
+        state.clone(),
+        session.pk,
+        after,
+        subscription,
+        sender,
+        token_left,
+    ));
 
     let events = ReceiverStream::new(receiver).map(move |event| {
-        let _open = &open;
+        let _held = &held;
         event
     });
     let mut response = Sse::new(events)
@@ -121,6 +150,23 @@ fn last_event_id(headers: &HeaderMap) -> Result<i64, ApiError> {
         .and_then(|v| v.trim().parse::<i64>().ok())
         .filter(|n| *n >= 0)
         .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be a non-negative integer".into()))
+}
+
+/// Time from `now` until `expires_at` (Unix seconds); zero once it has passed.
+fn time_left(expires_at: i64, now: SystemTime) -> Duration {
+    let expiry = Duration::from_secs(u64::try_from(expires_at).unwrap_or(0));
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    expiry.saturating_sub(now)
+}
+
+/// Refuses a resume point past `last`, the session's last committed sequence number.
+fn refuse_resume_past(after: i64, last: i64) -> Result<(), ApiError> {
+    if after > last {
+        return Err(ApiError::BadRequest(format!(
+            "Last-Event-ID {after} is past the session's last event ({last})"
+        )));
+    }
+    Ok(())
 }
 
 /// Renders one event. Only the JSON `data` carries client-supplied text.
@@ -164,25 +210,29 @@ impl From<nubabel_store::Error> for Stop {
     }
 }
 
+/// Runs one connection until the client leaves, reading fails, or `token_left` has passed;
+/// dropping the sender then ends the response body.
 async fn pump(
     state: AppState,
     session_pk: Uuid,
     after: i64,
     subscription: Subscription,
     sender: Sender,
+    token_left: Duration,
 ) {
-    state.metrics.sse_streams.inc();
-    let metrics = Arc::clone(&state.metrics);
     let mut pump = Pump {
         state,
         session_pk,
         sender,
-        next: after + 1,
+        next: after.saturating_add(1),
     };
-    if let Err(Stop::Failed(error)) = pump.run(subscription).await {
-        tracing::warn!(%session_pk, error = %error, "closing an event stream after a read failure");
+    match tokio::time::timeout(token_left, pump.run(subscription)).await {
+        Ok(Err(Stop::Failed(error))) => {
+            tracing::warn!(%session_pk, error = %error, "closing an event stream after a read failure");
+        }
+        Err(_) => tracing::debug!(%session_pk, "closing an event stream: its token expired"),
+        Ok(Ok(()) | Err(Stop::Disconnected)) => {}
     }
-    metrics.sse_streams.dec();
 }
 
 impl Pump {
@@ -326,6 +376,26 @@ mod tests {
         let data: serde_json::Value = serde_json::from_str(&lines[2]["data: ".len()..]).unwrap();
         assert_eq!(data["data"]["text"], hostile);
         assert_eq!(data["seq"], 42);
+    }
+
+    #[test]
+    fn the_time_left_on_a_token_is_never_negative() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_800_000_000_250);
+        assert_eq!(time_left(1_800_000_002, now), Duration::from_millis(1_750));
+        assert_eq!(time_left(1_800_000_000, now), Duration::ZERO);
+        assert_eq!(time_left(-5, now), Duration::ZERO);
+        assert_eq!(
+            time_left(i64::MAX, UNIX_EPOCH),
+            Duration::from_secs(i64::MAX.unsigned_abs())
+        );
+    }
+
+    #[test]
+    fn a_resume_point_may_be_the_last_event_but_not_past_it() {
+        assert!(refuse_resume_past(0, 0).is_ok());
+        assert!(refuse_resume_past(7, 7).is_ok());
+        assert!(refuse_resume_past(8, 7).is_err());
+        assert!(refuse_resume_past(i64::MAX, 7).is_err());
     }
 
     #[test]

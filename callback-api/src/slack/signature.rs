@@ -68,7 +68,8 @@ pub fn verify(
         .trim()
         .parse()
         .map_err(|_| SignatureError::BadTimestamp)?;
-    if (now - sent).abs() > TOLERANCE_SECONDS {
+    // abs_diff: any two i64 have a distance that fits a u64, so no timestamp can overflow it.
+    if now.abs_diff(sent) > TOLERANCE_SECONDS.unsigned_abs() {
         return Err(SignatureError::Stale);
     }
     let hex = signature
@@ -162,6 +163,19 @@ mod tests {
             check(Some(TIMESTAMP), Some(SIGNATURE), BODY, 1_531_420_618 + 300),
             Ok(())
         );
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_stale_at_any_time() {
+        for timestamp in [i64::MIN, i64::MAX] {
+            for now in [0, NOW] {
+                assert_eq!(
+                    check(Some(&timestamp.to_string()), Some(SIGNATURE), BODY, now),
+                    Err(SignatureError::Stale),
+                    "{timestamp} at {now}"
+                );
+            }
+        }
     }
 
     #[test]

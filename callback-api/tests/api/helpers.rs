@@ -267,12 +267,37 @@ impl TestApp {
 
     /// A stream token for `org` (optionally limited to one session), valid ten minutes.
     pub fn stream_token(&self, org: &str, session_id: Option<&str>) -> String {
+        self.stream_token_valid_for(org, session_id, 600)
+    }
+
+    /// A stream token for `org` (optionally limited to one session), valid `seconds` from now.
+    pub fn stream_token_valid_for(
+        &self,
+        org: &str,
+        session_id: Option<&str>,
+        seconds: i64,
+    ) -> String {
+        self.stream_token_with(
+            org,
+            session_id,
+            stream_token::Validity::starting_at(now(), seconds),
+        )
+    }
+
+    /// A stream token for `org` (optionally limited to one session) with the given `iat` and
+    /// `exp`, whatever they are.
+    pub fn stream_token_with(
+        &self,
+        org: &str,
+        session_id: Option<&str>,
+        validity: stream_token::Validity,
+    ) -> String {
         let key = StreamTokenKey::new(STREAM_KEY.as_bytes()).expect("stream key");
         stream_token::issue(
             &key,
             &OrganizationId::parse(org).expect("org"),
             session_id,
-            now() + 600,
+            validity,
         )
     }
 
@@ -294,6 +319,39 @@ impl TestApp {
             request = request.header("last-event-id", id.to_string());
         }
         Ok(request.send().await?)
+    }
+
+    /// The value `/metrics` shows for `series` (a metric name with its labels, as exported).
+    pub async fn metric(&self, series: &str) -> Result<Option<f64>> {
+        let exposition = self
+            .client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(exposition.lines().find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        }))
+    }
+
+    /// Waits until `/metrics` shows `value` for `series`, failing after `limit`.
+    pub async fn wait_for_metric(&self, series: &str, value: f64, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let current = self.metric(series).await?;
+            if current == Some(value) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{series} is {current:?}, not {value}, after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Number of rows in `table`.
@@ -365,6 +423,23 @@ impl SseReader {
         })
         .await
         .context("no SSE event in time")?
+    }
+
+    /// Reads until the server ends the stream cleanly, keeping the events read on the way;
+    /// fails if the body breaks off with an error or is still open after `limit`.
+    pub async fn wait_for_end(&mut self, limit: Duration) -> Result<()> {
+        tokio::time::timeout(limit, async {
+            while let Some(chunk) = self.body.next().await {
+                self.buffer.push_str(std::str::from_utf8(&chunk?)?);
+                while let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    self.parse_block(&block);
+                }
+            }
+            Ok(())
+        })
+        .await
+        .context("the stream is still open")?
     }
 
     /// Waits for `n` events.

@@ -14,6 +14,7 @@ mod helpers;
 mod limits;
 mod mappings;
 mod mcp;
+mod metrics;
 mod mirror;
 mod nul;
 mod oauth;

@@ -144,18 +144,23 @@ async fn signatures_are_checked_before_anything_and_the_challenge_is_answered() 
         }
         request.body(body).send()
     };
-    // Signed with another secret, stale, from the future, tampered, or unsigned: 401.
+    // Signed with another secret, stale, from the future (up to the ends of i64), tampered, or
+    // unsigned: 401.
     let other = nubabel_e2e::fake_slack::signed_headers("another-secret", now(), &raw);
     let stale = signed_headers(SECRET, now() - 301, &raw);
     let future = signed_headers(SECRET, now() + 301, &raw);
     let tampered_body =
         serde_json::to_vec(&json!({"type": "url_verification", "challenge": "evil"}))?;
     let fresh = signed_headers(SECRET, now(), &raw);
+    let earliest = signed_headers(SECRET, i64::MIN, &raw);
+    let latest = signed_headers(SECRET, i64::MAX, &raw);
     let unsigned = vec![("content-type", "application/json".to_owned())];
     for (what, headers, body) in [
         ("another secret", other, raw.clone()),
         ("stale", stale, raw.clone()),
         ("future", future, raw.clone()),
+        ("the earliest i64 timestamp", earliest, raw.clone()),
+        ("the latest i64 timestamp", latest, raw.clone()),
         ("tampered", fresh, tampered_body),
         ("unsigned", unsigned, raw.clone()),
     ] {

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use nubabel_contract::stream_token::Validity;
 use nubabel_store::streams::stream_key;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -12,6 +13,8 @@ use crate::helpers::{
 };
 
 const WAIT: Duration = Duration::from_secs(5);
+/// The open-streams gauge, as `/metrics` exports it.
+const OPEN_STREAMS: &str = "nubabel_callback_api_sse_streams";
 
 #[tokio::test]
 async fn a_reader_gets_each_event_live_with_its_sequence_as_id_and_keep_alives() -> Result<()> {
@@ -223,7 +226,13 @@ async fn readers_need_a_valid_token_for_the_sessions_tenant() -> Result<()> {
             crate::helpers::STREAM_KEY.as_bytes(),
         )?;
         let org_id = nubabel_contract::identity::OrganizationId::parse(&org)?;
-        nubabel_contract::stream_token::issue(&key, &org_id, None, crate::helpers::now() - 1)
+        let issued = crate::helpers::now() - 60;
+        nubabel_contract::stream_token::issue(
+            &key,
+            &org_id,
+            None,
+            Validity::starting_at(issued, 59),
+        )
     };
     assert_eq!(
         app.open_stream(&mapping.session_id, &expired, None)
@@ -305,5 +314,132 @@ async fn a_reader_on_one_replica_sees_events_posted_to_another_within_millisecon
         worst < Duration::from_millis(500),
         "slowest cross-replica delivery took {worst:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resume_point_past_the_sessions_last_event_is_refused_and_the_open_streams_gauge_holds()
+-> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    for i in 0..2 {
+        let response = app
+            .callback(
+                &tenant,
+                &mapping.session_id,
+                "progress",
+                &unique("msg"),
+                &progress(i),
+            )
+            .await?;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let token = app.stream_token(&org, None);
+    let before = app.metric(OPEN_STREAMS).await?.context("no gauge")?;
+
+    for beyond in [3, i64::MAX / 2, i64::MAX] {
+        let response = app
+            .open_stream(&mapping.session_id, &token, Some(beyond))
+            .await?;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{beyond}");
+        let body: Value = response.json().await?;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("Last-Event-ID"), "{body}");
+        app.wait_for_metric(OPEN_STREAMS, before, WAIT).await?;
+    }
+
+    // Resuming at the last event is fine: the reader waits for the next one.
+    let at_last = app
+        .open_stream(&mapping.session_id, &token, Some(2))
+        .await?;
+    assert_eq!(at_last.status(), StatusCode::OK);
+    app.wait_for_metric(OPEN_STREAMS, before + 1.0, WAIT)
+        .await?;
+    let mut reader = SseReader::new(at_last);
+    app.callback(
+        &tenant,
+        &mapping.session_id,
+        "progress",
+        &unique("msg"),
+        &progress(2),
+    )
+    .await?;
+    assert_eq!(reader.next(WAIT).await?.seq(), 3);
+
+    // The client closing its stream brings the gauge back.
+    drop(reader);
+    app.wait_for_metric(OPEN_STREAMS, before, WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stream_ends_by_itself_once_its_token_expires() -> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let before = app.metric(OPEN_STREAMS).await?.context("no gauge")?;
+    let token = app.stream_token_valid_for(&org, None, 2);
+    let response = app.open_stream(&mapping.session_id, &token, None).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut reader = SseReader::new(response);
+    app.callback(
+        &tenant,
+        &mapping.session_id,
+        "progress",
+        &unique("msg"),
+        &progress(0),
+    )
+    .await?;
+    assert_eq!(reader.next(WAIT).await?.seq(), 1);
+
+    // Keep-alives go out every second, so only the expiry can end this stream.
+    reader.wait_for_end(Duration::from_secs(6)).await?;
+    app.wait_for_metric(OPEN_STREAMS, before, WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_living_longer_than_an_hour_from_its_issue_is_refused_even_near_its_expiry()
+-> Result<()> {
+    let app = spawn_app().await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let now = crate::helpers::now();
+    // Issued 50 minutes ago for 100 minutes: 50 minutes left, but its lifetime is over the cap.
+    let too_long = app.stream_token_with(
+        &org,
+        None,
+        Validity {
+            issued_at: now - 3000,
+            expires_at: now + 3000,
+        },
+    );
+    let refused = app
+        .open_stream(&mapping.session_id, &too_long, None)
+        .await?;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = refused.json().await?;
+    assert_eq!(body["error"]["message"], "token lifetime exceeds one hour");
+
+    let within = app.stream_token_with(
+        &org,
+        None,
+        Validity {
+            issued_at: now - 3000,
+            expires_at: now + 600,
+        },
+    );
+    let accepted = app.open_stream(&mapping.session_id, &within, None).await?;
+    assert_eq!(accepted.status(), StatusCode::OK);
     Ok(())
 }
