@@ -19,7 +19,7 @@ use std::{
 };
 
 use axum::{
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, HeaderValue},
     response::{
         IntoResponse, Response,
@@ -40,6 +40,7 @@ use uuid::Uuid;
 use crate::{
     auth::StreamReader,
     error::{ApiError, ErrorBody},
+    extract::ApiPath,
     fanout::{PG_BATCH, Subscription},
     metrics::GaugeGuard,
     state::AppState,
@@ -78,7 +79,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn stream_session(
     State(state): State<AppState>,
     StreamReader(grant): StreamReader,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let after = last_event_id(&headers)?;
