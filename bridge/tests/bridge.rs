@@ -95,6 +95,7 @@ impl Api {
             header_read_timeout_seconds: 10,
             callback_tenant_concurrency: 256,
             sse_tenant_streams: 500,
+            delegate_tenant_waits: 100,
             commit_concurrency: 4,
         };
         let application = Application::build(config).await?;

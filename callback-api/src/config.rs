@@ -212,6 +212,11 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_SSE_TENANT_STREAMS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub sse_tenant_streams: u32,
 
+    /// `POST /api/delegate` requests one tenant may have waiting for their answer on one
+    /// replica; past it a request is answered 202 at once (its task is created either way).
+    #[arg(long, env = "NUBABEL_DELEGATE_TENANT_WAITS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delegate_tenant_waits: u32,
+
     /// Seconds a client has to send a request's head; slower connections are closed.
     #[arg(long, env = "NUBABEL_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub header_read_timeout_seconds: u64,

@@ -1,7 +1,9 @@
-//! Per-tenant limits: how many callbacks one tenant may have in flight, and how many SSE
-//! streams it may hold open, on one replica. Past the limit a request gets 429 with
-//! `Retry-After` before anything is read or written, so one tenant's burst or leak cannot take
-//! the connections and commit slots every other tenant shares.
+//! Per-tenant limits: how many callbacks one tenant may have in flight, how many SSE streams it
+//! may hold open, and how many `POST /api/delegate` requests it may have waiting, on one
+//! replica. Past the callback or stream limit a request gets 429 with `Retry-After` before
+//! anything is read or written, so one tenant's burst or leak cannot take the connections and
+//! commit slots every other tenant shares; past the wait limit a delegate request is answered
+//! 202 at once instead of waiting (its task is created either way).
 
 use std::{
     collections::HashMap,
@@ -19,6 +21,8 @@ pub enum Limited {
     Callbacks,
     /// Open SSE streams.
     Streams,
+    /// `POST /api/delegate` requests waiting for their task's answer.
+    DelegateWaits,
 }
 
 impl Limited {
@@ -26,6 +30,7 @@ impl Limited {
         match self {
             Self::Callbacks => "callbacks",
             Self::Streams => "streams",
+            Self::DelegateWaits => "delegate_waits",
         }
     }
 }
@@ -86,6 +91,10 @@ impl TenantLimit {
                         "this organization already has {} streams open; close one or retry later",
                         self.max
                     ),
+                    Limited::DelegateWaits => format!(
+                        "this organization already has {} delegate requests waiting",
+                        self.max
+                    ),
                 }));
             }
             *count += 1;
@@ -126,14 +135,26 @@ pub struct TenantLimits {
     pub callbacks: Arc<TenantLimit>,
     /// Open SSE streams per tenant.
     pub streams: Arc<TenantLimit>,
+    /// Waiting delegate requests per tenant.
+    pub delegate_waits: Arc<TenantLimit>,
 }
 
 impl TenantLimits {
-    /// Limits of `callbacks` in flight and `streams` open per tenant.
-    pub fn new(callbacks: usize, streams: usize, refused: &Family<LimitLabels, Counter>) -> Self {
+    /// Limits of `callbacks` in flight, `streams` open and `delegate_waits` waiting per tenant.
+    pub fn new(
+        callbacks: usize,
+        streams: usize,
+        delegate_waits: usize,
+        refused: &Family<LimitLabels, Counter>,
+    ) -> Self {
         Self {
             callbacks: TenantLimit::new(Limited::Callbacks, callbacks, refused.clone()),
             streams: TenantLimit::new(Limited::Streams, streams, refused.clone()),
+            delegate_waits: TenantLimit::new(
+                Limited::DelegateWaits,
+                delegate_waits,
+                refused.clone(),
+            ),
         }
     }
 }

@@ -221,6 +221,10 @@ async fn delegate(
     if !query.wait.unwrap_or(true) {
         return accepted(&state, &grant, &task);
     }
+    // A tenant at its limit of waiting requests gets the task and its stream at once.
+    let Ok(_waiting) = state.limits.delegate_waits.acquire(&grant.organization_id) else {
+        return accepted(&state, &grant, &task);
+    };
     let wait = query
         .timeout
         .map_or(state.settings.delegate_max_wait, Duration::from_secs)

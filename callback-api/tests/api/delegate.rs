@@ -235,6 +235,78 @@ async fn a_wait_that_runs_out_answers_202_with_the_task_and_its_stream() -> Resu
 }
 
 #[tokio::test]
+async fn a_tenant_at_its_limit_of_waiting_requests_gets_202_at_once_and_others_still_wait()
+-> Result<()> {
+    let env = TestEnv::from_env().await?;
+    nubabel_e2e::crds::install_crds(&env.client).await?;
+    let app = spawn_app_configured(|config| {
+        config.delegate_api = true;
+        config.delegate_tenant_waits = 1;
+    })
+    .await?;
+    let namespace = TestNamespace::create(&env.client, "delegate-waits").await?;
+    let (org, other) = (unique("org"), unique("org"));
+    let token =
+        api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "").await?;
+    let other_token = api_tokens::issue(
+        &app.db,
+        &OrganizationId::parse(&other)?,
+        namespace.name(),
+        "",
+    )
+    .await?;
+    let without_session = |org: &str| {
+        let mut request = body(org);
+        request.as_object_mut().unwrap().remove("session_id");
+        request
+    };
+    // The first request holds the tenant's only waiting place for 4 s.
+    let first_request = without_session(&org);
+    let first = delegate(&app, Some(&token.token), "?timeout=4", &first_request);
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let answer = delegate(
+            &app,
+            Some(&token.token),
+            "?timeout=4",
+            &without_session(&org),
+        )
+        .await;
+        (answer, started.elapsed())
+    };
+    let third = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let answer = delegate(
+            &app,
+            Some(&other_token.token),
+            "?timeout=2",
+            &without_session(&other),
+        )
+        .await;
+        (answer, started.elapsed())
+    };
+    let (first, (second, second_took), (third, third_took)) = tokio::join!(first, second, third);
+    let ((first_status, _), (second_status, answer), (third_status, _)) = (first?, second?, third?);
+    assert_eq!(first_status, StatusCode::ACCEPTED);
+    // The second was created and answered at once, with its stream to follow.
+    assert_eq!(second_status, StatusCode::ACCEPTED, "{answer}");
+    assert!(
+        second_took < std::time::Duration::from_secs(2),
+        "{second_took:?}"
+    );
+    assert_eq!(answer["status"], "accepted");
+    // Another tenant still waits its whole timeout.
+    assert_eq!(third_status, StatusCode::ACCEPTED);
+    assert!(
+        third_took >= std::time::Duration::from_secs(2),
+        "{third_took:?}"
+    );
+    namespace.delete().await
+}
+
+#[tokio::test]
 async fn a_waiting_request_outlasts_the_30_second_limit_of_other_requests() -> Result<()> {
     let (env, app) = app_with_delegate().await?;
     let namespace = TestNamespace::create(&env.client, "delegate-long").await?;
