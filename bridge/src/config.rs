@@ -2,6 +2,7 @@
 //! operator's pod spec sets the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -81,6 +82,16 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "NUBABEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Where conversations' workspaces are made (on the volume OpenCode shares); without it
+    /// the bridge prepares none and follows only OpenCode's default directory.
+    #[arg(long, env = bridge_env::WORKSPACES_DIR, requires = "workspace_state_dir")]
+    pub workspaces_dir: Option<PathBuf>,
+
+    /// The bridge's private copies of the workspaces' repositories (a volume OpenCode does
+    /// not mount).
+    #[arg(long, env = bridge_env::WORKSPACE_STATE_DIR, requires = "workspaces_dir")]
+    pub workspace_state_dir: Option<PathBuf>,
 }
 
 /// A setting that cannot be used.
@@ -126,6 +137,8 @@ pub struct Settings {
     pub callback_timeout: Duration,
     /// How long a stopping bridge keeps delivering what it buffered.
     pub drain_timeout: Duration,
+    /// The workspaces root and the private state directory, when workspaces are prepared here.
+    pub workspaces: Option<(PathBuf, PathBuf)>,
 }
 
 impl Settings {
@@ -160,6 +173,7 @@ impl Settings {
             },
             callback_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            workspaces: None,
         })
     }
 }
@@ -179,6 +193,10 @@ impl Config {
         settings.listen = self.listen;
         settings.buffer_capacity = usize::try_from(self.buffer_capacity).unwrap_or(usize::MAX);
         settings.text_interval = Duration::from_millis(self.text_interval_ms);
+        settings.workspaces = self
+            .workspaces_dir
+            .clone()
+            .zip(self.workspace_state_dir.clone());
         Ok(settings)
     }
 }

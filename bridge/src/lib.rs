@@ -1,7 +1,9 @@
 //! The bridge: the second container of every sidecar pod. It reads the pod's own OpenCode
-//! event stream (`GET /event` on loopback), turns the events that matter into signed callbacks
+//! event stream (`GET /global/event` on loopback: every conversation works in a directory of
+//! its own, see [`workspace`]), turns the events that matter into signed callbacks
 //! to the callback API (see [`mapping`]), buffers and retries them while the API is away (see
-//! [`outbox`] and [`delivery`]), and serves the pod's readiness probe (see [`health`]).
+//! [`outbox`] and [`delivery`]), serves the pod's readiness probe (see [`health`]), and
+//! prepares conversations' workspaces for the operator (see [`workspace`]).
 //!
 //! OpenCode does not replay events, so after every (re)connection the bridge reads
 //! `GET /session/status` and posts what changed while it was not listening.
@@ -16,14 +18,18 @@ pub mod outbox;
 mod random;
 pub mod retry;
 pub mod telemetry;
+pub mod workspace;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use nubabel_opencode::{Event, OpencodeClient};
+use nubabel_contract::workspace::is_workspace_key;
+use nubabel_opencode::{Event, OpencodeClient, SessionStatus};
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
@@ -34,6 +40,8 @@ use crate::mapping::{IdOrigin, Mapper, MapperSettings};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::retry::Backoff;
+use crate::workspace::Workspaces;
+use crate::workspace::routes::WorkspaceState;
 
 /// Why the bridge could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -123,12 +131,19 @@ impl Bridge {
             metrics,
             liveness,
         } = self;
-        let probes = health::router(HealthState {
+        let mut probes = health::router(HealthState {
             opencode: opencode.clone(),
             sender: sender.clone(),
             liveness: Arc::clone(&liveness),
             metrics: Arc::clone(&metrics),
         });
+        let workspaces_root = settings.workspaces.as_ref().map(|(root, _)| root.clone());
+        if let Some((root, state)) = settings.workspaces.clone() {
+            probes = probes.merge(workspace::routes::router(WorkspaceState {
+                workspaces: Arc::new(Workspaces::new(root, state)),
+                key: settings.signing_key.clone(),
+            }));
+        }
         let (stop_probes, probes_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, probes)
@@ -153,7 +168,7 @@ impl Bridge {
             IdOrigin::new(unix_millis()),
         );
         tokio::select! {
-            () = follow_events(opencode, mapper, Arc::clone(&outbox), Arc::clone(&metrics), liveness, settings.reconnect_backoff) => {}
+            () = follow_events(opencode, workspaces_root, mapper, Arc::clone(&outbox), Arc::clone(&metrics), liveness, settings.reconnect_backoff) => {}
             () = shutdown => {}
         }
         tracing::info!(
@@ -179,6 +194,7 @@ impl Bridge {
 /// Reads the event stream forever, reconnecting with backoff, and buffers the callbacks.
 async fn follow_events(
     opencode: OpencodeClient,
+    workspaces_root: Option<PathBuf>,
     mut mapper: Mapper,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
@@ -188,7 +204,7 @@ async fn follow_events(
     let mut pause = backoff.initial;
     let mut connected_before = false;
     loop {
-        match opencode.events().await {
+        match opencode.global_events().await {
             Ok(mut events) => {
                 if connected_before {
                     metrics.reconnects.inc();
@@ -200,7 +216,7 @@ async fn follow_events(
                 );
                 // Subscribed first, then read the status: nothing that happens in between is
                 // missed, and events already queued are applied on top of it.
-                match opencode.session_status().await {
+                match session_statuses(&opencode, workspaces_root.as_deref()).await {
                     Ok(statuses) => {
                         for callback in mapper.resync(&statuses, unix_millis()) {
                             outbox.push(callback);
@@ -235,6 +251,27 @@ async fn follow_events(
         tokio::time::sleep(pause).await;
         pause = backoff.next(pause);
     }
+}
+
+/// The busy sessions of OpenCode's default directory and of every workspace: OpenCode reports
+/// status per project directory.
+async fn session_statuses(
+    opencode: &OpencodeClient,
+    workspaces_root: Option<&Path>,
+) -> Result<HashMap<String, SessionStatus>, nubabel_opencode::Error> {
+    let mut statuses = opencode.session_status().await?;
+    let directories = workspaces_root
+        .and_then(|root| std::fs::read_dir(root).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|entry| is_workspace_key(&entry.file_name().to_string_lossy()))
+        .map(|entry| entry.path().to_string_lossy().into_owned());
+    for directory in directories {
+        statuses.extend(opencode.in_directory(directory).session_status().await?);
+    }
+    Ok(statuses)
 }
 
 fn unix_millis() -> u64 {

@@ -21,3 +21,9 @@ pub const POD_NAME: &str = "POD_NAME";
 pub const POD_IP: &str = "POD_IP";
 /// Where the bridge serves `/healthz`, `/readyz` and `/metrics`.
 pub const LISTEN_ADDR: &str = "NUBABEL_BRIDGE_ADDR";
+/// The directory the bridge makes conversations' workspaces in (on the data volume OpenCode
+/// shares); without it the bridge prepares no workspaces.
+pub const WORKSPACES_DIR: &str = "NUBABEL_WORKSPACES_DIR";
+/// The bridge's private directory for its copies of the workspaces' repositories, on a
+/// volume only the bridge mounts; required with [`WORKSPACES_DIR`].
+pub const WORKSPACE_STATE_DIR: &str = "NUBABEL_WORKSPACE_STATE_DIR";

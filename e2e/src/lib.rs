@@ -6,6 +6,7 @@ pub mod crds;
 pub mod fake_llm;
 pub mod fake_slack;
 pub mod forward;
+pub mod git_server;
 pub mod local;
 pub mod mcp_upstream;
 pub mod node_shim;

@@ -131,6 +131,15 @@ impl OpencodeClient {
         })
     }
 
+    /// The same server, addressing project directory `directory` (`x-opencode-directory`):
+    /// sessions created through it work there, and its session status lists that directory's.
+    pub fn in_directory(&self, directory: impl Into<String>) -> Self {
+        Self {
+            directory: Some(directory.into()),
+            ..self.clone()
+        }
+    }
+
     /// The server's base URL.
     pub fn base_url(&self) -> &str {
         self.base_url.as_str()
@@ -202,14 +211,32 @@ impl OpencodeClient {
     /// Fails when the connection cannot be opened; afterwards, a broken connection or a
     /// silence longer than the read timeout yields one error and ends the stream.
     pub async fn events(&self) -> Result<EventStream> {
+        self.event_stream("/event", EventEnvelope::parse).await
+    }
+
+    /// `GET /global/event`: the events of every project directory the server serves, from now
+    /// on (no replay), unwrapped from their `{directory, payload}` envelope.
+    ///
+    /// Fails and ends like [`Self::events`].
+    pub async fn global_events(&self) -> Result<EventStream> {
+        self.event_stream("/global/event", EventEnvelope::parse_global)
+            .await
+    }
+
+    async fn event_stream(
+        &self,
+        path: &str,
+        parse: fn(&str) -> Option<EventEnvelope>,
+    ) -> Result<EventStream> {
         let response = self
-            .send(Method::GET, "/event", &[], None::<&()>, &self.events_http)
+            .send(Method::GET, path, &[], None::<&()>, &self.events_http)
             .await?;
         let state = EventState {
             bytes: Box::pin(response.bytes_stream()),
             decoder: SseDecoder::default(),
             pending: VecDeque::new(),
             finished: false,
+            parse,
         };
         Ok(Box::pin(futures::stream::unfold(state, next_event)))
     }
@@ -308,12 +335,13 @@ struct EventState {
     decoder: SseDecoder,
     pending: VecDeque<String>,
     finished: bool,
+    parse: fn(&str) -> Option<EventEnvelope>,
 }
 
 async fn next_event(mut state: EventState) -> Option<(Result<EventEnvelope>, EventState)> {
     loop {
         if let Some(data) = state.pending.pop_front() {
-            match EventEnvelope::parse(&data) {
+            match (state.parse)(&data) {
                 Some(envelope) => return Some((Ok(envelope), state)),
                 None => {
                     tracing::debug!(data, "skipping an SSE payload that is not a JSON object");

@@ -195,6 +195,19 @@ impl EventEnvelope {
             _ => None,
         }
     }
+
+    /// Reads one `data:` payload of `GET /global/event`, which wraps each event of every
+    /// project directory as `{"directory", "project", "payload": {...}}`; `None` when it is not
+    /// such an object.
+    pub fn parse_global(data: &str) -> Option<Self> {
+        match serde_json::from_str::<Value>(data) {
+            Ok(Value::Object(mut wrapper)) => match wrapper.remove("payload") {
+                Some(payload @ Value::Object(_)) => Some(Self::from_value(payload)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 fn is_known(event_type: &str) -> bool {
@@ -333,6 +346,26 @@ mod tests {
 
     fn event(value: Value) -> Event {
         EventEnvelope::from_value(value).event
+    }
+
+    #[test]
+    fn a_global_event_is_its_payload_and_a_payload_less_record_is_skipped() {
+        let wrapped = r#"{"directory":"/w/a","project":"global","payload":{"id":"evt_1","type":"session.idle","properties":{"sessionID":"ses_a"}}}"#;
+        let envelope = EventEnvelope::parse_global(wrapped).unwrap();
+        assert_eq!(envelope.id.as_deref(), Some("evt_1"));
+        assert_eq!(
+            envelope.event,
+            Event::SessionIdle {
+                session_id: "ses_a".to_owned()
+            }
+        );
+        let connected = r#"{"payload":{"id":"evt_0","type":"server.connected","properties":{}}}"#;
+        assert_eq!(
+            EventEnvelope::parse_global(connected).unwrap().event,
+            Event::ServerConnected
+        );
+        assert!(EventEnvelope::parse_global(r#"{"directory":"/w"}"#).is_none());
+        assert!(EventEnvelope::parse_global("[1]").is_none());
     }
 
     #[test]
