@@ -167,6 +167,7 @@ pub async fn run(
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stop = futures::FutureExt::shared(Box::pin(stop) as BoxFuture<'static, ()>);
+    let bridges = task::workspace::Bridges::new(sidecar_settings.master_key.clone());
     let sidecars = sidecar::run(
         sidecar::Context::new(shared.clone(), sidecar_settings),
         concurrency,
@@ -174,7 +175,7 @@ pub async fn run(
     );
     match database {
         Some(pool) => {
-            let tasks = task::run(shared, pool, concurrency, stop);
+            let tasks = task::run(shared, pool, bridges, concurrency, stop);
             futures::future::join(sidecars, tasks).await;
         }
         None => {

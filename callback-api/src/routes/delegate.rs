@@ -433,6 +433,7 @@ pub fn build_task(new: &NewTask, prefix: &str, created_by: &str) -> DelegatedTas
             cancel: false,
             ttl_seconds_after_finished: None,
             notify: new.notify.clone(),
+            workspace: None,
         },
     );
     task.metadata = ObjectMeta {

@@ -144,6 +144,76 @@ pub struct DelegatedTaskSpec {
     /// Where to tell people about the task's progress and result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifySpec>,
+
+    /// What the conversation works on. Every conversation (sessionId) gets a directory of its
+    /// own on its pod, which no other conversation sees; the first turn fills it with these
+    /// repositories and files, and later turns of the same sessionId continue in it as the
+    /// earlier ones left it (this field is not read again). A source that cannot be fetched
+    /// fails the task `WorkspaceUnavailable` before anything is sent to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceSpec>,
+}
+
+/// The repositories and files a conversation's workspace starts with.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceSpec {
+    /// Git repositories, cloned over HTTP(S) in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub repositories: Vec<GitRepository>,
+    /// Files written after the repositories (instructions, `AGENTS.md`, fixtures).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub files: Vec<WorkspaceFile>,
+}
+
+/// One Git repository of a workspace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitRepository {
+    /// `https://` (or `http://`) clone URL, without credentials.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// Branch, tag or commit to check out (detached); the remote's default branch when absent.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub git_ref: Option<String>,
+    /// Where in the workspace the checkout goes, relative, without `..`; the workspace itself
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub path: Option<String>,
+    /// Commits of history to fetch; all of it when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub depth: Option<u32>,
+    /// A Secret in the task's namespace with keys `username` and `password` (a token works as
+    /// the password). They are sent to the pod's bridge for the fetch only: never in a pod spec,
+    /// the workspace's `.git/config`, the agent's environment, a status, an event or a log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the task's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// One file of a workspace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceFile {
+    /// Where the file goes, relative to the workspace, without `..` or `.git`.
+    #[schemars(length(min = 1, max = 512))]
+    pub path: String,
+    /// Its content.
+    #[schemars(length(max = 262144))]
+    pub content: String,
 }
 
 fn default_timeout_seconds() -> i64 {
@@ -310,6 +380,36 @@ pub struct DelegatedTaskStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// The conversation's workspace on its pod, as the turn found it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceStatus>,
+}
+
+/// A conversation's workspace as a turn saw it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceStatus {
+    /// The directory on the pod: OpenCode's project directory for the conversation.
+    pub directory: String,
+    /// Whether this turn created it (false: an earlier turn of the conversation did).
+    #[serde(default)]
+    pub created: bool,
+    /// Each repository when the turn started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<RepositoryStatus>,
+}
+
+/// One repository of a workspace when a turn started.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryStatus {
+    /// Where it is in the workspace (`.` for the workspace itself).
+    pub path: String,
+    /// The commit checked out.
+    pub commit: String,
+    /// The tree of the whole working copy, the point the turn's changes are measured from.
+    pub tree: String,
 }
 
 /// A bounded summary of a task's progress events.

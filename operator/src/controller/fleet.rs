@@ -127,6 +127,18 @@ pub fn opencode_url(pod: &Pod) -> Option<String> {
     Some(format!("http://{ip}:{OPENCODE_PORT}"))
 }
 
+/// The base URL of a pod's bridge (readiness, workspaces), once the pod has an IP.
+pub fn bridge_url(pod: &Pod) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
+    Some(format!("http://{ip}:{BRIDGE_PORT}"))
+}
+
+/// Where the bridge makes conversations' workspaces: on the data volume, beside OpenCode's state.
+pub const WORKSPACES_DIR: &str = "/data/workspaces";
+/// The bridge's private state (its copies of the workspaces' repositories): a volume OpenCode
+/// does not mount.
+pub const BRIDGE_STATE_DIR: &str = "/var/lib/nubabel-bridge";
+
 /// Reaching a fleet pod's OpenCode server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {

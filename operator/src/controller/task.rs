@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod observe;
 pub mod plan;
 pub mod status;
+pub mod workspace;
 
 use std::sync::Arc;
 
@@ -282,6 +283,7 @@ async fn finish(task: &DelegatedTask, ctx: &Context, ending: Ending) -> Result<(
 pub async fn run(
     shared: Shared,
     pool: PgPool,
+    bridges: workspace::Bridges,
     concurrency: u16,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -335,6 +337,7 @@ pub async fn run(
             shared.client.clone(),
             shared.recorder.clone(),
             mappings.clone(),
+            bridges,
         ),
         mappings,
         metrics: shared.metrics.controller(CONTROLLER_NAME),

@@ -30,10 +30,11 @@ use super::Settings;
 use super::validate::ValidSidecar;
 use crate::config::Labels;
 use crate::controller::fleet::{
-    self, BRIDGE_CONTAINER, BRIDGE_PORT, CONFIG_HASH_ANNOTATION, DATA_MOUNT, MCP_SERVER_NAME,
-    MCP_TIMEOUT_MS, MCP_TOKEN_ENV, MCP_TOKEN_KEY, OPENCODE_CONTAINER, OPENCODE_PORT,
-    ORGANIZATION_ANNOTATION, PASSWORD_KEY, POD_NAME_ENV, PREPARE_CONTAINER, PROVIDER_API_KEY_ENV,
-    RUN_AS_USER, SIGNING_KEY, WORKSPACE_DIR, secret_name, selector_labels,
+    self, BRIDGE_CONTAINER, BRIDGE_PORT, BRIDGE_STATE_DIR, CONFIG_HASH_ANNOTATION, DATA_MOUNT,
+    MCP_SERVER_NAME, MCP_TIMEOUT_MS, MCP_TOKEN_ENV, MCP_TOKEN_KEY, OPENCODE_CONTAINER,
+    OPENCODE_PORT, ORGANIZATION_ANNOTATION, PASSWORD_KEY, POD_NAME_ENV, PREPARE_CONTAINER,
+    PROVIDER_API_KEY_ENV, RUN_AS_USER, SIGNING_KEY, WORKSPACE_DIR, WORKSPACES_DIR, secret_name,
+    selector_labels,
 };
 
 /// Labels of every child and pod.
@@ -444,6 +445,8 @@ fn bridge_env(v: &ValidSidecar, settings: &Settings) -> Vec<EnvVar> {
         env(bridge_env::LISTEN_ADDR, format!("0.0.0.0:{BRIDGE_PORT}")),
         env_from_field(bridge_env::POD_NAME, "metadata.name"),
         env_from_field(bridge_env::POD_IP, "status.podIP"),
+        env(bridge_env::WORKSPACES_DIR, WORKSPACES_DIR),
+        env(bridge_env::WORKSPACE_STATE_DIR, BRIDGE_STATE_DIR),
     ]
 }
 
@@ -499,7 +502,11 @@ fn containers(
     settings: &Settings,
     config: &str,
 ) -> (Container, Container, Container) {
-    let mut directories = vec!["-p".to_owned(), WORKSPACE_DIR.to_owned()];
+    let mut directories = vec![
+        "-p".to_owned(),
+        WORKSPACE_DIR.to_owned(),
+        WORKSPACES_DIR.to_owned(),
+    ];
     directories.extend(STATE_DIRS.iter().map(|(_, path)| (*path).to_owned()));
     let prepare = Container {
         name: PREPARE_CONTAINER.to_owned(),
@@ -543,6 +550,12 @@ fn containers(
         image: Some(settings.bridge_image.clone()),
         ports: Some(vec![port("bridge", BRIDGE_PORT)]),
         env: Some(bridge_env(v, settings)),
+        // The workspaces OpenCode works in, and the bridge's private copies of their
+        // repositories, which OpenCode never mounts.
+        volume_mounts: Some(vec![
+            mount("data", DATA_MOUNT),
+            mount("bridge-state", BRIDGE_STATE_DIR),
+        ]),
         // The bridge is ready when OpenCode answers its health check and callbacks flow.
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
@@ -568,7 +581,10 @@ fn stateful_set(
     config_hash: &str,
 ) -> StatefulSet {
     let (prepare, opencode, bridge) = containers(v, settings, config);
-    let mut volumes = vec![empty_dir("tmp", Some("1Gi"))];
+    let mut volumes = vec![
+        empty_dir("tmp", Some("1Gi")),
+        empty_dir("bridge-state", None),
+    ];
     let claims = match &v.storage {
         Some(storage) => Some(vec![PersistentVolumeClaim {
             metadata: ObjectMeta {

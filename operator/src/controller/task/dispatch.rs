@@ -11,13 +11,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use nubabel_contract::identity::SidecarIdentity;
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, WorkspaceStatus};
 use nubabel_opencode::{OpencodeClient, PromptRequest};
 use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 
 use super::error::Error;
 use super::plan::{self, Delivery, Ending, GoneSession, Target, Turn, reasons};
 use super::status;
+use super::workspace::{self, Bridges, WorkspaceError};
 use crate::controller::{fleet, report};
 
 /// How often, and how far apart, a sent prompt is looked for in the session's messages
@@ -44,15 +45,23 @@ pub struct Dispatcher {
     recorder: Recorder,
     /// Session mappings in Postgres.
     mappings: SessionMappings,
+    /// The fleets' bridges, which prepare workspaces.
+    bridges: Bridges,
 }
 
 impl Dispatcher {
     /// A dispatcher over these clients.
-    pub fn new(client: Client, recorder: Recorder, mappings: SessionMappings) -> Self {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        mappings: SessionMappings,
+        bridges: Bridges,
+    ) -> Self {
         Self {
             client,
             recorder,
             mappings,
+            bridges,
         }
     }
 
@@ -97,7 +106,10 @@ impl Dispatcher {
             .sidecar
             .or_else(|| task.spec.sidecar_ref.as_ref().map(|r| r.name.clone()))
             .ok_or(Error::MissingMetadata("sidecar"))?;
-        let opencode = self.opencode(task, &sidecar, pods, &pod).await?;
+        let mut opencode = self.opencode(task, &sidecar, pods, &pod).await?;
+        if let Some(workspace) = status.workspace {
+            opencode = opencode.in_directory(workspace.directory);
+        }
         Ok(Some((opencode, pod, session)))
     }
 
@@ -116,7 +128,22 @@ impl Dispatcher {
             Target::Existing(location) => (location.pod, Some(location.opencode_session_id)),
             Target::NewSession { pod } => (pod, None),
         };
-        let opencode = self.opencode(task, &sidecar_name, pods, &pod).await?;
+        // The conversation's own directory first: OpenCode works there, and nothing is sent
+        // when it cannot be had.
+        let workspace = match self.workspace(task, sidecar, pods, &pod, session_id).await {
+            Ok(workspace) => workspace,
+            Err(WorkspaceError::Refused(refusal)) => {
+                return Ok(Dispatched::Ended(plan::workspace_refused(
+                    &refusal.reason,
+                    &refusal.message,
+                )));
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let opencode = self
+            .opencode(task, &sidecar_name, pods, &pod)
+            .await?
+            .in_directory(workspace.directory.clone());
         let failed = |source| Error::Opencode {
             pod: pod.clone(),
             source,
@@ -160,6 +187,7 @@ impl Dispatcher {
             &pod,
             &opencode_session,
             plan::is_new_attempt(task, &opencode_session),
+            workspace,
         );
         status::write(&self.client, task, status.clone()).await?;
         let attempt_started = status::attempt_started(&status).unwrap_or_else(Timestamp::now);
@@ -208,6 +236,49 @@ impl Dispatcher {
         )
         .await;
         Ok(Dispatched::Running)
+    }
+
+    /// The conversation's workspace on `pod`: the one this attempt already recorded (its
+    /// state is where the turn's changes count from), or the bridge's answer.
+    async fn workspace(
+        &self,
+        task: &DelegatedTask,
+        sidecar: &OpencodeSidecar,
+        pods: &[Pod],
+        pod: &str,
+        session_id: &str,
+    ) -> Result<WorkspaceStatus, WorkspaceError> {
+        let recorded = task.status.as_ref().and_then(|s| {
+            (s.sidecar_pod.as_deref() == Some(pod))
+                .then(|| s.workspace.clone())
+                .flatten()
+        });
+        if let Some(recorded) = recorded {
+            return Ok(recorded);
+        }
+        let namespace = task.namespace().unwrap_or_default();
+        let credentials = workspace::read_credentials(&self.client, task, &namespace).await?;
+        let request = workspace::request(task, session_id, &credentials)?;
+        let identity = SidecarIdentity::new(
+            &sidecar.spec.organization_id,
+            &namespace,
+            &sidecar.name_any(),
+        )
+        .map_err(|e| WorkspaceError::Unreachable {
+            pod: pod.to_owned(),
+            message: e.to_string(),
+        })?;
+        let pod_object = pods.iter().find(|p| p.name_any() == pod).ok_or_else(|| {
+            WorkspaceError::Unreachable {
+                pod: pod.to_owned(),
+                message: "the pod is gone".to_owned(),
+            }
+        })?;
+        let prepared = self
+            .bridges
+            .prepare(&identity, pod_object, &request)
+            .await?;
+        Ok(workspace::status(&prepared))
     }
 
     async fn record_mapping(

@@ -1,6 +1,7 @@
 //! What can go wrong in one reconcile of a task, each with a stable category for metrics and
 //! event reasons.
 
+use super::workspace::WorkspaceError;
 use crate::controller::fleet::AccessError;
 
 /// Errors of one reconcile.
@@ -36,6 +37,10 @@ pub enum Error {
         #[source]
         source: nubabel_opencode::Error,
     },
+    /// The conversation's workspace could not be prepared this time (the bridge was not
+    /// reached, or a Secret could not be read); a refusal ends the task instead.
+    #[error(transparent)]
+    Workspace(#[from] WorkspaceError),
     /// Adding or removing the finalizer failed.
     #[error("finalizer update failed: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -54,6 +59,8 @@ impl Error {
             }
             Self::Access(AccessError::NoPassword(_)) => "SidecarNotProvisioned",
             Self::Access(AccessError::NoPodIp(_)) => "PodNotAddressable",
+            Self::Workspace(WorkspaceError::ReadSecret { .. }) => "KubernetesApi",
+            Self::Workspace(_) => "BridgeUnreachable",
             Self::Finalizer(_) => "Finalizer",
         }
     }

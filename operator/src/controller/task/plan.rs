@@ -659,6 +659,16 @@ pub fn turn_outcome(messages: &[MessageWithParts], prompt_id: &str) -> Turn {
 
 /// The end of a turn whose OpenCode session `opencode_session` vanished from `pod` while it
 /// ran: the pod was restarted and the turn went with it.
+/// The end of a task whose workspace cannot be had as its spec asks.
+pub fn workspace_refused(reason: &str, message: &str) -> Ending {
+    Ending::without_output(
+        TaskPhase::Failed,
+        reason,
+        format!("the workspace could not be prepared: {message}"),
+    )
+}
+
+/// The end of a task whose turn is gone with its pod.
 pub fn turn_lost(opencode_session: &str, pod: &str) -> Ending {
     Ending::without_output(
         TaskPhase::Failed,

@@ -7,7 +7,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use nubabel_crds::conditions::{self, status as cstatus, types};
 use nubabel_crds::v1alpha1::{
-    DelegatedTask, DelegatedTaskStatus, MAX_OUTPUT_BYTES, TaskError, TaskPhase,
+    DelegatedTask, DelegatedTaskStatus, MAX_OUTPUT_BYTES, TaskError, TaskPhase, WorkspaceStatus,
 };
 
 use super::plan::{Ending, reasons};
@@ -117,8 +117,10 @@ pub fn dispatching(
     pod: &str,
     opencode_session: &str,
     new_attempt: bool,
+    workspace: WorkspaceStatus,
 ) -> DelegatedTaskStatus {
     let mut status = own_status(task);
+    status.workspace = Some(workspace);
     status.sidecar = Some(sidecar.to_owned());
     if new_attempt {
         status.attempts += 1;
@@ -261,11 +263,25 @@ mod tests {
     #[test]
     fn a_retried_attempt_on_the_same_session_keeps_its_start_and_count() {
         let mut task = task();
-        let first = dispatching(&task, "fleet", "fleet-0", "ses_1", true);
+        let first = dispatching(
+            &task,
+            "fleet",
+            "fleet-0",
+            "ses_1",
+            true,
+            WorkspaceStatus::default(),
+        );
         assert_eq!(first.attempts, 1);
         let started = attempt_started(&first);
         task.status = Some(first);
-        let again = dispatching(&task, "fleet", "fleet-0", "ses_1", false);
+        let again = dispatching(
+            &task,
+            "fleet",
+            "fleet-0",
+            "ses_1",
+            false,
+            WorkspaceStatus::default(),
+        );
         assert_eq!(again.attempts, 1);
         assert_eq!(attempt_started(&again), started);
     }

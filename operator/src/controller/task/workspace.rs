@@ -1,0 +1,306 @@
+//! A conversation's workspace: what the task's spec asks for (pure: [`request`]), the
+//! credentials read from the task's namespace, and the signed call that has the pod's bridge
+//! prepare it. Credentials travel in that request's body only; nothing here logs or records
+//! them.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{Api, Client};
+use nubabel_contract::identity::SidecarIdentity;
+use nubabel_contract::signing::{MasterKey, RequestTarget, derive_sidecar_key, sign_request};
+use nubabel_contract::workspace::{
+    FileSource, GitCredentials, PREPARE_PATH, PrepareFailure, PrepareRequest, PreparedWorkspace,
+    RelativePath, RepositorySource, workspace_key,
+};
+use nubabel_crds::v1alpha1::{DelegatedTask, RepositoryStatus, WorkspaceStatus};
+
+use crate::controller::fleet;
+
+/// Failure reasons a workspace gives a task.
+pub mod reasons {
+    /// A repository or its credentials could not be had.
+    pub const UNAVAILABLE: &str = "WorkspaceUnavailable";
+    /// A path or URL of the spec cannot be used.
+    pub const INVALID: &str = "InvalidWorkspace";
+}
+
+/// Secret keys of Git credentials.
+pub const USERNAME_KEY: &str = "username";
+/// Secret key of the Git password or token.
+pub const PASSWORD_KEY: &str = "password";
+
+/// Why the workspace could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// It never can, as asked: the task fails with this reason.
+    #[error("{}: {}", .0.reason, .0.message)]
+    Refused(PrepareFailure),
+    /// The bridge could not be reached or answered out of turn: worth another try.
+    #[error("the bridge of pod {pod} did not prepare the workspace: {message}")]
+    Unreachable {
+        /// The pod.
+        pod: String,
+        /// What happened.
+        message: String,
+    },
+    /// Reading a Secret failed for another reason than its absence.
+    #[error("reading Secret {name}: {source}")]
+    ReadSecret {
+        /// The Secret.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn refused(reason: &str, message: String) -> WorkspaceError {
+    WorkspaceError::Refused(PrepareFailure {
+        reason: reason.to_owned(),
+        message,
+    })
+}
+
+/// The bridge request for the task's conversation `session_id`, given the credentials read
+/// from the Secrets the spec names (by Secret name).
+pub fn request(
+    task: &DelegatedTask,
+    session_id: &str,
+    credentials: &BTreeMap<String, GitCredentials>,
+) -> Result<PrepareRequest, WorkspaceError> {
+    let spec = task.spec.workspace.clone().unwrap_or_default();
+    let path = |what: &str, value: &str| {
+        RelativePath::parse(value)
+            .map_err(|error| refused(reasons::INVALID, format!("{what} path {value:?} {error}")))
+    };
+    let mut repositories = Vec::new();
+    for repository in &spec.repositories {
+        let at = path(
+            &format!("repository {}", repository.url),
+            repository.path.as_deref().unwrap_or("."),
+        )?;
+        let credentials = match &repository.credentials_secret_ref {
+            Some(secret) => Some(credentials.get(&secret.name).cloned().ok_or_else(|| {
+                refused(
+                    reasons::UNAVAILABLE,
+                    format!(
+                        "repository {}: Secret {} does not exist or lacks the keys {USERNAME_KEY} and {PASSWORD_KEY}",
+                        repository.url, secret.name
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        repositories.push(RepositorySource {
+            url: repository.url.clone(),
+            git_ref: repository.git_ref.clone(),
+            path: at,
+            depth: repository.depth,
+            credentials,
+        });
+    }
+    let files = spec
+        .files
+        .iter()
+        .map(|file| {
+            Ok(FileSource {
+                path: path("file", &file.path)?,
+                content: file.content.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, WorkspaceError>>()?;
+    Ok(PrepareRequest {
+        key: workspace_key(session_id),
+        repositories,
+        files,
+        max_bytes: None,
+    })
+}
+
+/// The workspace as the task's status records it.
+pub fn status(prepared: &PreparedWorkspace) -> WorkspaceStatus {
+    WorkspaceStatus {
+        directory: prepared.directory.clone(),
+        created: prepared.created,
+        repositories: prepared
+            .repositories
+            .iter()
+            .map(|r| RepositoryStatus {
+                path: r.path.to_string(),
+                commit: r.commit.clone(),
+                tree: r.tree.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Reads the credentials Secrets the task's repositories name; an absent Secret (or one
+/// without both keys) is left out, for [`request`] to refuse.
+pub async fn read_credentials(
+    client: &Client,
+    task: &DelegatedTask,
+    namespace: &str,
+) -> Result<BTreeMap<String, GitCredentials>, WorkspaceError> {
+    let names: Vec<&str> = task
+        .spec
+        .workspace
+        .iter()
+        .flat_map(|w| &w.repositories)
+        .filter_map(|r| r.credentials_secret_ref.as_ref())
+        .map(|s| s.name.as_str())
+        .collect();
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let mut found = BTreeMap::new();
+    for name in names {
+        let secret = api
+            .get_opt(name)
+            .await
+            .map_err(|source| WorkspaceError::ReadSecret {
+                name: name.to_owned(),
+                source,
+            })?;
+        let mut data = secret.and_then(|s| s.data).unwrap_or_default();
+        let value = |data: &mut BTreeMap<String, k8s_openapi::ByteString>, key: &str| {
+            data.remove(key)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        };
+        if let (Some(username), Some(password)) = (
+            value(&mut data, USERNAME_KEY),
+            value(&mut data, PASSWORD_KEY),
+        ) {
+            found.insert(name.to_owned(), GitCredentials { username, password });
+        }
+    }
+    Ok(found)
+}
+
+/// Calls the bridges of fleet pods, signing as the operator with each fleet's key.
+#[derive(Clone)]
+pub struct Bridges {
+    http: reqwest::Client,
+    master: MasterKey,
+}
+
+impl Bridges {
+    /// Bridges reached with this master key (the fleets' keys derive from it).
+    pub fn new(master: MasterKey) -> Self {
+        let http = reqwest::Client::builder()
+            // A fetch may take minutes; the bridge bounds each one at five.
+            .timeout(std::time::Duration::from_secs(330))
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Self { http, master }
+    }
+
+    /// Has the bridge of `pod` (of fleet `identity`) prepare the workspace.
+    pub async fn prepare(
+        &self,
+        identity: &SidecarIdentity,
+        pod: &Pod,
+        request: &PrepareRequest,
+    ) -> Result<PreparedWorkspace, WorkspaceError> {
+        let pod_name = kube::ResourceExt::name_any(pod);
+        let unreachable = |message: String| WorkspaceError::Unreachable {
+            pod: pod_name.clone(),
+            message,
+        };
+        let base = fleet::bridge_url(pod).ok_or_else(|| unreachable("no pod IP".to_owned()))?;
+        let body = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
+        let key = derive_sidecar_key(&self.master, identity);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let id = format!("ws-{}-{now}", request.key);
+        let signature = sign_request(&key, &id, now, RequestTarget::post(PREPARE_PATH), &body);
+        let response = self
+            .http
+            .post(format!("{base}{PREPARE_PATH}"))
+            .header("webhook-id", id)
+            .header("webhook-timestamp", now.to_string())
+            .header("webhook-signature", signature)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        match status.as_u16() {
+            200 => serde_json::from_str(&text).map_err(|e| unreachable(e.to_string())),
+            422 => Err(WorkspaceError::Refused(
+                serde_json::from_str(&text).map_err(|e| unreachable(e.to_string()))?,
+            )),
+            400 => Err(refused(reasons::INVALID, text)),
+            other => Err(unreachable(format!(
+                "HTTP {other}: {}",
+                text.chars().take(300).collect::<String>()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(workspace: serde_json::Value) -> DelegatedTask {
+        DelegatedTask::new(
+            "t",
+            serde_json::from_value(serde_json::json!({
+                "organizationId": "o", "prompt": "p", "workspace": workspace
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn credentials() -> BTreeMap<String, GitCredentials> {
+        BTreeMap::from([(
+            "git".to_owned(),
+            GitCredentials {
+                username: "u".to_owned(),
+                password: "p".to_owned(),
+            },
+        )])
+    }
+
+    #[test]
+    fn the_spec_becomes_a_request_with_the_credentials_of_the_named_secret() {
+        let t = task(serde_json::json!({
+            "repositories": [{"url": "https://h/r.git", "ref": "v1", "path": "./r", "depth": 1,
+                              "credentialsSecretRef": {"name": "git"}}],
+            "files": [{"path": "AGENTS.md", "content": "x"}]
+        }));
+        let r = request(&t, "conv", &credentials()).unwrap();
+        assert_eq!(r.key, workspace_key("conv"));
+        assert_eq!(r.repositories[0].path.as_str(), "r");
+        assert_eq!(r.repositories[0].git_ref.as_deref(), Some("v1"));
+        assert_eq!(r.repositories[0].credentials, credentials().remove("git"));
+        assert_eq!(r.files[0].path.as_str(), "AGENTS.md");
+        let empty = request(&task(serde_json::json!({})), "conv", &BTreeMap::new()).unwrap();
+        assert!(empty.repositories.is_empty() && empty.files.is_empty());
+    }
+
+    #[test]
+    fn an_escaping_path_or_a_missing_secret_is_refused_with_a_reason() {
+        let escaping = task(serde_json::json!({"files": [{"path": "../x", "content": ""}]}));
+        let Err(WorkspaceError::Refused(f)) = request(&escaping, "c", &BTreeMap::new()) else {
+            panic!("accepted");
+        };
+        assert_eq!(f.reason, reasons::INVALID);
+        assert!(f.message.contains(".."), "{}", f.message);
+        let missing = task(serde_json::json!({"repositories": [
+            {"url": "https://h/r.git", "credentialsSecretRef": {"name": "nope"}}]}));
+        let Err(WorkspaceError::Refused(f)) = request(&missing, "c", &credentials()) else {
+            panic!("accepted");
+        };
+        assert_eq!(f.reason, reasons::UNAVAILABLE);
+        assert!(f.message.contains("nope") && f.message.contains("https://h/r.git"));
+    }
+}
