@@ -202,9 +202,15 @@ rust_image() {
   mkdir -p "$WORK/empty-context"
   log "building $tag from docker/$name.Dockerfile ($profile binary)"
   build -f "docker/$name.Dockerfile" --build-arg "RUNTIME_IMAGE=$CC_BASE" \
+    --build-arg "DEBIAN_IMAGE=$DEBIAN_BASE" \
     --build-context "build=$stage" -t "$tag" "$WORK/empty-context"
   rm -rf "$stage"
   smoke_run "$tag" --help
+  # The bridge clones conversations' repositories.
+  if [ "$name" = bridge ]; then
+    podman run --rm --entrypoint /usr/bin/git "$tag" --version >/dev/null ||
+      die "$tag lacks git"
+  fi
 }
 
 opencode_image() {

@@ -248,8 +248,9 @@ async fn a_turns_changes_are_measured_and_the_next_turn_finds_the_workspace_as_i
         assert_eq!(repo.commit_before, prepared.repositories[0].commit);
         assert_ne!(repo.now.tree, prepared.repositories[0].tree);
 
-        // The next turn: the same workspace, edits kept, nothing cloned again.
-        let again = f.prepare(&req).await.unwrap();
+        // The next turn (whose request names no repository): the same workspace, edits
+        // kept, nothing cloned again, its repository reported from where the turn left it.
+        let again = f.prepare(&request("conv-1", Vec::new())).await.unwrap();
         assert!(!again.created);
         assert_eq!(again.directory, prepared.directory);
         assert_eq!(

@@ -30,7 +30,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use nubabel_contract::identity::OrganizationId;
 use nubabel_contract::stream_token::{self, StreamTokenKey};
-use nubabel_crds::v1alpha1::OpencodeSidecar;
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
 use nubabel_opencode::OpencodeClient;
 use nubabel_operator::controller::fleet;
 use serde_json::{Value, json};
@@ -653,6 +653,19 @@ impl System {
             .await
             .with_context(|| format!("reading pod {pod}"))?;
         Ok(fleet::opencode(&self.env.client, &self.namespace, sidecar, &pod).await?)
+    }
+
+    /// An OpenCode client for the pod task `task` was sent to, addressing its conversation's
+    /// workspace (OpenCode reports a session's status in its own directory only).
+    pub async fn opencode_of_task(&self, task: &DelegatedTask) -> Result<OpencodeClient> {
+        let status = task.status.clone().unwrap_or_default();
+        let sidecar = status.sidecar.context("the task has no sidecar yet")?;
+        let pod = status.sidecar_pod.context("the task has no pod yet")?;
+        let opencode = self.opencode_on(&sidecar, &pod).await?;
+        Ok(match status.workspace {
+            Some(workspace) => opencode.in_directory(workspace.directory),
+            None => opencode,
+        })
     }
 
     /// Opens the callback API's SSE stream of `session` (a Nubabel or an OpenCode session id)

@@ -231,20 +231,12 @@ async fn failures_end_tasks_with_a_reason_and_stop_the_agent() -> Result<()> {
                 &Patch::Merge(json!({"spec": {"cancel": true}})),
             )
             .await?;
-        let cancelled = await_phase(&tasks, "slow", TaskPhase::Cancelled, &system).await?;
+        await_phase(&tasks, "slow", TaskPhase::Cancelled, &system).await?;
 
-        // Neither agent is still working.
-        let pod = cancelled.status.clone().unwrap().sidecar_pod.unwrap();
-        let password = system.opencode_password("fleet").await?;
-        let pods = namespace.api::<k8s_openapi::api::core::v1::Pod>();
-        let ip = pods.get(&pod).await?.status.and_then(|s| s.pod_ip).unwrap();
-        let opencode = nubabel_opencode::OpencodeClient::new(
-            nubabel_opencode::ClientConfig::new(format!("http://{ip}:4096"))
-                .with_password(password),
-        )?;
-        let busy = opencode.session_status().await?;
+        // Neither agent is still working (each in its conversation's directory).
         for name in ["stuck", "slow"] {
             let t = tasks.get(name).await?;
+            let busy = system.opencode_of_task(&t).await?.session_status().await?;
             let session = t.status.unwrap().opencode_session_id.unwrap();
             assert!(
                 !busy.contains_key(&session),

@@ -234,8 +234,8 @@ async fn deleting_a_running_task_aborts_its_agent_before_the_task_goes() -> Resu
                     .any(|f| f == FINALIZER),
                 "a running task carries the finalizer"
             );
-            let (pod, session) = running_on(&running);
-            let opencode = system.opencode_on("fleet", &pod).await?;
+            let (_, session) = running_on(&running);
+            let opencode = system.opencode_of_task(&running).await?;
             assert!(
                 opencode.session_status().await?.contains_key(&session),
                 "the agent works"
@@ -330,8 +330,8 @@ async fn an_operator_killed_mid_task_neither_loses_nor_repeats_the_prompt() -> R
             .await?;
             let running = await_running(&tasks, "while-down", system).await?;
             system.kill_operator().await?;
-            let (pod, session) = running_on(&running);
-            let opencode = system.opencode_on("fleet", &pod).await?;
+            let (_, session) = running_on(&running);
+            let opencode = system.opencode_of_task(&running).await?;
             await_session_not_busy(&opencode, &session).await?;
             system.restart_operator().await?;
             let done = await_phase(&tasks, "while-down", TaskPhase::Succeeded, system).await?;

@@ -104,6 +104,28 @@ async fn a_conversation_works_on_its_own_checkout_and_the_credential_stays_out_o
         assert!(workspace.created);
         assert_eq!(workspace.repositories[0].path, "billing");
         assert_eq!(workspace.repositories[0].commit, commits[0]);
+        // What the turn changed: in the status, bounded, and whole in the database.
+        let change = workspace.changes.first().context("no changes in status")?;
+        assert_eq!(change.path, "billing");
+        assert_eq!(change.files, vec!["README.md".to_owned()]);
+        assert_eq!(
+            (
+                change.files_changed,
+                change.lines_added,
+                change.lines_removed
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!(change.commit_before, commits[0]);
+        assert_eq!(change.commit_after, commits[0]);
+        let uid: uuid::Uuid = first.metadata.uid.clone().unwrap().parse()?;
+        let stored = nubabel_store::changes::for_task(system.db(), uid).await?;
+        assert_eq!(stored.len(), 1);
+        assert!(
+            stored[0].patch.contains("+edited-by-turn-1"),
+            "{}",
+            stored[0].patch
+        );
 
         // Turn two of the same conversation finds the edit.
         create(
@@ -129,6 +151,12 @@ async fn a_conversation_works_on_its_own_checkout_and_the_credential_stays_out_o
         let workspace2 = status2.workspace.context("no workspace in status")?;
         assert_eq!(workspace2.directory, workspace.directory);
         assert!(!workspace2.created);
+        // It started from where the first turn left the checkout, and changed nothing.
+        assert_eq!(
+            workspace2.changes[0].files_changed, 0,
+            "{:?}",
+            workspace2.changes
+        );
 
         // Another conversation on the same pod has a directory of its own, without the checkout.
         create(

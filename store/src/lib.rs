@@ -7,6 +7,7 @@
 //! the wire contract and live in `nubabel_contract`.
 
 pub mod api_tokens;
+pub mod changes;
 pub mod connections;
 pub mod db;
 pub mod error;

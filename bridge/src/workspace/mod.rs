@@ -28,6 +28,8 @@ use self::git::{GitError, Invocation, line, run};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on each local git step (checkout, snapshot, diff).
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The file in a workspace's private state listing its repositories' paths.
+const REPOSITORIES_FILE: &str = "repositories.json";
 /// Largest patch returned, in bytes; a longer one is cut and says so.
 const MAX_PATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -83,34 +85,9 @@ impl Workspaces {
         if !directory.exists() {
             self.create(request, &directory, &state).await?;
         } else {
-            return self.existing(request, directory, &state, false).await;
+            return existing(directory, &state, false).await;
         }
-        self.existing(request, directory, &state, true).await
-    }
-
-    async fn existing(
-        &self,
-        request: &PrepareRequest,
-        directory: PathBuf,
-        state: &Path,
-        created: bool,
-    ) -> Result<PreparedWorkspace, PrepareFailure> {
-        let mut repositories = Vec::new();
-        for repository in &request.repositories {
-            let private = Self::private_repository(state, &repository.path);
-            if !private.exists() {
-                // Added to the task after the workspace was made: it is not cloned now, so a
-                // conversation's workspace never changes under it between turns.
-                continue;
-            }
-            repositories.push(snapshot(&private, &directory, &repository.path).await?);
-        }
-        Ok(PreparedWorkspace {
-            directory: directory.to_string_lossy().into_owned(),
-            created,
-            repositories,
-            bytes: disk_usage(&directory),
-        })
+        existing(directory, &state, true).await
     }
 
     async fn create(
@@ -152,6 +129,14 @@ impl Workspaces {
             clone(repository, directory, state).await?;
             check_size(directory, request.max_bytes)?;
         }
+        let paths: Vec<&RelativePath> = request.repositories.iter().map(|r| &r.path).collect();
+        let listing = serde_json::to_vec(&paths).unwrap_or_default();
+        std::fs::write(state.join(REPOSITORIES_FILE), listing).map_err(|e| {
+            failure(
+                reasons::UNAVAILABLE,
+                format!("recording the workspace failed: {e}"),
+            )
+        })?;
         for file in &request.files {
             write_file(directory, file)?;
         }
@@ -182,6 +167,27 @@ impl Workspaces {
             bytes: disk_usage(&directory),
         })
     }
+}
+
+/// A prepared workspace as it is now.
+async fn existing(
+    directory: PathBuf,
+    state: &Path,
+    created: bool,
+) -> Result<PreparedWorkspace, PrepareFailure> {
+    // The repositories it was made with: a later turn's request is not read, so a
+    // conversation's workspace never changes under it between turns.
+    let mut repositories = Vec::new();
+    for path in recorded_repositories(state) {
+        let private = Workspaces::private_repository(state, &path);
+        repositories.push(snapshot(&private, &directory, &path).await?);
+    }
+    Ok(PreparedWorkspace {
+        directory: directory.to_string_lossy().into_owned(),
+        created,
+        repositories,
+        bytes: disk_usage(&directory),
+    })
 }
 
 /// Refuses what cannot be carried out, before anything is written.
@@ -371,6 +377,14 @@ async fn clone(
         .await
         .map_err(&unavailable)?;
     Ok(())
+}
+
+/// The repositories a workspace was made with, in order, from its private state.
+fn recorded_repositories(state: &Path) -> Vec<RelativePath> {
+    std::fs::read(state.join(REPOSITORIES_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
 }
 
 fn looks_like_commit(git_ref: &str) -> bool {

@@ -398,6 +398,34 @@ pub struct WorkspaceStatus {
     /// Each repository when the turn started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repositories: Vec<RepositoryStatus>,
+    /// What the turn changed in each repository, once it ended (the whole patch is kept in
+    /// the database).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<RepositoryChangeStatus>,
+}
+
+/// Most files a change summary names; `filesChanged` counts them all.
+pub const MAX_CHANGED_FILES_LISTED: usize = 20;
+
+/// What a turn changed in one repository.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryChangeStatus {
+    /// Where the repository is in the workspace.
+    pub path: String,
+    /// The commit checked out when the turn started.
+    pub commit_before: String,
+    /// The commit checked out when it ended (the agent may have committed).
+    pub commit_after: String,
+    /// Files added, changed or deleted, committed or not.
+    pub files_changed: i64,
+    /// Lines added, over all files.
+    pub lines_added: i64,
+    /// Lines removed, over all files.
+    pub lines_removed: i64,
+    /// The first files changed, in path order (at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
 }
 
 /// One repository of a workspace when a turn started.

@@ -154,7 +154,15 @@ async fn carry_out(
             phase,
             reason,
             message,
-        } => finish(task, ctx, Ending::without_output(phase, reason, message)).await,
+        } => {
+            finish(
+                task,
+                ctx,
+                pods,
+                Ending::without_output(phase, reason, message),
+            )
+            .await
+        }
         Step::Abort {
             phase,
             reason,
@@ -164,7 +172,7 @@ async fn carry_out(
             // aborted after the fact: its outcome counts.
             if phase == TaskPhase::TimedOut {
                 match ctx.dispatcher.check(task, pods).await {
-                    Ok(Some(ending)) => return finish(task, ctx, ending).await,
+                    Ok(Some(ending)) => return finish(task, ctx, pods, ending).await,
                     Ok(None) => {}
                     Err(error) => {
                         tracing::info!(task = %task.name_any(), %error, "no last look before the deadline abort");
@@ -172,7 +180,13 @@ async fn carry_out(
                 }
             }
             ctx.dispatcher.abort(task, pods).await;
-            finish(task, ctx, Ending::without_output(phase, reason, message)).await
+            finish(
+                task,
+                ctx,
+                pods,
+                Ending::without_output(phase, reason, message),
+            )
+            .await
         }
         Step::Dispatch(target) => {
             // The planner dispatches only to a fleet it found.
@@ -186,11 +200,11 @@ async fn carry_out(
                 .await?
             {
                 Dispatched::Running | Dispatched::AwaitingListing => Ok(()),
-                Dispatched::Ended(ending) => finish(task, ctx, ending).await,
+                Dispatched::Ended(ending) => finish(task, ctx, pods, ending).await,
             }
         }
         Step::Check => match ctx.dispatcher.check(task, pods).await? {
-            Some(ending) => finish(task, ctx, ending).await,
+            Some(ending) => finish(task, ctx, pods, ending).await,
             None => Ok(()),
         },
     }
@@ -240,9 +254,20 @@ async fn queue(
     Ok(())
 }
 
-/// Ends the task: its result in Postgres (the whole answer), then its status, its slot freed.
-async fn finish(task: &DelegatedTask, ctx: &Context, ending: Ending) -> Result<(), Error> {
+/// Ends the task: its result in Postgres (the whole answer and what it changed in its
+/// workspace), then its status, its slot freed.
+async fn finish(
+    task: &DelegatedTask,
+    ctx: &Context,
+    pods: &[Pod],
+    ending: Ending,
+) -> Result<(), Error> {
     let succeeded = ending.phase == TaskPhase::Succeeded;
+    let changes = ctx.dispatcher.changes(task, pods).await;
+    let mut finished = status::finished(task, &ending);
+    if let (Some(changes), Some(workspace)) = (&changes, finished.workspace.as_mut()) {
+        workspace.changes = workspace::change_summary(changes);
+    }
     if let Some(uid) = task.uid().and_then(|u| u.parse().ok()) {
         let namespace = task.namespace().unwrap_or_default();
         let name = task.name_any();
@@ -261,8 +286,11 @@ async fn finish(task: &DelegatedTask, ctx: &Context, ending: Ending) -> Result<(
             },
         )
         .await?;
+        if let Some(changes) = &changes {
+            nubabel_store::changes::record(&ctx.pool, uid, &changes.repositories).await?;
+        }
     }
-    status::write(&ctx.client, task, status::finished(task, &ending)).await?;
+    status::write(&ctx.client, task, finished).await?;
     if let Some(uid) = task.uid() {
         ctx.placements.release(&uid);
         ctx.just_finished.insert(uid);

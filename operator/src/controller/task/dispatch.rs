@@ -20,6 +20,7 @@ use super::plan::{self, Delivery, Ending, GoneSession, Target, Turn, reasons};
 use super::status;
 use super::workspace::{self, Bridges, WorkspaceError};
 use crate::controller::{fleet, report};
+use nubabel_contract::workspace::{ChangesRequest, WorkspaceChanges, workspace_key};
 
 /// How often, and how far apart, a sent prompt is looked for in the session's messages
 /// (`prompt_async` answers before OpenCode stores the message).
@@ -279,6 +280,35 @@ impl Dispatcher {
             .prepare(&identity, pod_object, &request)
             .await?;
         Ok(workspace::status(&prepared))
+    }
+
+    /// What the task's turn changed in its workspace's repositories, when it has any; a
+    /// bridge that cannot tell is logged and the task finishes without the summary.
+    pub async fn changes(&self, task: &DelegatedTask, pods: &[Pod]) -> Option<WorkspaceChanges> {
+        let status = task.status.as_ref()?;
+        let workspace = status.workspace.as_ref()?;
+        let since = workspace::since(workspace)?;
+        let pod = pods
+            .iter()
+            .find(|p| Some(p.name_any()) == status.sidecar_pod)?;
+        let namespace = task.namespace().unwrap_or_default();
+        let identity = SidecarIdentity::new(
+            &task.spec.organization_id,
+            &namespace,
+            status.sidecar.as_deref()?,
+        )
+        .ok()?;
+        let request = ChangesRequest {
+            key: workspace_key(&plan::session_id(task)),
+            since,
+        };
+        match self.bridges.changes(&identity, pod, &request).await {
+            Ok(changes) => Some(changes),
+            Err(error) => {
+                tracing::info!(task = %task.name_any(), %error, "the turn's changes are unknown");
+                None
+            }
+        }
     }
 
     async fn record_mapping(

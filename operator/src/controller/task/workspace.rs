@@ -11,10 +11,16 @@ use kube::{Api, Client};
 use nubabel_contract::identity::SidecarIdentity;
 use nubabel_contract::signing::{MasterKey, RequestTarget, derive_sidecar_key, sign_request};
 use nubabel_contract::workspace::{
-    FileSource, GitCredentials, PREPARE_PATH, PrepareFailure, PrepareRequest, PreparedWorkspace,
-    RelativePath, RepositorySource, workspace_key,
+    CHANGES_PATH, ChangesRequest, FileSource, GitCredentials, PREPARE_PATH, PrepareFailure,
+    PrepareRequest, PreparedWorkspace, RelativePath, RepositorySource, RepositoryState,
+    WorkspaceChanges, workspace_key,
 };
-use nubabel_crds::v1alpha1::{DelegatedTask, RepositoryStatus, WorkspaceStatus};
+use nubabel_crds::v1alpha1::{
+    DelegatedTask, MAX_CHANGED_FILES_LISTED, RepositoryChangeStatus, RepositoryStatus,
+    WorkspaceStatus,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::controller::fleet;
 
@@ -133,6 +139,7 @@ pub fn status(prepared: &PreparedWorkspace) -> WorkspaceStatus {
                 tree: r.tree.clone(),
             })
             .collect(),
+        changes: Vec::new(),
     }
 }
 
@@ -203,22 +210,46 @@ impl Bridges {
         pod: &Pod,
         request: &PrepareRequest,
     ) -> Result<PreparedWorkspace, WorkspaceError> {
+        self.call(identity, pod, PREPARE_PATH, &request.key, request)
+            .await
+    }
+
+    /// Asks the bridge of `pod` what changed in the workspace since the given states.
+    pub async fn changes(
+        &self,
+        identity: &SidecarIdentity,
+        pod: &Pod,
+        request: &ChangesRequest,
+    ) -> Result<WorkspaceChanges, WorkspaceError> {
+        self.call(identity, pod, CHANGES_PATH, &request.key, request)
+            .await
+    }
+
+    /// One signed `POST` of `body` to `path` on the bridge of `pod`.
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        identity: &SidecarIdentity,
+        pod: &Pod,
+        path: &str,
+        key: &str,
+        body: &B,
+    ) -> Result<T, WorkspaceError> {
         let pod_name = kube::ResourceExt::name_any(pod);
         let unreachable = |message: String| WorkspaceError::Unreachable {
             pod: pod_name.clone(),
             message,
         };
         let base = fleet::bridge_url(pod).ok_or_else(|| unreachable("no pod IP".to_owned()))?;
-        let body = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
-        let key = derive_sidecar_key(&self.master, identity);
+        let body = serde_json::to_vec(body).map_err(|e| unreachable(e.to_string()))?;
+        let signing_key = derive_sidecar_key(&self.master, identity);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let id = format!("ws-{}-{now}", request.key);
-        let signature = sign_request(&key, &id, now, RequestTarget::post(PREPARE_PATH), &body);
+        let id = format!("ws-{key}-{now}");
+        let signature = sign_request(&signing_key, &id, now, RequestTarget::post(path), &body);
         let response = self
             .http
-            .post(format!("{base}{PREPARE_PATH}"))
+            .post(format!("{base}{path}"))
             .header("webhook-id", id)
             .header("webhook-timestamp", now.to_string())
             .header("webhook-signature", signature)
@@ -244,6 +275,48 @@ impl Bridges {
             ))),
         }
     }
+}
+
+/// The states a turn started from, as the bridge takes them back; `None` when the status
+/// records no repository (or one whose path no longer parses).
+pub fn since(status: &WorkspaceStatus) -> Option<Vec<RepositoryState>> {
+    if status.repositories.is_empty() {
+        return None;
+    }
+    status
+        .repositories
+        .iter()
+        .map(|r| {
+            Some(RepositoryState {
+                path: RelativePath::parse(&r.path).ok()?,
+                commit: r.commit.clone(),
+                tree: r.tree.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The bounded summary of a turn's changes that the task's status shows.
+pub fn change_summary(changes: &WorkspaceChanges) -> Vec<RepositoryChangeStatus> {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    changes
+        .repositories
+        .iter()
+        .map(|r| RepositoryChangeStatus {
+            path: r.now.path.to_string(),
+            commit_before: r.commit_before.clone(),
+            commit_after: r.now.commit.clone(),
+            files_changed: count(r.files.len() as u64),
+            lines_added: count(r.files.iter().map(|f| f.added).sum()),
+            lines_removed: count(r.files.iter().map(|f| f.removed).sum()),
+            files: r
+                .files
+                .iter()
+                .take(MAX_CHANGED_FILES_LISTED)
+                .map(|f| f.path.clone())
+                .collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -285,6 +358,43 @@ mod tests {
         assert_eq!(r.files[0].path.as_str(), "AGENTS.md");
         let empty = request(&task(serde_json::json!({})), "conv", &BTreeMap::new()).unwrap();
         assert!(empty.repositories.is_empty() && empty.files.is_empty());
+    }
+
+    #[test]
+    fn a_change_summary_counts_every_file_and_names_the_first_twenty() {
+        use nubabel_contract::workspace::{FileChange, RepositoryChanges};
+        let files = (0..25)
+            .map(|i| FileChange {
+                path: format!("f{i:02}"),
+                added: 2,
+                removed: 1,
+            })
+            .collect();
+        let changes = WorkspaceChanges {
+            repositories: vec![RepositoryChanges {
+                now: RepositoryState {
+                    path: RelativePath::parse("billing").unwrap(),
+                    commit: "after".to_owned(),
+                    tree: "t2".to_owned(),
+                },
+                commit_before: "before".to_owned(),
+                files,
+                patch: String::new(),
+            }],
+            bytes: 0,
+        };
+        let summary = change_summary(&changes);
+        assert_eq!(summary[0].files_changed, 25);
+        assert_eq!((summary[0].lines_added, summary[0].lines_removed), (50, 25));
+        assert_eq!(summary[0].files.len(), MAX_CHANGED_FILES_LISTED);
+        assert_eq!(
+            (
+                summary[0].commit_before.as_str(),
+                summary[0].commit_after.as_str()
+            ),
+            ("before", "after")
+        );
+        assert_eq!(summary[0].path, "billing");
     }
 
     #[test]
