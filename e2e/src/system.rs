@@ -121,6 +121,8 @@ pub fn fake_llm_sidecar(
                 "id": FAKE_PROVIDER,
                 "baseURL": format!("http://{address}/v1"),
             },
+            // Nubabel's delegate_task names a category on every task.
+            "categories": {"quick": {"model": FAKE_MODEL}},
             "nodeSelector": node_selector,
         }
     }))

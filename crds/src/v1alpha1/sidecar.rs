@@ -99,6 +99,20 @@ pub struct OpencodeSidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<ProviderSpec>,
 
+    /// Models for task categories, by category name (e.g. `quick`, `deep`): a task's
+    /// `category` runs its turn on that entry's model. A task naming a category this map does
+    /// not list fails `UnknownCategory` before anything is sent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub categories: BTreeMap<String, CategorySpec>,
+
+    /// The skills tasks may load (`loadSkills`): a ConfigMap in this namespace whose keys are
+    /// skill names and whose values are the skills' instructions (a `SKILL.md` body). A task's
+    /// skills reach the agent as extra system instructions for its turn; a task naming a skill
+    /// the ConfigMap lacks (or naming any skill when there is none) fails `UnknownSkill` before
+    /// anything is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skills_config_map_ref: Option<ConfigMapRef>,
+
     /// OpenCode plugins to load, e.g. `oh-my-opencode`. They must be baked into the image;
     /// nothing is installed when a pod starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -140,6 +154,24 @@ pub struct OpencodeSidecarSpec {
 
 fn default_replicas() -> i32 {
     1
+}
+
+/// What one task category runs on.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CategorySpec {
+    /// The model, as `<provider>/<model>`, of the fleet's provider.
+    #[schemars(length(min = 3))]
+    pub model: String,
+}
+
+/// A ConfigMap in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapRef {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// The LLM provider of a sidecar fleet.

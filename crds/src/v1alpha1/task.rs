@@ -103,11 +103,15 @@ pub struct DelegatedTaskSpec {
     pub prompt: String,
 
     /// The kind of work, as Nubabel's delegate_task names it (e.g. `quick`, `deep`,
-    /// `visual-engineering`); plugins such as oh-my-opencode map it to a model.
+    /// `visual-engineering`): the turn runs on the model the fleet's `categories` map gives it.
+    /// A category the fleet does not list fails the task `UnknownCategory` before anything is
+    /// sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
 
-    /// Skills to load into the agent for this task.
+    /// Skills to load for this task's turn, by name: their instructions, from the fleet's
+    /// `skillsConfigMapRef`, reach the agent as extra system instructions. A skill the fleet
+    /// does not have fails the task `UnknownSkill` before anything is sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub load_skills: Vec<String>,
 
@@ -116,7 +120,8 @@ pub struct DelegatedTaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
 
-    /// Free-form context from the caller, kept with the task and passed on to the agent.
+    /// Free-form context from the caller: it reaches the agent after the prompt, in the same
+    /// message, as `Context from the requester (JSON):` and the JSON in a fenced block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::free_form_object")]
     pub context: Option<serde_json::Value>,

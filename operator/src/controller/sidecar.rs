@@ -524,7 +524,7 @@ mod tests {
     #[test]
     fn invalid_specs_wait_for_a_change_and_name_their_reason() {
         let error = Error::Validate(validate::Error::InvalidModel {
-            field: "model",
+            field: "model".to_owned(),
             value: "x".to_owned(),
         });
         assert!(error.needs_spec_change());

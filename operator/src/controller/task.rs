@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod observe;
 pub mod plan;
 pub mod status;
+pub mod turn;
 pub mod workspace;
 
 use std::sync::Arc;

@@ -326,6 +326,7 @@ fn provider_config(v: &ValidSidecar) -> Option<Value> {
         let prefix = format!("{}/", v.provider.id);
         let models: Map<String, Value> = [&v.model, &v.small_model]
             .into_iter()
+            .chain(v.categories.values())
             .filter_map(|model| model.strip_prefix(&prefix))
             .map(|model| (model.to_owned(), json!({"tool_call": true})))
             .collect();
@@ -901,17 +902,19 @@ mod tests {
     }
 
     #[test]
-    fn an_openai_compatible_provider_gets_the_adapter_its_models_and_the_key_by_env() {
+    fn an_openai_compatible_provider_gets_the_adapter_its_models_categories_included_and_the_key_by_env()
+     {
         let v = valid_sidecar(json!({
             "organizationId": "o", "model": "llm/big", "smallModel": "llm/small",
-            "provider": {"baseURL": "http://llm.internal/v1", "apiKeySecretRef": {"name": "llm", "key": "api-key"}}
+            "provider": {"baseURL": "http://llm.internal/v1", "apiKeySecretRef": {"name": "llm", "key": "api-key"}},
+            "categories": {"quick": {"model": "llm/fast"}}
         }));
         let config = opencode_config(&v, &settings());
         assert_eq!(
             config["provider"],
             json!({"llm": {
                 "npm": "@ai-sdk/openai-compatible",
-                "models": {"big": {"tool_call": true}, "small": {"tool_call": true}},
+                "models": {"big": {"tool_call": true}, "small": {"tool_call": true}, "fast": {"tool_call": true}},
                 "options": {"baseURL": "http://llm.internal/v1", "apiKey": "{env:NUBABEL_PROVIDER_API_KEY}"}
             }})
         );

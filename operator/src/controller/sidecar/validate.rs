@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 use nubabel_contract::identity::{InvalidIdentity, SidecarIdentity};
 use nubabel_crds::v1alpha1::{
-    ContainerResources, EgressRule, OpencodeSidecar, SecretKeyRef, StorageSpec,
+    CategorySpec, ContainerResources, EgressRule, OpencodeSidecar, SecretKeyRef, StorageSpec,
 };
 use sha2::{Digest, Sha256};
 
@@ -67,8 +67,8 @@ pub enum Error {
         "spec.{field} must be <provider>/<model>, e.g. anthropic/claude-sonnet-4-5; got {value:?}"
     )]
     InvalidModel {
-        /// `model` or `smallModel`.
-        field: &'static str,
+        /// `model`, `smallModel` or `categories.<name>.model`.
+        field: String,
         /// The value given.
         value: String,
     },
@@ -174,6 +174,8 @@ pub struct ValidSidecar {
     pub small_model: String,
     /// The model's provider.
     pub provider: Provider,
+    /// Task categories and their `<provider>/<model>`, all of the fleet's provider.
+    pub categories: BTreeMap<String, String>,
     /// Plugins as `file://` URLs.
     pub plugins: Vec<String>,
     /// Requests and limits.
@@ -247,6 +249,7 @@ pub fn validate(
         None => model.clone(),
     };
     let provider = provider(spec.provider.as_ref(), &model)?;
+    let categories = categories(&spec.categories, &provider.id)?;
     let plugins = spec
         .plugins
         .iter()
@@ -297,6 +300,7 @@ pub fn validate(
         model,
         small_model,
         provider,
+        categories,
         plugins,
         resources,
         storage: spec.storage.clone(),
@@ -307,7 +311,28 @@ pub fn validate(
     })
 }
 
-fn model_ref(field: &'static str, value: &str) -> Result<String, Error> {
+/// The category map, each model checked and of the fleet's provider (the only one configured).
+fn categories(
+    categories: &BTreeMap<String, CategorySpec>,
+    provider_id: &str,
+) -> Result<BTreeMap<String, String>, Error> {
+    categories
+        .iter()
+        .map(|(name, category)| {
+            let field = format!("categories.{name}.model");
+            let model = model_ref(&field, &category.model)?;
+            if model.split_once('/').map(|(p, _)| p) != Some(provider_id) {
+                return Err(Error::InvalidModel {
+                    field,
+                    value: format!("{model} (the fleet's provider is {provider_id})"),
+                });
+            }
+            Ok((name.clone(), model))
+        })
+        .collect()
+}
+
+fn model_ref(field: &str, value: &str) -> Result<String, Error> {
     match value.split_once('/') {
         Some((provider, model))
             if is_provider_id(provider)
@@ -317,7 +342,7 @@ fn model_ref(field: &'static str, value: &str) -> Result<String, Error> {
             Ok(value.to_owned())
         }
         _ => Err(Error::InvalidModel {
-            field,
+            field: field.to_owned(),
             value: value.to_owned(),
         }),
     }
@@ -661,6 +686,29 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.reason(), "OrganizationChanged");
         assert!(error.to_string().contains("org-old"));
+    }
+
+    #[test]
+    fn category_models_must_be_models_of_the_fleets_provider() {
+        let v = valid(serde_json::json!({
+            "organizationId": "o", "model": "a/b", "categories": {"quick": {"model": "a/fast"}}
+        }))
+        .unwrap();
+        assert_eq!(
+            v.categories.get("quick").map(String::as_str),
+            Some("a/fast")
+        );
+        for bad in ["fast", "other/fast"] {
+            let error = valid(serde_json::json!({
+                "organizationId": "o", "model": "a/b", "categories": {"quick": {"model": bad}}
+            }))
+            .unwrap_err();
+            assert_eq!(error.reason(), "InvalidModel", "{bad}");
+            assert!(
+                error.to_string().contains("categories.quick.model"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -7,17 +7,18 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::runtime::events::{EventType, Recorder};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use nubabel_contract::identity::SidecarIdentity;
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, WorkspaceStatus};
-use nubabel_opencode::{OpencodeClient, PromptRequest};
+use nubabel_opencode::OpencodeClient;
 use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 
 use super::error::Error;
 use super::plan::{self, Delivery, Ending, GoneSession, Target, Turn, reasons};
 use super::status;
+use super::turn::{self, Skills};
 use super::workspace::{self, Bridges, WorkspaceError};
 use crate::controller::{fleet, report};
 use nubabel_contract::workspace::{ChangesRequest, WorkspaceChanges, workspace_key};
@@ -129,8 +130,13 @@ impl Dispatcher {
             Target::Existing(location) => (location.pod, Some(location.opencode_session_id)),
             Target::NewSession { pod } => (pod, None),
         };
-        // The conversation's own directory first: OpenCode works there, and nothing is sent
-        // when it cannot be had.
+        // What the turn sends, then the conversation's own directory: nothing is sent when
+        // either cannot be had as the task asks.
+        let skills = self.skills(sidecar).await?;
+        let request = match turn::prompt_request(task, sidecar, &skills) {
+            Ok(request) => request,
+            Err(ending) => return Ok(Dispatched::Ended(ending)),
+        };
         let workspace = match self.workspace(task, sidecar, pods, &pod, session_id).await {
             Ok(workspace) => workspace,
             Err(WorkspaceError::Refused(refusal)) => {
@@ -205,14 +211,11 @@ impl Dispatcher {
                 return Ok(Dispatched::AwaitingListing);
             }
             Delivery::Send { earlier } => {
-                let mut request = PromptRequest::text(task.spec.prompt.clone());
-                if let Some(agent) = &task.spec.agent {
-                    request = request.with_agent(agent.clone());
-                }
                 let sent = opencode.prompt_async(&opencode_session, &request).await;
                 // Success or not, the session's messages say whether OpenCode has the prompt.
+                let text = turn::prompt_text(task);
                 let listed = self
-                    .await_listing(&opencode, &opencode_session, &task.spec.prompt, &earlier)
+                    .await_listing(&opencode, &opencode_session, &text, &earlier)
                     .await
                     .map_err(failed)?;
                 match (listed, sent) {
@@ -280,6 +283,21 @@ impl Dispatcher {
             .prepare(&identity, pod_object, &request)
             .await?;
         Ok(workspace::status(&prepared))
+    }
+
+    /// The skills of `fleet`: the entries of the ConfigMap its spec names.
+    async fn skills(&self, fleet: &OpencodeSidecar) -> Result<Skills, Error> {
+        let Some(reference) = &fleet.spec.skills_config_map_ref else {
+            return Ok(Skills::NotConfigured);
+        };
+        let namespace = fleet.namespace().unwrap_or_default();
+        let found = Api::<ConfigMap>::namespaced(self.client.clone(), &namespace)
+            .get_opt(&reference.name)
+            .await?;
+        Ok(match found {
+            Some(config_map) => Skills::Found(config_map.data.unwrap_or_default()),
+            None => Skills::Missing(reference.name.clone()),
+        })
     }
 
     /// What the task's turn changed in its workspace's repositories, when it has any; a

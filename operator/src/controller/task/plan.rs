@@ -578,8 +578,9 @@ pub fn prompt_delivery(
     messages: &[MessageWithParts],
     attempt_started: Timestamp,
 ) -> Delivery {
+    let prompt_text = super::turn::prompt_text(task);
     let prompts: Vec<&MessageWithParts> =
-        nubabel_opencode::user_prompts(messages, &task.spec.prompt).collect();
+        nubabel_opencode::user_prompts(messages, &prompt_text).collect();
     if prompt_may_be_sent(task) {
         let skew_ms = i64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
         let since_ms = attempt_started.as_millisecond().saturating_sub(skew_ms);
