@@ -137,6 +137,19 @@ async fn every_example_manifest_is_accepted_by_the_api_server() -> Result<()> {
             first.spec.context,
             Some(json!({"source": "kubectl", "ticket": "PAY-1234"}))
         );
+        let on_git = namespace
+            .api::<DelegatedTask>()
+            .get("fix-billing-test")
+            .await?;
+        let repository = &on_git.spec.workspace.unwrap().repositories[0];
+        assert_eq!(repository.git_ref.as_deref(), Some("main"));
+        assert_eq!(
+            repository
+                .credentials_secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            Some("billing-git")
+        );
         Ok(())
     })
     .await?;

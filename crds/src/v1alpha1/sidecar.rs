@@ -113,6 +113,13 @@ pub struct OpencodeSidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skills_config_map_ref: Option<ConfigMapRef>,
 
+    /// What the agent may do, as OpenCode's permissions. Nobody answers OpenCode's questions
+    /// in a pod, so each is `allow` or `deny`. Without it: everything is allowed except
+    /// reading or writing outside the conversation's workspace (`externalDirectory: deny`)
+    /// and asking questions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<PermissionsSpec>,
+
     /// OpenCode plugins to load, e.g. `oh-my-opencode`. They must be baked into the image;
     /// nothing is installed when a pod starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -154,6 +161,41 @@ pub struct OpencodeSidecarSpec {
 
 fn default_replicas() -> i32 {
     1
+}
+
+/// Whether the agent may use a kind of tool.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PermissionAction {
+    /// Without asking.
+    Allow,
+    /// Never: the tool call fails and the agent is told why.
+    Deny,
+}
+
+/// The agent's permissions, each defaulting as documented.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionsSpec {
+    /// Shell commands (the `bash` tool). Default `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bash: Option<PermissionAction>,
+    /// Shell commands refused even where `bash` allows them, as patterns with `*` wildcards,
+    /// e.g. `git push*`. Each starts with a letter, a digit, `.`, `/` or `_`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bash_deny: Vec<String>,
+    /// Editing and writing files. Default `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<PermissionAction>,
+    /// Fetching URLs (`webfetch`). Default `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webfetch: Option<PermissionAction>,
+    /// Searching the web (`websearch`). Default `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websearch: Option<PermissionAction>,
+    /// Reading or writing outside the conversation's workspace directory. Default `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_directory: Option<PermissionAction>,
 }
 
 /// What one task category runs on.

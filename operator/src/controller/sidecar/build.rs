@@ -21,6 +21,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nubabel_crds::v1alpha1::{PermissionAction, PermissionsSpec};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -271,11 +272,7 @@ pub fn opencode_config(v: &ValidSidecar, settings: &Settings) -> Value {
             json!({ v.provider.id.clone(): provider }),
         );
     }
-    // Nobody answers OpenCode's questions in a pod: everything is allowed but asking.
-    config.insert(
-        "permission".into(),
-        json!({"*": "allow", "question": "deny"}),
-    );
+    config.insert("permission".into(), permission_config(&v.permissions));
     config.insert("autoupdate".into(), json!(false));
     config.insert("share".into(), json!("disabled"));
     if !v.plugins.is_empty() {
@@ -286,6 +283,38 @@ pub fn opencode_config(v: &ValidSidecar, settings: &Settings) -> Value {
         json!({ MCP_SERVER_NAME: mcp_gateway_config(v, settings) }),
     );
     Value::Object(config)
+}
+
+/// OpenCode's `permission` config: `*` first, then one entry per permission, so each specific
+/// entry wins over `*` (OpenCode applies the last matching rule). Nobody answers OpenCode's
+/// questions in a pod: asking is always denied.
+fn permission_config(permissions: &PermissionsSpec) -> Value {
+    let action = |a: Option<PermissionAction>, default: &str| match a {
+        Some(PermissionAction::Allow) => "allow".to_owned(),
+        Some(PermissionAction::Deny) => "deny".to_owned(),
+        None => default.to_owned(),
+    };
+    let bash_action = action(permissions.bash, "allow");
+    let bash = if permissions.bash_deny.is_empty() {
+        json!(bash_action)
+    } else {
+        // Validation keeps every pattern sorting after `*`, so the base rule stays first.
+        let mut rules = Map::new();
+        rules.insert("*".into(), json!(bash_action));
+        for pattern in &permissions.bash_deny {
+            rules.insert(pattern.clone(), json!("deny"));
+        }
+        Value::Object(rules)
+    };
+    json!({
+        "*": "allow",
+        "question": "deny",
+        "bash": bash,
+        "edit": action(permissions.edit, "allow"),
+        "webfetch": action(permissions.webfetch, "allow"),
+        "websearch": action(permissions.websearch, "allow"),
+        "external_directory": action(permissions.external_directory, "deny"),
+    })
 }
 
 /// The callback API's MCP gateway as a remote MCP server: the fleet's token by `{env:...}`
@@ -879,6 +908,37 @@ mod tests {
     }
 
     #[test]
+    fn permissions_come_from_the_spec_with_the_base_rule_first() {
+        let config = opencode_config(
+            &valid_sidecar(json!({
+                "organizationId": "o", "model": "a/b",
+                "permissions": {"bash": "allow", "bashDeny": ["git push*"], "webfetch": "deny",
+                                "externalDirectory": "allow"}
+            })),
+            &settings(),
+        );
+        let permission = &config["permission"];
+        assert_eq!(
+            permission["bash"],
+            json!({"*": "allow", "git push*": "deny"})
+        );
+        assert_eq!(
+            serde_json::to_string(&permission["bash"]).unwrap(),
+            r#"{"*":"allow","git push*":"deny"}"#,
+            "the base rule is written first"
+        );
+        assert_eq!(permission["webfetch"], "deny");
+        assert_eq!(permission["external_directory"], "allow");
+        assert_eq!(permission["question"], "deny");
+        assert!(
+            serde_json::to_string(permission)
+                .unwrap()
+                .starts_with(r#"{"*":"allow""#),
+            "`*` comes before every specific permission"
+        );
+    }
+
+    #[test]
     fn the_opencode_config_denies_questions_and_turns_off_updates_and_sharing() {
         let mut config = opencode_config(
             &valid_sidecar(json!({
@@ -893,7 +953,10 @@ mod tests {
             json!({
                 "model": "anthropic/claude-sonnet-4-5",
                 "small_model": "anthropic/claude-haiku-4-5",
-                "permission": {"*": "allow", "question": "deny"},
+                "permission": {
+                    "*": "allow", "question": "deny", "bash": "allow", "edit": "allow",
+                    "webfetch": "allow", "websearch": "allow", "external_directory": "deny"
+                },
                 "autoupdate": false,
                 "share": "disabled",
                 "plugin": ["file:///opt/opencode/plugins/node_modules/oh-my-opencode"]

@@ -11,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 use nubabel_contract::identity::{InvalidIdentity, SidecarIdentity};
 use nubabel_crds::v1alpha1::{
-    CategorySpec, ContainerResources, EgressRule, OpencodeSidecar, SecretKeyRef, StorageSpec,
+    CategorySpec, ContainerResources, EgressRule, OpencodeSidecar, PermissionsSpec, SecretKeyRef,
+    StorageSpec,
 };
 use sha2::{Digest, Sha256};
 
@@ -106,6 +107,12 @@ pub enum Error {
     /// An egress rule names no network.
     #[error("spec.egress: {0:?} is not a CIDR such as 10.0.0.0/8")]
     InvalidEgress(String),
+    /// A `bashDeny` pattern is empty or starts with a character that would order it before
+    /// the base rule.
+    #[error(
+        "spec.permissions.bashDeny: {0:?} must start with a letter, a digit, `.`, `/` or `_` and hold no control characters"
+    )]
+    InvalidPermissions(String),
 }
 
 impl Error {
@@ -123,6 +130,7 @@ impl Error {
             Self::InvalidQuantity { .. } => "InvalidQuantity",
             Self::LimitBelowRequest { .. } => "LimitBelowRequest",
             Self::InvalidEgress(_) => "InvalidEgress",
+            Self::InvalidPermissions(_) => "InvalidPermissions",
         }
     }
 }
@@ -176,6 +184,8 @@ pub struct ValidSidecar {
     pub provider: Provider,
     /// Task categories and their `<provider>/<model>`, all of the fleet's provider.
     pub categories: BTreeMap<String, String>,
+    /// What the agent may do (defaults applied when the config is built).
+    pub permissions: PermissionsSpec,
     /// Plugins as `file://` URLs.
     pub plugins: Vec<String>,
     /// Requests and limits.
@@ -250,6 +260,14 @@ pub fn validate(
     };
     let provider = provider(spec.provider.as_ref(), &model)?;
     let categories = categories(&spec.categories, &provider.id)?;
+    let permissions = spec.permissions.clone().unwrap_or_default();
+    if let Some(bad) = permissions
+        .bash_deny
+        .iter()
+        .find(|p| !is_command_pattern(p))
+    {
+        return Err(Error::InvalidPermissions(bad.clone()));
+    }
     let plugins = spec
         .plugins
         .iter()
@@ -301,6 +319,7 @@ pub fn validate(
         small_model,
         provider,
         categories,
+        permissions,
         plugins,
         resources,
         storage: spec.storage.clone(),
@@ -309,6 +328,16 @@ pub fn validate(
         tolerations: spec.tolerations.clone(),
         priority_class_name: spec.priority_class_name.clone(),
     })
+}
+
+/// Whether a `bashDeny` pattern sorts after `*` (OpenCode's permission map is written in key
+/// order, and the base rule must come first) and is printable.
+fn is_command_pattern(pattern: &str) -> bool {
+    pattern
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '_'))
+        && !pattern.chars().any(char::is_control)
 }
 
 /// The category map, each model checked and of the fleet's provider (the only one configured).
@@ -686,6 +715,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.reason(), "OrganizationChanged");
         assert!(error.to_string().contains("org-old"));
+    }
+
+    #[test]
+    fn a_bash_deny_pattern_must_order_after_the_base_rule() {
+        for good in ["git push*", "./deploy.sh*", "/usr/bin/curl *", "_x"] {
+            assert!(is_command_pattern(good), "{good}");
+        }
+        for bad in ["", "*", " rm", "!x", "(x)", "a\nb"] {
+            let error = valid(serde_json::json!({
+                "organizationId": "o", "model": "a/b", "permissions": {"bashDeny": [bad]}
+            }))
+            .unwrap_err();
+            assert_eq!(error.reason(), "InvalidPermissions", "{bad:?}");
+        }
     }
 
     #[test]
