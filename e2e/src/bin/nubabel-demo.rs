@@ -1,7 +1,8 @@
 //! `nubabel-demo`: the quick start's main job. Inside the local stack (`nubabel-local run`), it
-//! starts the callback API, the operator, a node shim and the scripted fake LLM, applies a
-//! tenant's `OpencodeSidecar` and a `DelegatedTask`, and prints the task's progress and answer
-//! as they happen. Real OpenCode servers do the work; only the LLM is scripted, unless an API
+//! starts the callback API, the operator, a node shim, the scripted fake LLM and a Git server
+//! that requires credentials (with a small repository it creates), applies a tenant's
+//! `OpencodeSidecar` and a `DelegatedTask` that works on that repository, and prints the task's
+//! progress, its answer and what it changed as they happen. Real OpenCode servers do the work; only the LLM is scripted, unless an API
 //! key of a real provider is in the environment (`ANTHROPIC_API_KEY` or `OPENAI_API_KEY`): then
 //! the sidecar names that provider's model and gets the key through a Secret.
 
@@ -9,14 +10,23 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_e2e::git_server::{GitServer, Login};
+use nubabel_e2e::node_shim::HOST_IP;
 use nubabel_e2e::system::System;
 use nubabel_e2e::{TestEnv, TestNamespace, create, kubectl, within};
 
-const PROMPT: &str = "TOOLCALL: check that the workspace has a shell, then say what you found.";
+/// What the scripted fake LLM is asked: its `bash` tool reads the checkout and appends a line.
+const SCRIPTED_PROMPT: &str = r#"MCPCALL:bash:{"command": "cat README.md && echo '- reviewed by the agent' >> README.md", "description": "Review the README"}"#;
+/// What a real model is asked.
+const PROMPT: &str = "Read README.md, then append the line `- reviewed by the agent` to it.";
+/// The demo repository's user and token (the Secret `demo-git` holds them).
+const GIT_LOGIN: (&str, &str) = ("x-access-token", "demo-token-not-a-secret");
 /// The Secret (and its key) that holds a real provider's API key.
 const PROVIDER_SECRET: (&str, &str) = ("acme-llm", "api-key");
 /// Overrides the model of a real provider (`<provider>/<model>`).
@@ -96,8 +106,48 @@ async fn demo() -> Result<()> {
     let system = System::start(&env, &namespace).await?;
     system.bind_organization("org-acme").await?;
 
+    let git = GitServer::start_on(
+        HOST_IP.into(),
+        Login {
+            username: GIT_LOGIN.0.to_owned(),
+            password: GIT_LOGIN.1.to_owned(),
+        },
+    )?;
+    git.create_repository(
+        "hello",
+        &[BTreeMap::from([
+            ("README.md", "# hello\n\nA tiny repository for the demo.\n"),
+            ("greet.sh", "echo hello\n"),
+        ])],
+    )?;
+    let git_secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("demo-git".to_owned()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(
+            [
+                ("username".to_owned(), GIT_LOGIN.0.to_owned()),
+                ("password".to_owned(), GIT_LOGIN.1.to_owned()),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    create(&namespace.api::<Secret>(), &git_secret).await?;
+    println!(
+        "Git server: {} (credentials in Secret demo-git)",
+        git.url("hello")
+    );
+
     let mut sidecar = system.sidecar_manifest("acme", "org-acme", 1)?;
-    match choose_llm(|name| std::env::var(name).ok()) {
+    let llm = choose_llm(|name| std::env::var(name).ok());
+    let prompt = if llm == DemoLlm::Fake {
+        SCRIPTED_PROMPT
+    } else {
+        PROMPT
+    };
+    match llm {
         DemoLlm::Fake => println!(
             "LLM: the scripted fake (set ANTHROPIC_API_KEY or OPENAI_API_KEY for a real one)"
         ),
@@ -143,11 +193,20 @@ async fn demo() -> Result<()> {
         "apiVersion": "nubabel.io/v1alpha1",
         "kind": "DelegatedTask",
         "metadata": {"name": "first-task"},
-        "spec": {"organizationId": "org-acme", "sessionId": "demo-session", "prompt": PROMPT}
+        "spec": {
+            "organizationId": "org-acme", "sessionId": "demo-session", "prompt": prompt,
+            "workspace": {"repositories": [{
+                "url": git.url("hello"), "ref": "main",
+                "credentialsSecretRef": {"name": "demo-git"},
+            }]},
+        }
     }))?;
     let tasks = namespace.api::<DelegatedTask>();
     create(&tasks, &task).await?;
-    println!("applied DelegatedTask first-task: {PROMPT:?}");
+    println!(
+        "applied DelegatedTask first-task on {}: {prompt:?}",
+        git.url("hello")
+    );
 
     let mut last_line = String::new();
     let mut updates = watcher(
@@ -217,6 +276,24 @@ async fn demo() -> Result<()> {
         status.opencode_session_id.unwrap_or_default(),
         status.output.unwrap_or_default()
     );
+    match &status.workspace {
+        Some(workspace) => {
+            println!("workspace {}:", workspace.directory);
+            for change in &workspace.changes {
+                println!(
+                    "  repository {}: commit {} -> {}, {} file(s) changed, +{} -{}: {}",
+                    change.path,
+                    short(&change.commit_before),
+                    short(&change.commit_after),
+                    change.files_changed,
+                    change.lines_added,
+                    change.lines_removed,
+                    change.files.join(", ")
+                );
+            }
+        }
+        None => println!("no workspace in the status"),
+    }
     let listing = kubectl(["get", "ocs,dtask", "-n", namespace.name()]).await?;
     println!(
         "$ kubectl get ocs,dtask\n{}",
@@ -228,7 +305,20 @@ async fn demo() -> Result<()> {
     if status.phase != Some(TaskPhase::Succeeded) {
         bail!("the task ended {:?}: {:?}", status.phase, status.error);
     }
+    let changed = status
+        .workspace
+        .iter()
+        .flat_map(|w| &w.changes)
+        .any(|c| c.files_changed > 0);
+    if !changed {
+        bail!("the task changed nothing in its workspace");
+    }
     Ok(())
+}
+
+/// The first 8 characters of a commit id.
+fn short(commit: &str) -> &str {
+    commit.get(..8).unwrap_or(commit)
 }
 
 #[cfg(test)]
