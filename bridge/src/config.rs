@@ -92,6 +92,10 @@ pub struct Config {
     /// not mount).
     #[arg(long, env = bridge_env::WORKSPACE_STATE_DIR, requires = "workspaces_dir")]
     pub workspace_state_dir: Option<PathBuf>,
+
+    /// Seconds a workspace is kept after its last use while none of its sessions is busy.
+    #[arg(long, env = bridge_env::WORKSPACE_IDLE_TTL_SECONDS, default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub workspace_idle_ttl_seconds: u64,
 }
 
 /// A setting that cannot be used.
@@ -139,6 +143,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The workspaces root and the private state directory, when workspaces are prepared here.
     pub workspaces: Option<(PathBuf, PathBuf)>,
+    /// How long an unused workspace is kept.
+    pub workspace_idle_ttl: Duration,
+    /// How often idle workspaces are looked for.
+    pub workspace_sweep_interval: Duration,
 }
 
 impl Settings {
@@ -174,6 +182,8 @@ impl Settings {
             callback_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             workspaces: None,
+            workspace_idle_ttl: Duration::from_secs(7 * 24 * 3600),
+            workspace_sweep_interval: Duration::from_secs(60),
         })
     }
 }

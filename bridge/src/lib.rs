@@ -138,11 +138,20 @@ impl Bridge {
             metrics: Arc::clone(&metrics),
         });
         let workspaces_root = settings.workspaces.as_ref().map(|(root, _)| root.clone());
+        let mut sweeper = None;
         if let Some((root, state)) = settings.workspaces.clone() {
+            let workspaces = Arc::new(Workspaces::new(root, state));
             probes = probes.merge(workspace::routes::router(WorkspaceState {
-                workspaces: Arc::new(Workspaces::new(root, state)),
+                workspaces: Arc::clone(&workspaces),
                 key: settings.signing_key.clone(),
             }));
+            sweeper = Some(tokio::spawn(sweep_workspaces(
+                workspaces,
+                opencode.clone(),
+                settings.workspace_idle_ttl,
+                settings.workspace_sweep_interval,
+                Arc::clone(&metrics),
+            )));
         }
         let (stop_probes, probes_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -182,6 +191,9 @@ impl Bridge {
             tracing::warn!(lost = outbox.len(), "stopped with callbacks still buffered");
         }
         delivery.abort();
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+        }
         let _ = stop_probes.send(());
         match server.await {
             Ok(result) => result.map_err(BridgeError::Serve),
@@ -250,6 +262,38 @@ async fn follow_events(
         }
         tokio::time::sleep(pause).await;
         pause = backoff.next(pause);
+    }
+}
+
+/// Removes idle workspaces every `interval` and publishes how many there are and their size.
+/// A workspace whose sessions OpenCode reports busy, or whose status cannot be read, stays.
+async fn sweep_workspaces(
+    workspaces: Arc<Workspaces>,
+    opencode: OpencodeClient,
+    idle_ttl: std::time::Duration,
+    interval: std::time::Duration,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let sweep = workspaces
+            .sweep(idle_ttl, |directory| {
+                let opencode = opencode.in_directory(directory.to_string_lossy().into_owned());
+                async move {
+                    opencode
+                        .session_status()
+                        .await
+                        .map_or(true, |busy| !busy.is_empty())
+                }
+            })
+            .await;
+        metrics
+            .workspaces
+            .set(i64::try_from(sweep.kept).unwrap_or(i64::MAX));
+        metrics
+            .workspace_bytes
+            .set(i64::try_from(sweep.bytes).unwrap_or(i64::MAX));
+        metrics.workspaces_removed.inc_by(sweep.removed);
+        tokio::time::sleep(interval).await;
     }
 }
 

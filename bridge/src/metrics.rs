@@ -23,6 +23,12 @@ pub struct Metrics {
     pub buffered: Gauge,
     /// Times the event stream was opened again after it broke.
     pub reconnects: Counter,
+    /// Conversations' workspaces on the pod, at the last sweep.
+    pub workspaces: Gauge,
+    /// Bytes the workspaces hold, at the last sweep.
+    pub workspace_bytes: Gauge,
+    /// Workspaces removed after their idle time.
+    pub workspaces_removed: Counter,
 }
 
 impl Default for Metrics {
@@ -43,6 +49,9 @@ impl Metrics {
             dropped: Counter::default(),
             buffered: Gauge::default(),
             reconnects: Counter::default(),
+            workspaces: Gauge::default(),
+            workspace_bytes: Gauge::default(),
+            workspaces_removed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -79,6 +88,21 @@ impl Metrics {
             "event_stream_reconnects",
             "Reconnections to the OpenCode event stream",
             metrics.reconnects.clone(),
+        );
+        registry.register(
+            "workspaces",
+            "Conversations' workspaces on the pod",
+            metrics.workspaces.clone(),
+        );
+        registry.register(
+            "workspace_bytes",
+            "Bytes the conversations' workspaces hold",
+            metrics.workspace_bytes.clone(),
+        );
+        registry.register(
+            "workspaces_removed",
+            "Workspaces removed after their idle time",
+            metrics.workspaces_removed.clone(),
         );
         Self {
             registry,

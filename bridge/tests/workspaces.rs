@@ -332,6 +332,53 @@ async fn bad_inputs_fail_with_a_reason_that_names_the_repository_but_never_the_c
 }
 
 #[tokio::test]
+async fn an_idle_workspace_is_removed_unless_its_sessions_are_busy() {
+    within(TEST_TIMEOUT, "sweeping idle workspaces", async {
+        let dirs = tempfile::tempdir().unwrap();
+        let workspaces = Workspaces::new(dirs.path().join("ws"), dirs.path().join("state"));
+        let with_file = |session: &str| PrepareRequest {
+            files: vec![FileSource {
+                path: RelativePath::parse("notes.md").unwrap(),
+                content: "x".to_owned(),
+            }],
+            ..request(session, Vec::new())
+        };
+        let idle = workspaces.prepare(&with_file("idle")).await.unwrap();
+        let busy = workspaces.prepare(&with_file("busy")).await.unwrap();
+        for key in ["idle", "busy"] {
+            workspaces.touch(&workspace_key(key));
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let recent = workspaces.prepare(&with_file("recent")).await.unwrap();
+        workspaces.touch(&workspace_key("recent"));
+
+        let busy_dir = std::path::PathBuf::from(&busy.directory);
+        let sweep = workspaces
+            .sweep(Duration::from_secs(1), |dir| {
+                let busy = dir == busy_dir;
+                async move { busy }
+            })
+            .await;
+        assert_eq!((sweep.kept, sweep.removed), (2, 1), "{sweep:?}");
+        assert_eq!(sweep.bytes, 2, "the two kept notes");
+        assert!(!Path::new(&idle.directory).exists());
+        assert!(Path::new(&busy.directory).exists());
+        assert!(Path::new(&recent.directory).exists());
+        // A later turn of the removed conversation starts afresh.
+        assert!(
+            workspaces
+                .prepare(&with_file("idle"))
+                .await
+                .unwrap()
+                .created
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn an_unsigned_or_wrongly_signed_request_is_refused() {
     within(TEST_TIMEOUT, "refusing unsigned requests", async {
         let f = fixture().await;

@@ -235,6 +235,54 @@ async fn a_conversation_works_on_its_own_checkout_and_the_credential_stays_out_o
             "no bad input reached the LLM"
         );
 
+        // A fleet's limit and defaults: a task without a workspace of its own gets the fleet's
+        // files, and a checkout past the limit fails the task.
+        let mut small = serde_json::to_value(system.sidecar_manifest("small", "org-a", 1)?)?;
+        small["spec"]["workspaces"] = json!({
+            "sizeLimit": "200",
+            "defaults": {"files": [{"path": "AGENTS.md", "content": "fleet-default-marker\n"}]},
+        });
+        create(
+            &namespace.api(),
+            &serde_json::from_value::<nubabel_crds::v1alpha1::OpencodeSidecar>(small)?,
+        )
+        .await?;
+        system.await_fleet_ready("small", 1).await?;
+        create(
+            &tasks,
+            &task(
+                "defaults",
+                "org-a",
+                Some("small"),
+                Some("conv-d"),
+                &bash("cat AGENTS.md"),
+            ),
+        )
+        .await?;
+        let defaults = await_phase(&tasks, "defaults", TaskPhase::Succeeded, &system).await?;
+        let output = defaults.status.unwrap().output.unwrap_or_default();
+        assert!(output.contains("fleet-default-marker"), "{output}");
+        create(
+            &tasks,
+            &with_workspace(
+                task(
+                    "too-large",
+                    "org-a",
+                    Some("small"),
+                    Some("conv-l"),
+                    "never sent",
+                ),
+                json!({"repositories": [repository]}),
+            ),
+        )
+        .await?;
+        let large = await_phase(&tasks, "too-large", TaskPhase::Failed, &system).await?;
+        assert_eq!(
+            large.status.unwrap().error.unwrap().reason,
+            "WorkspaceTooLarge"
+        );
+        await_event(&namespace, "too-large", "Warning", "WorkspaceTooLarge").await?;
+
         // The credential is nowhere but in its Secret.
         let mut seen = String::new();
         for pod in namespace

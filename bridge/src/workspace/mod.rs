@@ -28,6 +28,8 @@ use self::git::{GitError, Invocation, line, run};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on each local git step (checkout, snapshot, diff).
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The file in a workspace's private state whose modification time is its last use.
+const LAST_USED_FILE: &str = "last-used";
 /// The file in a workspace's private state listing its repositories' paths.
 const REPOSITORIES_FILE: &str = "repositories.json";
 /// Largest patch returned, in bytes; a longer one is cut and says so.
@@ -41,6 +43,17 @@ pub mod reasons {
     pub const TOO_LARGE: &str = "WorkspaceTooLarge";
     /// The request itself cannot be carried out (overlapping paths, a symlink in the way).
     pub const INVALID: &str = "InvalidWorkspace";
+}
+
+/// What an idle sweep left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Workspaces kept.
+    pub kept: u64,
+    /// Workspaces removed.
+    pub removed: u64,
+    /// Bytes the kept ones hold.
+    pub bytes: u64,
 }
 
 /// Where workspaces and the bridge's private copies of their repositories live.
@@ -141,6 +154,53 @@ impl Workspaces {
             write_file(directory, file)?;
         }
         check_size(directory, request.max_bytes)
+    }
+
+    /// Records that workspace `key` was used now; its idle time counts from here.
+    pub fn touch(&self, key: &str) {
+        let state = self.state.join(key);
+        if state.exists() {
+            let _ = std::fs::write(state.join(LAST_USED_FILE), b"");
+        }
+    }
+
+    /// Removes every workspace unused for longer than `idle_ttl` whose sessions `is_busy` does
+    /// not report busy (it gets the workspace's directory); returns what is left.
+    pub async fn sweep<F, Fut>(&self, idle_ttl: Duration, is_busy: F) -> Sweep
+    where
+        F: Fn(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut sweep = Sweep::default();
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return sweep;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_workspace_key(&name) {
+                continue;
+            }
+            let state = self.state.join(&name);
+            let last_used = std::fs::metadata(state.join(LAST_USED_FILE))
+                .or_else(|_| std::fs::metadata(entry.path()))
+                .and_then(|m| m.modified())
+                .ok();
+            let idle = last_used
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|idle| idle > idle_ttl);
+            if idle && !is_busy(entry.path()).await {
+                let removed = std::fs::remove_dir_all(entry.path()).is_ok();
+                let _ = std::fs::remove_dir_all(&state);
+                if removed {
+                    tracing::info!(key = name, "removed an idle workspace");
+                    sweep.removed += 1;
+                    continue;
+                }
+            }
+            sweep.kept += 1;
+            sweep.bytes += disk_usage(&entry.path());
+        }
+        sweep
     }
 
     /// What changed in each repository of workspace `request.key` since the given states.

@@ -118,7 +118,9 @@ async fn prepare(
             ),
         });
     }
-    match state.workspaces.prepare(&request).await {
+    let prepared = state.workspaces.prepare(&request).await;
+    state.workspaces.touch(&request.key);
+    match prepared {
         Ok(prepared) => {
             tracing::info!(
                 key = request.key,
@@ -143,6 +145,7 @@ async fn changes(
         Ok(request) => request,
         Err((status, message)) => return refusal(status, message),
     };
+    state.workspaces.touch(&request.key);
     match state.workspaces.changes(&request).await {
         Ok(changes) => Json(changes).into_response(),
         Err(failure) => failed(failure),

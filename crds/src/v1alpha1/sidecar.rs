@@ -113,6 +113,11 @@ pub struct OpencodeSidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skills_config_map_ref: Option<ConfigMapRef>,
 
+    /// Conversations' workspaces on this fleet's pods: their size limit, how long an idle one
+    /// is kept, and what a task's workspace holds when the task does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspaces: Option<FleetWorkspaces>,
+
     /// What the agent may do, as OpenCode's permissions. Nobody answers OpenCode's questions
     /// in a pod, so each is `allow` or `deny`. Without it: everything is allowed except
     /// reading or writing outside the conversation's workspace (`externalDirectory: deny`)
@@ -161,6 +166,30 @@ pub struct OpencodeSidecarSpec {
 
 fn default_replicas() -> i32 {
     1
+}
+
+/// Default of `workspaces.idleTtlSeconds`: a week.
+pub const DEFAULT_WORKSPACE_IDLE_TTL_SECONDS: i64 = 7 * 24 * 3600;
+
+/// How a fleet keeps its conversations' workspaces.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetWorkspaces {
+    /// Largest a workspace may be once its repositories and files are in, e.g. `2Gi`; a larger
+    /// one is removed and its task fails `WorkspaceTooLarge`. No limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::quantity")]
+    pub size_limit: Option<Quantity>,
+    /// Seconds a workspace is kept after its conversation's last turn (counted from the end of
+    /// the last turn that used it, while none of its sessions is busy); then the bridge removes
+    /// it, and a later turn of the conversation starts from a fresh checkout. Default a week.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60))]
+    pub idle_ttl_seconds: Option<i64>,
+    /// What a conversation's workspace holds when its first task has no `spec.workspace`
+    /// (Secrets are read in the fleet's namespace, which is the task's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<super::task::WorkspaceSpec>,
 }
 
 /// Whether the agent may use a kind of tool.

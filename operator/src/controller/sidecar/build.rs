@@ -477,6 +477,10 @@ fn bridge_env(v: &ValidSidecar, settings: &Settings) -> Vec<EnvVar> {
         env_from_field(bridge_env::POD_IP, "status.podIP"),
         env(bridge_env::WORKSPACES_DIR, WORKSPACES_DIR),
         env(bridge_env::WORKSPACE_STATE_DIR, BRIDGE_STATE_DIR),
+        env(
+            bridge_env::WORKSPACE_IDLE_TTL_SECONDS,
+            v.workspace_idle_ttl_seconds.to_string(),
+        ),
     ]
 }
 

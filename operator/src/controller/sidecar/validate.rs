@@ -11,8 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 use nubabel_contract::identity::{InvalidIdentity, SidecarIdentity};
 use nubabel_crds::v1alpha1::{
-    CategorySpec, ContainerResources, EgressRule, OpencodeSidecar, PermissionsSpec, SecretKeyRef,
-    StorageSpec,
+    CategorySpec, ContainerResources, DEFAULT_WORKSPACE_IDLE_TTL_SECONDS, EgressRule,
+    OpencodeSidecar, PermissionsSpec, SecretKeyRef, StorageSpec,
 };
 use sha2::{Digest, Sha256};
 
@@ -186,6 +186,8 @@ pub struct ValidSidecar {
     pub categories: BTreeMap<String, String>,
     /// What the agent may do (defaults applied when the config is built).
     pub permissions: PermissionsSpec,
+    /// Seconds the bridge keeps an unused workspace.
+    pub workspace_idle_ttl_seconds: i64,
     /// Plugins as `file://` URLs.
     pub plugins: Vec<String>,
     /// Requests and limits.
@@ -288,6 +290,12 @@ pub fn validate(
         )?,
         prepare: container_resources("prepare", None, PREPARE_DEFAULTS)?,
     };
+    if let Some(limit) = spec.workspaces.as_ref().and_then(|w| w.size_limit.as_ref()) {
+        ParsedQuantity::parse(&limit.0).map_err(|source| Error::InvalidQuantity {
+            field: "spec.workspaces.sizeLimit".to_owned(),
+            source,
+        })?;
+    }
     if let Some(storage) = &spec.storage {
         ParsedQuantity::parse(&storage.size.0).map_err(|source| Error::InvalidQuantity {
             field: "spec.storage.size".to_owned(),
@@ -320,6 +328,11 @@ pub fn validate(
         provider,
         categories,
         permissions,
+        workspace_idle_ttl_seconds: spec
+            .workspaces
+            .as_ref()
+            .and_then(|w| w.idle_ttl_seconds)
+            .unwrap_or(DEFAULT_WORKSPACE_IDLE_TTL_SECONDS),
         plugins,
         resources,
         storage: spec.storage.clone(),

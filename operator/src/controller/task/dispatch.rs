@@ -261,8 +261,9 @@ impl Dispatcher {
             return Ok(recorded);
         }
         let namespace = task.namespace().unwrap_or_default();
-        let credentials = workspace::read_credentials(&self.client, task, &namespace).await?;
-        let request = workspace::request(task, session_id, &credentials)?;
+        let credentials =
+            workspace::read_credentials(&self.client, task, sidecar, &namespace).await?;
+        let request = workspace::request(task, sidecar, session_id, &credentials)?;
         let identity = SidecarIdentity::new(
             &sidecar.spec.organization_id,
             &namespace,

@@ -16,13 +16,14 @@ use nubabel_contract::workspace::{
     WorkspaceChanges, workspace_key,
 };
 use nubabel_crds::v1alpha1::{
-    DelegatedTask, MAX_CHANGED_FILES_LISTED, RepositoryChangeStatus, RepositoryStatus,
-    WorkspaceStatus,
+    DelegatedTask, MAX_CHANGED_FILES_LISTED, OpencodeSidecar, RepositoryChangeStatus,
+    RepositoryStatus, WorkspaceSpec, WorkspaceStatus,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::controller::fleet;
+use crate::quantity::ParsedQuantity;
 
 /// Failure reasons a workspace gives a task.
 pub mod reasons {
@@ -73,10 +74,25 @@ fn refused(reason: &str, message: String) -> WorkspaceError {
 /// from the Secrets the spec names (by Secret name).
 pub fn request(
     task: &DelegatedTask,
+    fleet: &OpencodeSidecar,
     session_id: &str,
     credentials: &BTreeMap<String, GitCredentials>,
 ) -> Result<PrepareRequest, WorkspaceError> {
-    let spec = task.spec.workspace.clone().unwrap_or_default();
+    let spec = sources(task, fleet);
+    let settings = fleet.spec.workspaces.clone().unwrap_or_default();
+    let max_bytes = match &settings.size_limit {
+        Some(limit) => Some(
+            ParsedQuantity::parse(&limit.0)
+                .map(|q| u64::try_from(q.whole_units()).unwrap_or(u64::MAX))
+                .map_err(|e| {
+                    refused(
+                        reasons::INVALID,
+                        format!("the sidecar's workspaces.sizeLimit: {e}"),
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let path = |what: &str, value: &str| {
         RelativePath::parse(value)
             .map_err(|error| refused(reasons::INVALID, format!("{what} path {value:?} {error}")))
@@ -121,8 +137,24 @@ pub fn request(
         key: workspace_key(session_id),
         repositories,
         files,
-        max_bytes: None,
+        max_bytes,
     })
+}
+
+/// What the conversation's workspace holds: the task's own `spec.workspace`, or the fleet's
+/// defaults.
+pub fn sources(task: &DelegatedTask, fleet: &OpencodeSidecar) -> WorkspaceSpec {
+    task.spec
+        .workspace
+        .clone()
+        .or_else(|| {
+            fleet
+                .spec
+                .workspaces
+                .as_ref()
+                .and_then(|w| w.defaults.clone())
+        })
+        .unwrap_or_default()
 }
 
 /// The workspace as the task's status records it.
@@ -148,24 +180,23 @@ pub fn status(prepared: &PreparedWorkspace) -> WorkspaceStatus {
 pub async fn read_credentials(
     client: &Client,
     task: &DelegatedTask,
+    fleet: &OpencodeSidecar,
     namespace: &str,
 ) -> Result<BTreeMap<String, GitCredentials>, WorkspaceError> {
-    let names: Vec<&str> = task
-        .spec
-        .workspace
+    let names: Vec<String> = sources(task, fleet)
+        .repositories
         .iter()
-        .flat_map(|w| &w.repositories)
         .filter_map(|r| r.credentials_secret_ref.as_ref())
-        .map(|s| s.name.as_str())
+        .map(|s| s.name.clone())
         .collect();
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
     let mut found = BTreeMap::new();
     for name in names {
         let secret = api
-            .get_opt(name)
+            .get_opt(&name)
             .await
             .map_err(|source| WorkspaceError::ReadSecret {
-                name: name.to_owned(),
+                name: name.clone(),
                 source,
             })?;
         let mut data = secret.and_then(|s| s.data).unwrap_or_default();
@@ -177,7 +208,7 @@ pub async fn read_credentials(
             value(&mut data, USERNAME_KEY),
             value(&mut data, PASSWORD_KEY),
         ) {
-            found.insert(name.to_owned(), GitCredentials { username, password });
+            found.insert(name, GitCredentials { username, password });
         }
     }
     Ok(found)
@@ -333,6 +364,16 @@ mod tests {
         )
     }
 
+    fn fleet(workspaces: serde_json::Value) -> OpencodeSidecar {
+        OpencodeSidecar::new(
+            "fleet",
+            serde_json::from_value(serde_json::json!({
+                "organizationId": "o", "model": "a/b", "workspaces": workspaces
+            }))
+            .unwrap(),
+        )
+    }
+
     fn credentials() -> BTreeMap<String, GitCredentials> {
         BTreeMap::from([(
             "git".to_owned(),
@@ -350,14 +391,45 @@ mod tests {
                               "credentialsSecretRef": {"name": "git"}}],
             "files": [{"path": "AGENTS.md", "content": "x"}]
         }));
-        let r = request(&t, "conv", &credentials()).unwrap();
+        let r = request(&t, &fleet(serde_json::json!({})), "conv", &credentials()).unwrap();
         assert_eq!(r.key, workspace_key("conv"));
         assert_eq!(r.repositories[0].path.as_str(), "r");
         assert_eq!(r.repositories[0].git_ref.as_deref(), Some("v1"));
         assert_eq!(r.repositories[0].credentials, credentials().remove("git"));
         assert_eq!(r.files[0].path.as_str(), "AGENTS.md");
-        let empty = request(&task(serde_json::json!({})), "conv", &BTreeMap::new()).unwrap();
+        let empty = request(
+            &task(serde_json::json!(null)),
+            &fleet(serde_json::json!({})),
+            "conv",
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert!(empty.repositories.is_empty() && empty.files.is_empty());
+        assert_eq!(empty.max_bytes, None);
+    }
+
+    #[test]
+    fn the_fleet_gives_the_size_limit_and_the_sources_of_a_task_that_names_none() {
+        let limited = fleet(serde_json::json!({
+            "sizeLimit": "1Mi",
+            "defaults": {"files": [{"path": "AGENTS.md", "content": "fleet-wide"}]}
+        }));
+        let r = request(
+            &task(serde_json::json!(null)),
+            &limited,
+            "c",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(r.max_bytes, Some(1024 * 1024));
+        assert_eq!(r.files[0].content, "fleet-wide");
+        let own = task(serde_json::json!({"files": [{"path": "x.md", "content": "own"}]}));
+        let r = request(&own, &limited, "c", &BTreeMap::new()).unwrap();
+        assert_eq!(r.files.len(), 1);
+        assert_eq!(
+            r.files[0].content, "own",
+            "the task's own workspace wins whole"
+        );
     }
 
     #[test]
@@ -400,14 +472,21 @@ mod tests {
     #[test]
     fn an_escaping_path_or_a_missing_secret_is_refused_with_a_reason() {
         let escaping = task(serde_json::json!({"files": [{"path": "../x", "content": ""}]}));
-        let Err(WorkspaceError::Refused(f)) = request(&escaping, "c", &BTreeMap::new()) else {
+        let Err(WorkspaceError::Refused(f)) = request(
+            &escaping,
+            &fleet(serde_json::json!({})),
+            "c",
+            &BTreeMap::new(),
+        ) else {
             panic!("accepted");
         };
         assert_eq!(f.reason, reasons::INVALID);
         assert!(f.message.contains(".."), "{}", f.message);
         let missing = task(serde_json::json!({"repositories": [
             {"url": "https://h/r.git", "credentialsSecretRef": {"name": "nope"}}]}));
-        let Err(WorkspaceError::Refused(f)) = request(&missing, "c", &credentials()) else {
+        let Err(WorkspaceError::Refused(f)) =
+            request(&missing, &fleet(serde_json::json!({})), "c", &credentials())
+        else {
             panic!("accepted");
         };
         assert_eq!(f.reason, reasons::UNAVAILABLE);
