@@ -126,6 +126,29 @@ async fn a_conversation_works_on_its_own_checkout_and_the_credential_stays_out_o
             "{}",
             stored[0].patch
         );
+        // And over HTTP, with the tenant's API token.
+        let token = nubabel_store::api_tokens::issue(
+            system.db(),
+            &nubabel_contract::identity::OrganizationId::parse("org-a")?,
+            namespace.name(),
+            "",
+        )
+        .await?;
+        let changes: serde_json::Value = reqwest::Client::new()
+            .get(format!(
+                "{}/api/tasks/turn-1/changes",
+                system.callback_url()
+            ))
+            .bearer_auth(&token.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let patch = changes["repositories"][0]["patch"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(patch.contains("+edited-by-turn-1"), "{changes}");
 
         // Turn two of the same conversation finds the edit.
         create(

@@ -63,3 +63,22 @@ pub async fn output(pool: &PgPool, task_uid: Uuid) -> Result<Option<String>> {
             .await?;
     Ok(output.flatten())
 }
+
+/// The uid of the newest finished task named `name` in `namespace` of `organization_id`.
+pub async fn newest_uid(
+    pool: &PgPool,
+    organization_id: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "select task_uid from task_results
+         where organization_id = $1 and task_namespace = $2 and task_name = $3
+         order by created_at desc limit 1",
+    )
+    .bind(organization_id)
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(pool)
+    .await?)
+}

@@ -60,7 +60,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Body of `POST /api/delegate`, as the seed's `delegate_task` sends it.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct DelegateRequest {
-    /// The kind of work (e.g. `quick`, `deep`); plugins map it to a model.
+    /// The kind of work (e.g. `quick`, `deep`); the fleet's `categories` map it to a model, and
+    /// a category the fleet does not list fails the task (`UnknownCategory`).
     #[serde(default)]
     pub category: Option<String>,
     /// Skills to load into the agent.
@@ -255,7 +256,10 @@ async fn delegate(
 }
 
 /// The tenant of the request's API token.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TokenGrant, ApiError> {
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<TokenGrant, ApiError> {
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
         ApiError::Unauthorized("missing API token (Authorization: Bearer ...)".into())
     })?;

@@ -12,6 +12,7 @@ pub mod mcp;
 pub mod sessions;
 pub mod slack;
 pub mod stream;
+pub mod tasks;
 
 use axum::{
     Json, Router,
@@ -145,6 +146,7 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
         .merge(stream::router())
         .merge(health::router())
         .merge(slack::router())
+        .merge(tasks::router())
         .routes(routes!(health::get_metrics))
         .routes(routes!(get_openapi))
         // Applies to the routes above; a waiting delegate request has its own bound.

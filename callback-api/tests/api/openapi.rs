@@ -82,6 +82,7 @@ async fn every_documented_operation_is_served_and_every_served_route_is_document
             "GET /api/admin/organizations/{organizationId}/connections",
             "GET /api/admin/organizations/{organizationId}/connections/{provider}",
             "GET /api/sidecar/sessions/{sessionId}/stream",
+            "GET /api/tasks/{name}/changes",
             "GET /healthz",
             "GET /mcp",
             "GET /metrics",
