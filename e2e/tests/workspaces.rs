@@ -102,6 +102,7 @@ async fn a_conversation_works_on_its_own_checkout_and_the_credential_stays_out_o
         assert!(output.contains("billing v1"), "output: {output}");
         let workspace = status.workspace.clone().context("no workspace in status")?;
         assert!(workspace.created);
+        assert!(workspace.bytes > 0, "the checkout's size");
         assert_eq!(workspace.repositories[0].path, "billing");
         assert_eq!(workspace.repositories[0].commit, commits[0]);
         // What the turn changed: in the status, bounded, and whole in the database.

@@ -400,6 +400,9 @@ pub struct WorkspaceStatus {
     /// Whether this turn created it (false: an earlier turn of the conversation did).
     #[serde(default)]
     pub created: bool,
+    /// Its size on disk in bytes: when the turn started, then when it ended.
+    #[serde(default)]
+    pub bytes: i64,
     /// Each repository when the turn started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repositories: Vec<RepositoryStatus>,

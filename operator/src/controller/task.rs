@@ -268,6 +268,7 @@ async fn finish(
     let mut finished = status::finished(task, &ending);
     if let (Some(changes), Some(workspace)) = (&changes, finished.workspace.as_mut()) {
         workspace.changes = workspace::change_summary(changes);
+        workspace.bytes = i64::try_from(changes.bytes).unwrap_or(i64::MAX);
     }
     if let Some(uid) = task.uid().and_then(|u| u.parse().ok()) {
         let namespace = task.namespace().unwrap_or_default();

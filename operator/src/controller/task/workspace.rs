@@ -162,6 +162,7 @@ pub fn status(prepared: &PreparedWorkspace) -> WorkspaceStatus {
     WorkspaceStatus {
         directory: prepared.directory.clone(),
         created: prepared.created,
+        bytes: i64::try_from(prepared.bytes).unwrap_or(i64::MAX),
         repositories: prepared
             .repositories
             .iter()
