@@ -25,7 +25,7 @@ pub const LISTEN_ADDR: &str = "NUBABEL_BRIDGE_ADDR";
 /// shares); without it the bridge prepares no workspaces.
 pub const WORKSPACES_DIR: &str = "NUBABEL_WORKSPACES_DIR";
 /// The bridge's private directory for its copies of the workspaces' repositories, on a
-/// volume only the bridge mounts; required with [`WORKSPACES_DIR`].
+/// directory of the data volume only the bridge mounts; required with [`WORKSPACES_DIR`].
 pub const WORKSPACE_STATE_DIR: &str = "NUBABEL_WORKSPACE_STATE_DIR";
 /// Seconds a workspace is kept after its last use while none of its sessions is busy.
 pub const WORKSPACE_IDLE_TTL_SECONDS: &str = "NUBABEL_WORKSPACE_IDLE_TTL_SECONDS";

@@ -2,8 +2,8 @@
 //! root (on the data volume OpenCode shares), with the repositories and files the operator
 //! asks for.
 //!
-//! Each repository is fetched into a private bare repository under the state directory, a
-//! volume only the bridge mounts, and checked out from there into the workspace, where the
+//! Each repository is fetched into a private bare repository under the state directory (a
+//! directory of the data volume only the bridge mounts), and checked out from there into the workspace, where the
 //! agent gets a `.git` of its own with the remote's URL and no credential. The private copy's
 //! configuration is the bridge's alone, so measuring what the agent changed (a tree of the
 //! whole working copy, compared with the one the turn started from) never runs anything the

@@ -135,9 +135,15 @@ pub fn bridge_url(pod: &Pod) -> Option<String> {
 
 /// Where the bridge makes conversations' workspaces: on the data volume, beside OpenCode's state.
 pub const WORKSPACES_DIR: &str = "/data/workspaces";
-/// The bridge's private state (its copies of the workspaces' repositories): a volume OpenCode
-/// does not mount.
+/// Where the bridge keeps its private state (its copies of the workspaces' repositories).
 pub const BRIDGE_STATE_DIR: &str = "/var/lib/nubabel-bridge";
+/// The directory of the data volume that holds the bridge's private state: mounted by the
+/// bridge alone, so it lasts as long as the volume and OpenCode never sees it.
+pub const BRIDGE_STATE_SUBPATH: &str = "bridge";
+/// The directories of the data volume the `opencode` container mounts, each at
+/// `/data/<subpath>`: its state (HOME, XDG), its default directory and the workspaces; never
+/// the bridge's state.
+pub const OPENCODE_DATA_SUBPATHS: [&str; 4] = ["home", "xdg", "workspace", "workspaces"];
 
 /// Reaching a fleet pod's OpenCode server failed.
 #[derive(Debug, thiserror::Error)]

@@ -31,11 +31,11 @@ use super::Settings;
 use super::validate::ValidSidecar;
 use crate::config::Labels;
 use crate::controller::fleet::{
-    self, BRIDGE_CONTAINER, BRIDGE_PORT, BRIDGE_STATE_DIR, CONFIG_HASH_ANNOTATION, DATA_MOUNT,
-    MCP_SERVER_NAME, MCP_TIMEOUT_MS, MCP_TOKEN_ENV, MCP_TOKEN_KEY, OPENCODE_CONTAINER,
-    OPENCODE_PORT, ORGANIZATION_ANNOTATION, PASSWORD_KEY, POD_NAME_ENV, PREPARE_CONTAINER,
-    PROVIDER_API_KEY_ENV, RUN_AS_USER, SIGNING_KEY, WORKSPACE_DIR, WORKSPACES_DIR, secret_name,
-    selector_labels,
+    self, BRIDGE_CONTAINER, BRIDGE_PORT, BRIDGE_STATE_DIR, BRIDGE_STATE_SUBPATH,
+    CONFIG_HASH_ANNOTATION, DATA_MOUNT, MCP_SERVER_NAME, MCP_TIMEOUT_MS, MCP_TOKEN_ENV,
+    MCP_TOKEN_KEY, OPENCODE_CONTAINER, OPENCODE_DATA_SUBPATHS, OPENCODE_PORT,
+    ORGANIZATION_ANNOTATION, PASSWORD_KEY, POD_NAME_ENV, PREPARE_CONTAINER, PROVIDER_API_KEY_ENV,
+    RUN_AS_USER, SIGNING_KEY, WORKSPACE_DIR, WORKSPACES_DIR, secret_name, selector_labels,
 };
 
 /// Labels of every child and pod.
@@ -511,6 +511,22 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
+/// Directory `sub_path` of the data volume, mounted at `path`.
+fn data_mount(sub_path: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        sub_path: Some(sub_path.to_owned()),
+        ..mount("data", path)
+    }
+}
+
+/// What the `opencode` container sees of the data volume.
+fn opencode_data_mounts() -> Vec<VolumeMount> {
+    OPENCODE_DATA_SUBPATHS
+        .iter()
+        .map(|sub| data_mount(sub, &format!("{DATA_MOUNT}/{sub}")))
+        .collect()
+}
+
 fn port(name: &str, number: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.to_owned()),
@@ -540,6 +556,7 @@ fn containers(
         "-p".to_owned(),
         WORKSPACE_DIR.to_owned(),
         WORKSPACES_DIR.to_owned(),
+        format!("{DATA_MOUNT}/{BRIDGE_STATE_SUBPATH}"),
     ];
     directories.extend(STATE_DIRS.iter().map(|(_, path)| (*path).to_owned()));
     let prepare = Container {
@@ -574,7 +591,12 @@ fn containers(
         working_dir: Some(WORKSPACE_DIR.to_owned()),
         ports: Some(vec![port("opencode", OPENCODE_PORT)]),
         env: Some(opencode_env(v, config)),
-        volume_mounts: Some(vec![mount("data", DATA_MOUNT), mount("tmp", "/tmp")]),
+        volume_mounts: Some(
+            opencode_data_mounts()
+                .into_iter()
+                .chain([mount("tmp", "/tmp")])
+                .collect(),
+        ),
         resources: Some(v.resources.opencode.clone()),
         security_context: Some(restricted_security_context()),
         ..Container::default()
@@ -587,8 +609,8 @@ fn containers(
         // The workspaces OpenCode works in, and the bridge's private copies of their
         // repositories, which OpenCode never mounts.
         volume_mounts: Some(vec![
-            mount("data", DATA_MOUNT),
-            mount("bridge-state", BRIDGE_STATE_DIR),
+            data_mount("workspaces", WORKSPACES_DIR),
+            data_mount(BRIDGE_STATE_SUBPATH, BRIDGE_STATE_DIR),
         ]),
         // The bridge is ready when OpenCode answers its health check and callbacks flow.
         readiness_probe: Some(Probe {
@@ -615,10 +637,7 @@ fn stateful_set(
     config_hash: &str,
 ) -> StatefulSet {
     let (prepare, opencode, bridge) = containers(v, settings, config);
-    let mut volumes = vec![
-        empty_dir("tmp", Some("1Gi")),
-        empty_dir("bridge-state", None),
-    ];
+    let mut volumes = vec![empty_dir("tmp", Some("1Gi"))];
     let claims = match &v.storage {
         Some(storage) => Some(vec![PersistentVolumeClaim {
             metadata: ObjectMeta {
@@ -890,9 +909,30 @@ mod tests {
             .volume_mounts
             .iter()
             .flatten()
-            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .map(|m| {
+                (
+                    m.name.as_str(),
+                    m.sub_path.as_deref(),
+                    m.mount_path.as_str(),
+                )
+            })
             .collect();
-        assert_eq!(mounts, [("data", "/data"), ("tmp", "/tmp")]);
+        assert_eq!(
+            mounts,
+            [
+                ("data", Some("home"), "/data/home"),
+                ("data", Some("xdg"), "/data/xdg"),
+                ("data", Some("workspace"), "/data/workspace"),
+                ("data", Some("workspaces"), "/data/workspaces"),
+                ("tmp", None, "/tmp"),
+            ]
+        );
+        for (_, path) in STATE_DIRS {
+            assert!(
+                mounts.iter().any(|(_, _, mount)| path.starts_with(mount)),
+                "{path} is on a mount"
+            );
+        }
 
         let config: Value = serde_json::from_str(
             env_value(opencode, "OPENCODE_CONFIG_CONTENT")
@@ -909,6 +949,32 @@ mod tests {
                 &settings()
             )
         );
+    }
+
+    #[test]
+    fn the_bridges_state_is_on_the_data_volume_where_only_the_bridge_mounts_it() {
+        let c = minimal();
+        let bridge = container(&c, "bridge");
+        let state = bridge
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == BRIDGE_STATE_DIR)
+            .unwrap();
+        assert_eq!(
+            (state.name.as_str(), state.sub_path.as_deref()),
+            ("data", Some(BRIDGE_STATE_SUBPATH))
+        );
+        let opencode = container(&c, "opencode");
+        for m in opencode.volume_mounts.iter().flatten() {
+            assert!(
+                m.name != "data"
+                    || m.sub_path
+                        .as_deref()
+                        .is_some_and(|s| s != BRIDGE_STATE_SUBPATH),
+                "opencode mounts {m:?}"
+            );
+        }
     }
 
     #[test]
