@@ -206,9 +206,13 @@ impl Application {
     ) -> anyhow::Result<()> {
         // The Slack notifier runs while the application serves.
         let background = match (&self.state.slack, &self.state.kube) {
-            (Some(bot), Some(client)) => {
-                Notifier::new(Arc::clone(bot), self.state.db.clone()).start(&client.0)
-            }
+            (Some(bot), Some(client)) => Notifier::new(
+                Arc::clone(bot),
+                self.state.db.clone(),
+                Arc::clone(&self.state.metrics),
+                &client.0,
+            )
+            .start(&client.0),
             _ => Vec::new(),
         };
         let admin = routes::admin_router(self.state.clone(), REQUEST_TIMEOUT);
