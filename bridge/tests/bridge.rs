@@ -69,6 +69,7 @@ impl Api {
             accept_body_only_signatures: false,
             stream_max_len: 1000,
             sse_keep_alive_seconds: 15,
+            stream_revocation_check_seconds: 15,
             status_mirror: false,
             status_mirror_interval_ms: 1000,
             log_format: LogFormat::Text,

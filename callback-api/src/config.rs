@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_SSE_KEEP_ALIVE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub sse_keep_alive_seconds: u64,
 
+    /// Seconds between two checks of an open stream's token against the revocations; a revoked
+    /// token's stream ends within this long.
+    #[arg(long, env = "NUBABEL_STREAM_REVOCATION_CHECK_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_revocation_check_seconds: u64,
+
     /// Mirror progress into `DelegatedTask.status.progress` (needs Kubernetes credentials).
     #[arg(long, env = "NUBABEL_STATUS_MIRROR", default_value_t = true, action = clap::ArgAction::Set)]
     pub status_mirror: bool,
@@ -259,6 +264,11 @@ impl Config {
         Duration::from_secs(self.sse_keep_alive_seconds)
     }
 
+    /// The interval of an open stream's revocation checks.
+    pub fn stream_revocation_check(&self) -> Duration {
+        Duration::from_secs(self.stream_revocation_check_seconds)
+    }
+
     /// The minimum time between two status writes of one task.
     pub fn status_mirror_interval(&self) -> Duration {
         Duration::from_millis(self.status_mirror_interval_ms)
@@ -284,6 +294,7 @@ mod tests {
         assert_eq!(config.signature_tolerance_seconds, 300);
         assert!(!config.status_mirror);
         assert_eq!(config.sse_keep_alive(), Duration::from_secs(15));
+        assert_eq!(config.stream_revocation_check(), Duration::from_secs(15));
     }
 
     fn parse_with_admin_token(token: &str) -> Config {

@@ -137,6 +137,7 @@ impl Application {
                     },
                 },
                 sse_keep_alive: config.sse_keep_alive(),
+                stream_revocation_check: config.stream_revocation_check(),
                 delegate_max_wait: Duration::from_secs(config.delegate_max_wait_seconds),
             }),
             mirror,

@@ -12,6 +12,7 @@ pub mod mcp;
 pub mod sessions;
 pub mod slack;
 pub mod stream;
+pub mod stream_tokens;
 
 use axum::{
     Json, Router,
@@ -161,6 +162,7 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
 fn admin_api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(stream_tokens::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,

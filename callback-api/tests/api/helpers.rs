@@ -62,6 +62,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         accept_body_only_signatures: false,
         stream_max_len: 1000,
         sse_keep_alive_seconds: 1,
+        stream_revocation_check_seconds: 1,
         status_mirror: false,
         status_mirror_interval_ms: 1000,
         log_format: LogFormat::Text,

@@ -24,4 +24,5 @@ mod retention;
 mod session_scope;
 mod slack;
 mod stream;
+mod stream_revocation;
 mod vault;
