@@ -96,6 +96,7 @@ impl Api {
             header_read_timeout_seconds: 10,
             callback_tenant_concurrency: 256,
             sse_tenant_streams: 500,
+            sse_tenant_replays: 4,
             delegate_tenant_waits: 100,
             commit_concurrency: 4,
         };

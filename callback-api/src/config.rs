@@ -217,6 +217,12 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_SSE_TENANT_STREAMS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub sse_tenant_streams: u32,
 
+    /// SSE streams of one tenant that may replay history (reads Postgres when Redis no longer
+    /// holds it) at once on one replica; more get 429, so one tenant's reconnecting clients
+    /// cannot take the database pool every tenant shares. Keep it well under the pool size.
+    #[arg(long, env = "NUBABEL_SSE_TENANT_REPLAYS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sse_tenant_replays: u32,
+
     /// `POST /api/delegate` requests one tenant may have waiting for their answer on one
     /// replica; past it a request is answered 202 at once (its task is created either way).
     #[arg(long, env = "NUBABEL_DELEGATE_TENANT_WAITS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]

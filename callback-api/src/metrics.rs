@@ -94,7 +94,7 @@ pub struct MirrorLabels {
 /// Labels of the tenant-limit counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
-    /// `callbacks` or `streams`.
+    /// `callbacks`, `streams`, `replays` or `delegate_waits`.
     pub limit: &'static str,
 }
 

@@ -274,6 +274,7 @@ fn tenant_limits(config: &Config, metrics: &Metrics) -> TenantLimits {
     TenantLimits::new(
         usize::try_from(config.callback_tenant_concurrency).unwrap_or(usize::MAX),
         usize::try_from(config.sse_tenant_streams).unwrap_or(usize::MAX),
+        usize::try_from(config.sse_tenant_replays).unwrap_or(usize::MAX),
         usize::try_from(config.delegate_tenant_waits).unwrap_or(usize::MAX),
         &metrics.tenant_limited,
     )

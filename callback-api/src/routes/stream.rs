@@ -45,6 +45,7 @@ use crate::{
     error::{ApiError, ErrorBody},
     extract::ApiPath,
     fanout::{PG_BATCH, Subscription},
+    limits::Permit,
     metrics::GaugeGuard,
     state::AppState,
 };
@@ -75,7 +76,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 400, description = "Last-Event-ID is not a non-negative integer, or is past the session's last event", body = ErrorBody),
         (status = 401, description = "Missing, expired, invalid or revoked stream token", body = ErrorBody),
         (status = 404, description = "No such session for this token", body = ErrorBody),
-        (status = 429, description = "The tenant has too many streams open on this replica (see Retry-After)", body = ErrorBody),
+        (status = 429, description = "The tenant has too many streams open, or too many replaying past events, on this replica (see Retry-After)", body = ErrorBody),
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
@@ -115,6 +116,18 @@ async fn stream_session(
         .acquire(grant.organization_id.as_str())?;
     // Subscribe before replaying, so nothing committed in between is missed.
     let subscription = state.fanout.subscribe(session.pk).await?;
+    // A stream with events to replay may read Postgres for them: each tenant has a bounded
+    // share of those reads, held until the stream is live.
+    let replay = if after < subscription.live_after {
+        Some(
+            state
+                .limits
+                .replays
+                .acquire(grant.organization_id.as_str())?,
+        )
+    } else {
+        None
+    };
     // Everything up to `live_after` is committed; only a later resume point needs a look.
     if after > subscription.live_after {
         let last = events::last_seqs(&state.db, &[session.pk])
@@ -134,8 +147,11 @@ async fn stream_session(
         after,
         subscription,
         sender,
-        token_left,
-        revocation,
+        Grant {
+            token_left,
+            revocation,
+            replay,
+        },
     ));
 
     let events = ReceiverStream::new(receiver).map(move |event| {
@@ -170,6 +186,14 @@ fn time_left(expires_at: i64, now: SystemTime) -> Duration {
     let expiry = Duration::from_secs(u64::try_from(expires_at).unwrap_or(0));
     let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     expiry.saturating_sub(now)
+}
+
+/// What one stream may use: its token's time left and what would revoke it, and the tenant's
+/// share of replays while it replays.
+struct Grant {
+    token_left: Duration,
+    revocation: Revocation,
+    replay: Option<Permit>,
 }
 
 /// What a revocation of this stream's token would name: its tenant, the session read and the
@@ -270,9 +294,13 @@ async fn pump(
     after: i64,
     subscription: Subscription,
     sender: Sender,
-    token_left: Duration,
-    revocation: Revocation,
+    grant: Grant,
 ) {
+    let Grant {
+        token_left,
+        revocation,
+        replay,
+    } = grant;
     let revoked = revocation.until_applies(state.clone(), state.settings.stream_revocation_check);
     let mut pump = Pump {
         state,
@@ -281,7 +309,7 @@ async fn pump(
         next: after.saturating_add(1),
     };
     tokio::select! {
-        ended = tokio::time::timeout(token_left, pump.run(subscription)) => match ended {
+        ended = tokio::time::timeout(token_left, pump.run(subscription, replay)) => match ended {
             Ok(Err(Stop::Failed(error))) => {
                 tracing::warn!(%session_pk, error = %error, "closing an event stream after a read failure");
             }
@@ -293,7 +321,13 @@ async fn pump(
 }
 
 impl Pump {
-    async fn run(&mut self, subscription: Subscription) -> Result<(), Stop> {
+    /// Replays up to the live start holding `replay` (the tenant's share of replays), then
+    /// sends live events.
+    async fn run(
+        &mut self,
+        subscription: Subscription,
+        replay: Option<Permit>,
+    ) -> Result<(), Stop> {
         let Subscription {
             mut receiver,
             live_after,
@@ -306,6 +340,7 @@ impl Pump {
             }
             self.send_all(batch).await?;
         }
+        drop(replay);
         loop {
             tokio::select! {
                 () = self.sender.closed() => return Err(Stop::Disconnected),

@@ -89,6 +89,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         header_read_timeout_seconds: 10,
         callback_tenant_concurrency: 256,
         sse_tenant_streams: 500,
+        sse_tenant_replays: 4,
         delegate_tenant_waits: 100,
         commit_concurrency: 4,
     }
