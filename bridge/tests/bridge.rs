@@ -69,6 +69,7 @@ impl Api {
             accept_body_only_signatures: false,
             stream_max_len: 1000,
             sse_keep_alive_seconds: 15,
+            stream_revocation_check_seconds: 15,
             status_mirror: false,
             status_mirror_interval_ms: 1000,
             log_format: LogFormat::Text,
@@ -95,6 +96,7 @@ impl Api {
             header_read_timeout_seconds: 10,
             callback_tenant_concurrency: 256,
             sse_tenant_streams: 500,
+            sse_tenant_replays: 4,
             delegate_tenant_waits: 100,
             commit_concurrency: 4,
         };

@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_SSE_KEEP_ALIVE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub sse_keep_alive_seconds: u64,
 
+    /// Seconds between two checks of an open stream's token against the revocations; a revoked
+    /// token's stream ends within this long.
+    #[arg(long, env = "NUBABEL_STREAM_REVOCATION_CHECK_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_revocation_check_seconds: u64,
+
     /// Mirror progress into `DelegatedTask.status.progress` (needs Kubernetes credentials).
     #[arg(long, env = "NUBABEL_STATUS_MIRROR", default_value_t = true, action = clap::ArgAction::Set)]
     pub status_mirror: bool,
@@ -212,6 +217,12 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_SSE_TENANT_STREAMS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub sse_tenant_streams: u32,
 
+    /// SSE streams of one tenant that may replay history (reads Postgres when Redis no longer
+    /// holds it) at once on one replica; more get 429, so one tenant's reconnecting clients
+    /// cannot take the database pool every tenant shares. Keep it well under the pool size.
+    #[arg(long, env = "NUBABEL_SSE_TENANT_REPLAYS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sse_tenant_replays: u32,
+
     /// `POST /api/delegate` requests one tenant may have waiting for their answer on one
     /// replica; past it a request is answered 202 at once (its task is created either way).
     #[arg(long, env = "NUBABEL_DELEGATE_TENANT_WAITS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
@@ -259,6 +270,11 @@ impl Config {
         Duration::from_secs(self.sse_keep_alive_seconds)
     }
 
+    /// The interval of an open stream's revocation checks.
+    pub fn stream_revocation_check(&self) -> Duration {
+        Duration::from_secs(self.stream_revocation_check_seconds)
+    }
+
     /// The minimum time between two status writes of one task.
     pub fn status_mirror_interval(&self) -> Duration {
         Duration::from_millis(self.status_mirror_interval_ms)
@@ -284,6 +300,7 @@ mod tests {
         assert_eq!(config.signature_tolerance_seconds, 300);
         assert!(!config.status_mirror);
         assert_eq!(config.sse_keep_alive(), Duration::from_secs(15));
+        assert_eq!(config.stream_revocation_check(), Duration::from_secs(15));
     }
 
     fn parse_with_admin_token(token: &str) -> Config {

@@ -1,6 +1,7 @@
 //! Per-tenant limits: how many callbacks one tenant may have in flight, how many SSE streams it
-//! may hold open, and how many `POST /api/delegate` requests it may have waiting, on one
-//! replica. Past the callback or stream limit a request gets 429 with `Retry-After` before
+//! may hold open, how many of those may be replaying history (the reads that fall back to
+//! Postgres) at once, and how many `POST /api/delegate` requests it may have waiting, on one
+//! replica. Past the callback, stream or replay limit a request gets 429 with `Retry-After` before
 //! anything is read or written, so one tenant's burst or leak cannot take the connections and
 //! commit slots every other tenant shares; past the wait limit a delegate request is answered
 //! 202 at once instead of waiting (its task is created either way).
@@ -21,6 +22,8 @@ pub enum Limited {
     Callbacks,
     /// Open SSE streams.
     Streams,
+    /// SSE streams replaying the events before their live start.
+    Replays,
     /// `POST /api/delegate` requests waiting for their task's answer.
     DelegateWaits,
 }
@@ -30,6 +33,7 @@ impl Limited {
         match self {
             Self::Callbacks => "callbacks",
             Self::Streams => "streams",
+            Self::Replays => "replays",
             Self::DelegateWaits => "delegate_waits",
         }
     }
@@ -91,6 +95,10 @@ impl TenantLimit {
                         "this organization already has {} streams open; close one or retry later",
                         self.max
                     ),
+                    Limited::Replays => format!(
+                        "this organization already has {} streams replaying past events; retry shortly",
+                        self.max
+                    ),
                     Limited::DelegateWaits => format!(
                         "this organization already has {} delegate requests waiting",
                         self.max
@@ -135,21 +143,26 @@ pub struct TenantLimits {
     pub callbacks: Arc<TenantLimit>,
     /// Open SSE streams per tenant.
     pub streams: Arc<TenantLimit>,
+    /// SSE streams replaying past events per tenant.
+    pub replays: Arc<TenantLimit>,
     /// Waiting delegate requests per tenant.
     pub delegate_waits: Arc<TenantLimit>,
 }
 
 impl TenantLimits {
-    /// Limits of `callbacks` in flight, `streams` open and `delegate_waits` waiting per tenant.
+    /// Limits of `callbacks` in flight, `streams` open, `replays` of them replaying and
+    /// `delegate_waits` waiting per tenant.
     pub fn new(
         callbacks: usize,
         streams: usize,
+        replays: usize,
         delegate_waits: usize,
         refused: &Family<LimitLabels, Counter>,
     ) -> Self {
         Self {
             callbacks: TenantLimit::new(Limited::Callbacks, callbacks, refused.clone()),
             streams: TenantLimit::new(Limited::Streams, streams, refused.clone()),
+            replays: TenantLimit::new(Limited::Replays, replays, refused.clone()),
             delegate_waits: TenantLimit::new(
                 Limited::DelegateWaits,
                 delegate_waits,

@@ -94,7 +94,7 @@ pub struct MirrorLabels {
 /// Labels of the tenant-limit counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
-    /// `callbacks` or `streams`.
+    /// `callbacks`, `streams`, `replays` or `delegate_waits`.
     pub limit: &'static str,
 }
 
@@ -163,6 +163,8 @@ pub struct Metrics {
     pub body_only_signatures: Counter,
     /// Rows deleted by retention, by table.
     pub retention_deleted: Family<TableLabels, Counter>,
+    /// Slack notifications refused because the task's tenant was never seen in its channel.
+    pub slack_channels_refused: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -249,6 +251,12 @@ impl Metrics {
             "Callbacks accepted with a signature that does not cover the request",
             body_only_signatures.clone(),
         );
+        let slack_channels_refused = Counter::default();
+        registry.register(
+            "slack_channels_refused",
+            "Tasks whose Slack channel was refused: their tenant was never seen in it",
+            slack_channels_refused.clone(),
+        );
         let tenant_limited = Family::<LimitLabels, Counter>::default();
         registry.register(
             "tenant_limited",
@@ -275,6 +283,7 @@ impl Metrics {
             mcp_tool_call_duration,
             body_only_signatures,
             retention_deleted,
+            slack_channels_refused,
         }
     }
 

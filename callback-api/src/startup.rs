@@ -137,6 +137,7 @@ impl Application {
                     },
                 },
                 sse_keep_alive: config.sse_keep_alive(),
+                stream_revocation_check: config.stream_revocation_check(),
                 delegate_max_wait: Duration::from_secs(config.delegate_max_wait_seconds),
             }),
             mirror,
@@ -206,9 +207,13 @@ impl Application {
     ) -> anyhow::Result<()> {
         // The Slack notifier runs while the application serves.
         let background = match (&self.state.slack, &self.state.kube) {
-            (Some(bot), Some(client)) => {
-                Notifier::new(Arc::clone(bot), self.state.db.clone()).start(&client.0)
-            }
+            (Some(bot), Some(client)) => Notifier::new(
+                Arc::clone(bot),
+                self.state.db.clone(),
+                Arc::clone(&self.state.metrics),
+                &client.0,
+            )
+            .start(&client.0),
             _ => Vec::new(),
         };
         let admin = routes::admin_router(self.state.clone(), REQUEST_TIMEOUT);
@@ -269,6 +274,7 @@ fn tenant_limits(config: &Config, metrics: &Metrics) -> TenantLimits {
     TenantLimits::new(
         usize::try_from(config.callback_tenant_concurrency).unwrap_or(usize::MAX),
         usize::try_from(config.sse_tenant_streams).unwrap_or(usize::MAX),
+        usize::try_from(config.sse_tenant_replays).unwrap_or(usize::MAX),
         usize::try_from(config.delegate_tenant_waits).unwrap_or(usize::MAX),
         &metrics.tenant_limited,
     )

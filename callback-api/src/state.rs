@@ -39,6 +39,8 @@ pub struct Settings {
     pub signatures: Acceptance,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
+    /// Interval of an open stream's checks for a revoked token.
+    pub stream_revocation_check: Duration,
     /// Longest a waiting `POST /api/delegate` holds the request.
     pub delegate_max_wait: Duration,
 }

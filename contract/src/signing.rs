@@ -20,7 +20,10 @@
 //! MCP requests cannot be signed (OpenCode sends them, not the bridge), so a sidecar presents
 //! a bearer token to the MCP gateway instead: `nmcp_<base64url(HMAC-SHA256(master,
 //! "nubabel-mcp-token/v1\0" + organizationId + "\0" + namespace + "\0" + name))>`, derived
-//! like the signing key under its own label, so neither value reveals the other.
+//! like the signing key under its own label, so neither value reveals the other. A fleet's
+//! token rotates by generation: generation 0 is the token above, generation `g > 0` is
+//! `nmcp_<g>.<base64url(HMAC-SHA256(master, the same input + "\0" + g))>`, so each generation
+//! is a different token and names its generation for the gateway to accept or refuse.
 
 use std::fmt;
 
@@ -149,7 +152,7 @@ impl fmt::Debug for McpToken {
     }
 }
 
-fn mcp_token_mac(master: &MasterKey, sidecar: &SidecarIdentity) -> HmacSha256 {
+fn mcp_token_mac(master: &MasterKey, sidecar: &SidecarIdentity, generation: u32) -> HmacSha256 {
     let mut mac = new_mac(master.0.expose_secret());
     mac.update(MCP_TOKEN_CONTEXT);
     mac.update(sidecar.organization_id().as_str().as_bytes());
@@ -157,24 +160,61 @@ fn mcp_token_mac(master: &MasterKey, sidecar: &SidecarIdentity) -> HmacSha256 {
     mac.update(sidecar.namespace().as_bytes());
     mac.update(b"\0");
     mac.update(sidecar.name().as_bytes());
+    // Generation 0 keeps the input tokens had before generations existed.
+    if generation > 0 {
+        mac.update(b"\0");
+        mac.update(generation.to_string().as_bytes());
+    }
     mac
 }
 
-/// Derives the MCP bearer token of one sidecar fleet from the master key.
+/// Derives the MCP bearer token of one sidecar fleet, generation 0, from the master key.
 pub fn derive_mcp_token(master: &MasterKey, sidecar: &SidecarIdentity) -> McpToken {
-    let tag = mcp_token_mac(master, sidecar).finalize().into_bytes();
-    McpToken(format!("{MCP_TOKEN_PREFIX}{}", BASE64URL.encode(tag)))
+    derive_mcp_token_generation(master, sidecar, 0)
 }
 
-/// Whether `presented` is the MCP token of `sidecar` (constant-time comparison of the MAC).
-pub fn verify_mcp_token(master: &MasterKey, sidecar: &SidecarIdentity, presented: &str) -> bool {
-    let Some(encoded) = presented.strip_prefix(MCP_TOKEN_PREFIX) else {
-        return false;
+/// Derives generation `generation` of one sidecar fleet's MCP bearer token.
+pub fn derive_mcp_token_generation(
+    master: &MasterKey,
+    sidecar: &SidecarIdentity,
+    generation: u32,
+) -> McpToken {
+    let tag = BASE64URL.encode(
+        mcp_token_mac(master, sidecar, generation)
+            .finalize()
+            .into_bytes(),
+    );
+    if generation == 0 {
+        McpToken(format!("{MCP_TOKEN_PREFIX}{tag}"))
+    } else {
+        McpToken(format!("{MCP_TOKEN_PREFIX}{generation}.{tag}"))
+    }
+}
+
+/// The generation of `presented` if it is an MCP token of `sidecar` (constant-time comparison
+/// of the MAC); `None` for anything else.
+pub fn verify_mcp_token(
+    master: &MasterKey,
+    sidecar: &SidecarIdentity,
+    presented: &str,
+) -> Option<u32> {
+    let encoded = presented.strip_prefix(MCP_TOKEN_PREFIX)?;
+    let (generation, encoded) = match encoded.split_once('.') {
+        // A canonical number only, so one generation has one spelling.
+        Some((generation, encoded)) => (
+            generation
+                .parse::<u32>()
+                .ok()
+                .filter(|g| *g > 0 && g.to_string() == generation)?,
+            encoded,
+        ),
+        None => (0, encoded),
     };
-    let Ok(tag) = BASE64URL.decode(encoded) else {
-        return false;
-    };
-    mcp_token_mac(master, sidecar).verify_slice(&tag).is_ok()
+    let tag = BASE64URL.decode(encoded).ok()?;
+    mcp_token_mac(master, sidecar, generation)
+        .verify_slice(&tag)
+        .ok()
+        .map(|()| generation)
 }
 
 /// Domain separation for `v2` signatures, which cover the request as well as the body.
@@ -822,12 +862,42 @@ mod tests {
         let b = SidecarIdentity::new("org-b", "tenant-a", "fleet").unwrap();
         let token = derive_mcp_token(&master, &a);
         assert!(token.expose().starts_with(MCP_TOKEN_PREFIX));
-        assert!(verify_mcp_token(&master, &a, token.expose()));
-        assert!(!verify_mcp_token(&master, &b, token.expose()));
+        assert_eq!(verify_mcp_token(&master, &a, token.expose()), Some(0));
+        assert_eq!(verify_mcp_token(&master, &b, token.expose()), None);
         let other_master = MasterKey::new(&[8u8; 32]).unwrap();
-        assert!(!verify_mcp_token(&other_master, &a, token.expose()));
+        assert_eq!(verify_mcp_token(&other_master, &a, token.expose()), None);
         for forged in ["", "nmcp_", "nmcp_!!!", "Bearer x", &token.expose()[5..]] {
-            assert!(!verify_mcp_token(&master, &a, forged), "{forged}");
+            assert_eq!(verify_mcp_token(&master, &a, forged), None, "{forged}");
+        }
+    }
+
+    #[test]
+    fn each_mcp_token_generation_is_another_token_that_verifies_as_its_own_generation_only() {
+        let master = MasterKey::new(&[7u8; 32]).unwrap();
+        let a = SidecarIdentity::new("org-a", "tenant-a", "fleet").unwrap();
+        let b = SidecarIdentity::new("org-b", "tenant-a", "fleet").unwrap();
+        let zero = derive_mcp_token(&master, &a);
+        assert_eq!(derive_mcp_token_generation(&master, &a, 0), zero);
+        let one = derive_mcp_token_generation(&master, &a, 1);
+        let two = derive_mcp_token_generation(&master, &a, 2);
+        assert_ne!(one, zero);
+        assert_ne!(one, two);
+        assert!(one.expose().starts_with("nmcp_1."));
+        assert_eq!(verify_mcp_token(&master, &a, one.expose()), Some(1));
+        assert_eq!(verify_mcp_token(&master, &a, two.expose()), Some(2));
+        assert_eq!(verify_mcp_token(&master, &b, two.expose()), None);
+        // The generation is covered by the MAC: relabelling a token breaks it.
+        let tag = &two.expose()["nmcp_2.".len()..];
+        for forged in [
+            format!("nmcp_1.{tag}"),
+            format!("nmcp_3.{tag}"),
+            format!("nmcp_02.{tag}"),
+            format!("nmcp_+2.{tag}"),
+            format!("nmcp_0.{tag}"),
+            format!("nmcp_{tag}"),
+            format!("nmcp_4294967296.{tag}"),
+        ] {
+            assert_eq!(verify_mcp_token(&master, &a, &forged), None, "{forged}");
         }
     }
 

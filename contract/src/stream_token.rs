@@ -11,7 +11,8 @@
 //! token), compares the MAC in constant time, and checks audience, issue time and expiry. The
 //! lifetime is measured from `iat`, not from the moment of presentation, so a token cannot be
 //! made with a far expiry and wait until it comes within the hour; a token without `iat` is
-//! refused, since its lifetime cannot be told.
+//! refused, since its lifetime cannot be told. [`StreamGrant::issued_at`] is what the callback
+//! API's revocations compare against: tokens are revoked by tenant and issue time.
 
 use std::fmt;
 
@@ -96,6 +97,8 @@ pub struct StreamGrant {
     pub organization_id: OrganizationId,
     /// When set, the one Nubabel session the bearer may read.
     pub session_id: Option<String>,
+    /// Issue time (`iat`), Unix seconds: a revocation refuses tokens issued at or before it.
+    pub issued_at: i64,
     /// Expiry, Unix seconds.
     pub expires_at: i64,
 }
@@ -215,22 +218,24 @@ pub fn verify(
     if claims.exp <= now {
         return Err(StreamTokenError::Expired);
     }
-    check_lifetime(claims.iat, claims.exp, now)?;
+    let issued_at = check_lifetime(claims.iat, claims.exp, now)?;
     let organization_id =
         OrganizationId::parse(&claims.org).map_err(|_| StreamTokenError::InvalidOrganization)?;
     Ok(StreamGrant {
         organization_id,
         session_id: claims.sid,
+        issued_at,
         expires_at: claims.exp,
     })
 }
 
-/// A token is valid from `iat` (less the clock skew) and for at most an hour from it.
+/// A token is valid from `iat` (less the clock skew) and for at most an hour from it; returns
+/// its `iat`.
 fn check_lifetime(
     issued_at: Option<i64>,
     expires_at: i64,
     now: i64,
-) -> Result<(), StreamTokenError> {
+) -> Result<i64, StreamTokenError> {
     let issued_at = issued_at.ok_or(StreamTokenError::MissingIssuedAt)?;
     if issued_at > now.saturating_add(CLOCK_SKEW_SECONDS) {
         return Err(StreamTokenError::IssuedInTheFuture);
@@ -239,7 +244,7 @@ fn check_lifetime(
     if i128::from(expires_at) - i128::from(issued_at) > i128::from(MAX_LIFETIME_SECONDS) {
         return Err(StreamTokenError::TooLongLived);
     }
-    Ok(())
+    Ok(issued_at)
 }
 
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, StreamTokenError> {

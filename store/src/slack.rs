@@ -1,6 +1,7 @@
 //! The Slack bot's shared state: accepted event ids (Slack retries events, and any replica may
-//! get the retry) and, per task that reports to a Slack thread, its acknowledgement message,
-//! the last progress shown and the claim on the final answer.
+//! get the retry), the channels each tenant's workspace was seen in and, per task that reports
+//! to a Slack thread, its acknowledgement message, the last progress shown and the claim on the
+//! final answer.
 //!
 //! Every decision that must happen once across replicas is a single conditional statement
 //! here, so Postgres decides who wins.
@@ -34,6 +35,46 @@ pub async fn forget_events_older_than(pool: &PgPool, max_age_seconds: i64) -> Re
     Ok(deleted.rows_affected())
 }
 
+/// Records that a verified event of team `team_id`, mapped to organization `organization_id`,
+/// came from `channel`: from now on that tenant's tasks may report there.
+pub async fn record_channel(
+    pool: &PgPool,
+    organization_id: &str,
+    team_id: &str,
+    channel: &str,
+) -> Result<()> {
+    sqlx::query(
+        "insert into slack_channels (organization_id, team_id, channel) values ($1, $2, $3)
+         on conflict do nothing",
+    )
+    .bind(organization_id)
+    .bind(team_id)
+    .bind(channel)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether a verified event of one of `team_ids`, mapped to `organization_id`, ever came from
+/// `channel`.
+pub async fn channel_seen(
+    pool: &PgPool,
+    organization_id: &str,
+    team_ids: &[String],
+    channel: &str,
+) -> Result<bool> {
+    let seen: bool = sqlx::query_scalar(
+        "select exists (select 1 from slack_channels
+                        where organization_id = $1 and team_id = any($2) and channel = $3)",
+    )
+    .bind(organization_id)
+    .bind(team_ids)
+    .bind(channel)
+    .fetch_one(pool)
+    .await?;
+    Ok(seen)
+}
+
 /// A task reporting to a Slack thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlackThread {
@@ -45,6 +86,8 @@ pub struct SlackThread {
     pub thread_ts: Option<String>,
     /// The bot's acknowledgement message, once posted.
     pub ack_ts: Option<String>,
+    /// Whether the channel was refused (its tenant was never seen there): nothing is posted.
+    pub refused: bool,
 }
 
 /// Where a task reports.
@@ -60,14 +103,18 @@ pub struct NewThread<'a> {
     pub channel: &'a str,
     /// The thread's first message.
     pub thread_ts: Option<&'a str>,
+    /// Whether the channel is refused: the row then only records that the refusal was
+    /// reported.
+    pub refused: bool,
 }
 
 /// Claims the acknowledgement of a task: true for exactly one caller, who then posts it and
-/// records its timestamp with [`record_ack`].
+/// records its timestamp with [`record_ack`] (or, for a refused channel, reports the refusal).
 pub async fn claim_ack(pool: &PgPool, thread: &NewThread<'_>) -> Result<bool> {
     let inserted = sqlx::query(
-        "insert into slack_threads (task_uid, task_namespace, task_name, channel, thread_ts)
-         values ($1, $2, $3, $4, $5)
+        "insert into slack_threads
+             (task_uid, task_namespace, task_name, channel, thread_ts, refused_at)
+         values ($1, $2, $3, $4, $5, case when $6 then now() end)
          on conflict (task_uid) do nothing",
     )
     .bind(thread.task_uid)
@@ -75,6 +122,7 @@ pub async fn claim_ack(pool: &PgPool, thread: &NewThread<'_>) -> Result<bool> {
     .bind(thread.task_name)
     .bind(thread.channel)
     .bind(thread.thread_ts)
+    .bind(thread.refused)
     .execute(pool)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -102,7 +150,8 @@ pub async fn record_ack(
 /// The thread of task `task_uid`, if it has one.
 pub async fn thread(pool: &PgPool, task_uid: Uuid) -> Result<Option<SlackThread>> {
     let row = sqlx::query(
-        "select task_uid, channel, thread_ts, ack_ts from slack_threads where task_uid = $1",
+        "select task_uid, channel, thread_ts, ack_ts, refused_at is not null as refused
+         from slack_threads where task_uid = $1",
     )
     .bind(task_uid)
     .fetch_optional(pool)
@@ -112,6 +161,7 @@ pub async fn thread(pool: &PgPool, task_uid: Uuid) -> Result<Option<SlackThread>
         channel: row.get("channel"),
         thread_ts: row.get("thread_ts"),
         ack_ts: row.get("ack_ts"),
+        refused: row.get("refused"),
     }))
 }
 

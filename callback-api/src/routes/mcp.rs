@@ -8,7 +8,8 @@
 //! Sidecars authenticate with their fleet's MCP token (`Authorization: Bearer nmcp_...`,
 //! derived from the master key and the fleet's identity) and name the fleet in
 //! `x-nubabel-organization` and `x-nubabel-sidecar`; the token is checked against those
-//! headers, so a fleet sees exactly its own tenant's tools.
+//! headers, so a fleet sees exactly its own tenant's tools. A token's generation below the
+//! fleet's floor (see `routes::mcp_tokens`) is refused like a wrong token.
 
 use axum::{
     body::Bytes,
@@ -20,7 +21,7 @@ use nubabel_contract::{
     identity::{SidecarIdentity, validate_object_name},
     signing::verify_mcp_token,
 };
-use nubabel_store::sessions::validate_session_id;
+use nubabel_store::{mcp_tokens, sessions::validate_session_id};
 use serde_json::{Map, Value, json};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -84,10 +85,15 @@ impl FromRequestParts<AppState> for McpCaller {
             .ok_or_else(|| ApiError::Unauthorized(format!("missing {SIDECAR_HEADER} header")))?;
         let sidecar = SidecarIdentity::from_headers(organization, sidecar)
             .map_err(|e| ApiError::Unauthorized(format!("invalid caller identity: {e}")))?;
-        if !verify_mcp_token(&state.keys.master, &sidecar, token) {
+        let Some(generation) = verify_mcp_token(&state.keys.master, &sidecar, token) else {
             return Err(ApiError::Unauthorized(
                 "the bearer token is not this sidecar's MCP token".into(),
             ));
+        };
+        if generation < mcp_tokens::lowest_accepted(&state.db, &sidecar).await? {
+            return Err(ApiError::Unauthorized(format!(
+                "generation {generation} of this sidecar's MCP token was retired"
+            )));
         }
         let pod = header(headers, POD_HEADER)
             .filter(|pod| !pod.is_empty())
@@ -131,10 +137,11 @@ impl FromRequestParts<AppState> for McpCaller {
         (status = 200, description = "The JSON-RPC response to a request", content_type = "application/json"),
         (status = 202, description = "A notification or response was accepted"),
         (status = 400, description = "Not JSON, not a JSON-RPC message, a batch, or an unsupported MCP-Protocol-Version", content_type = "application/json"),
-        (status = 401, description = "Missing or wrong MCP token or identity headers", body = ErrorBody),
+        (status = 401, description = "Missing, wrong or retired MCP token, or wrong identity headers", body = ErrorBody),
         (status = 403, description = "The request carries an Origin header (browsers are not served)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Postgres unavailable (the token's generation cannot be checked)", body = ErrorBody),
     )
 )]
 async fn post_mcp(

@@ -9,9 +9,11 @@ pub mod delegate;
 pub mod health;
 pub mod invoke;
 pub mod mcp;
+pub mod mcp_tokens;
 pub mod sessions;
 pub mod slack;
 pub mod stream;
+pub mod stream_tokens;
 pub mod tasks;
 
 use axum::{
@@ -163,6 +165,8 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
 fn admin_api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(connections::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(stream_tokens::router().layer(DefaultBodyLimit::max(max_body_bytes)))
+        .merge(mcp_tokens::router().layer(DefaultBodyLimit::max(max_body_bytes)))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,

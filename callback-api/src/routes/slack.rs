@@ -3,7 +3,8 @@
 //! The signature is checked on the raw body before anything is parsed. Slack wants an answer
 //! within three seconds and retries otherwise, so the handler only records the event id (a
 //! retry, on any replica, is then acknowledged and dropped) and creates the task in the
-//! background; the notifier posts everything the thread sees.
+//! background; the notifier posts everything the thread sees. The channel of every verified
+//! request is recorded for the team's tenant: the notifier posts only to such channels.
 
 use std::sync::Arc;
 
@@ -155,6 +156,12 @@ async fn handle_event(
         tracing::warn!(%team, "slack event from a workspace that is not mapped to a tenant; ignored");
         return Ok(());
     };
+    // The verified event proves the channel belongs to the team, so the tenant's tasks may
+    // report there. Recorded before the event id, so a failure here is retried by Slack.
+    if let Some(channel) = event.channel.as_deref() {
+        nubabel_store::slack::record_channel(&state.db, &target.organization_id, &team, channel)
+            .await?;
+    }
     if !nubabel_store::slack::record_event(&state.db, &event_id, &team).await? {
         tracing::info!(%event_id, retry, "slack event seen before; acknowledged again");
         return Ok(());

@@ -11,7 +11,9 @@
 //! sent it, and waiting for that number would silently skip every event up to it.
 //!
 //! A stream lasts no longer than its token: at the token's expiry the body ends cleanly, and a
-//! client that reconnects needs a new token.
+//! client that reconnects needs a new token. A token an administrator revoked (see
+//! `routes::stream_tokens`) opens no stream (401), and an open stream checks every
+//! `NUBABEL_STREAM_REVOCATION_CHECK_SECONDS` and ends once its token is revoked.
 
 use std::{
     convert::Infallible,
@@ -30,6 +32,7 @@ use nubabel_store::{
     Result as DataResult,
     events::{self, StoredEvent},
     sessions::{resolve_session, validate_session_id},
+    stream_revocations,
 };
 use serde_json::json;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
@@ -42,6 +45,7 @@ use crate::{
     error::{ApiError, ErrorBody},
     extract::ApiPath,
     fanout::{PG_BATCH, Subscription},
+    limits::Permit,
     metrics::GaugeGuard,
     state::AppState,
 };
@@ -68,11 +72,11 @@ pub fn router() -> OpenApiRouter<AppState> {
     ),
     security(("stream_token" = [])),
     responses(
-        (status = 200, description = "`text/event-stream`: events `progress` and `state`, each with `id` = sequence number and JSON `data`; the stream ends when the token expires", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`: events `progress` and `state`, each with `id` = sequence number and JSON `data`; the stream ends when the token expires or is revoked", content_type = "text/event-stream", body = String),
         (status = 400, description = "Last-Event-ID is not a non-negative integer, or is past the session's last event", body = ErrorBody),
-        (status = 401, description = "Missing, expired or invalid stream token", body = ErrorBody),
+        (status = 401, description = "Missing, expired, invalid or revoked stream token", body = ErrorBody),
         (status = 404, description = "No such session for this token", body = ErrorBody),
-        (status = 429, description = "The tenant has too many streams open on this replica (see Retry-After)", body = ErrorBody),
+        (status = 429, description = "The tenant has too many streams open, or too many replaying past events, on this replica (see Retry-After)", body = ErrorBody),
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
@@ -97,6 +101,14 @@ async fn stream_session(
     {
         return Err(ApiError::SessionNotFound);
     }
+    let revocation = Revocation {
+        organization_id: grant.organization_id.as_str().to_owned(),
+        session_id: session.session_id.clone(),
+        issued_at: grant.issued_at,
+    };
+    if revocation.applies(&state).await? {
+        return Err(ApiError::Unauthorized("stream token revoked".into()));
+    }
     // Held as long as the response body: the client closing the stream gives it back.
     let open = state
         .limits
@@ -104,6 +116,18 @@ async fn stream_session(
         .acquire(grant.organization_id.as_str())?;
     // Subscribe before replaying, so nothing committed in between is missed.
     let subscription = state.fanout.subscribe(session.pk).await?;
+    // A stream with events to replay may read Postgres for them: each tenant has a bounded
+    // share of those reads, held until the stream is live.
+    let replay = if after < subscription.live_after {
+        Some(
+            state
+                .limits
+                .replays
+                .acquire(grant.organization_id.as_str())?,
+        )
+    } else {
+        None
+    };
     // Everything up to `live_after` is committed; only a later resume point needs a look.
     if after > subscription.live_after {
         let last = events::last_seqs(&state.db, &[session.pk])
@@ -123,7 +147,11 @@ async fn stream_session(
         after,
         subscription,
         sender,
-        token_left,
+        Grant {
+            token_left,
+            revocation,
+            replay,
+        },
     ));
 
     let events = ReceiverStream::new(receiver).map(move |event| {
@@ -158,6 +186,53 @@ fn time_left(expires_at: i64, now: SystemTime) -> Duration {
     let expiry = Duration::from_secs(u64::try_from(expires_at).unwrap_or(0));
     let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     expiry.saturating_sub(now)
+}
+
+/// What one stream may use: its token's time left and what would revoke it, and the tenant's
+/// share of replays while it replays.
+struct Grant {
+    token_left: Duration,
+    revocation: Revocation,
+    replay: Option<Permit>,
+}
+
+/// What a revocation of this stream's token would name: its tenant, the session read and the
+/// token's issue time.
+struct Revocation {
+    organization_id: String,
+    session_id: String,
+    issued_at: i64,
+}
+
+impl Revocation {
+    /// Whether an administrator revoked the token.
+    async fn applies(&self, state: &AppState) -> DataResult<bool> {
+        let mark =
+            stream_revocations::revoked_through(&state.db, &self.organization_id, &self.session_id)
+                .await?;
+        Ok(revoked_by(self.issued_at, mark))
+    }
+
+    /// Returns once the token is revoked, looking every `every`. A failed look is logged and
+    /// tried again: while Postgres is down the stream's own reads fail and end it anyway.
+    async fn until_applies(self, state: AppState, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.applies(&state).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::debug!(error = %error, "checking a stream token's revocation failed");
+                }
+            }
+        }
+    }
+}
+
+/// Whether a token issued at `issued_at` is revoked by `mark`: tokens issued at or before the
+/// mark's second are.
+fn revoked_by(issued_at: i64, mark: Option<i64>) -> bool {
+    mark.is_some_and(|through| issued_at <= through)
 }
 
 /// Refuses a resume point past `last`, the session's last committed sequence number.
@@ -211,33 +286,48 @@ impl From<nubabel_store::Error> for Stop {
     }
 }
 
-/// Runs one connection until the client leaves, reading fails, or `token_left` has passed;
-/// dropping the sender then ends the response body.
+/// Runs one connection until the client leaves, reading fails, `token_left` has passed or the
+/// token is revoked; dropping the sender then ends the response body.
 async fn pump(
     state: AppState,
     session_pk: Uuid,
     after: i64,
     subscription: Subscription,
     sender: Sender,
-    token_left: Duration,
+    grant: Grant,
 ) {
+    let Grant {
+        token_left,
+        revocation,
+        replay,
+    } = grant;
+    let revoked = revocation.until_applies(state.clone(), state.settings.stream_revocation_check);
     let mut pump = Pump {
         state,
         session_pk,
         sender,
         next: after.saturating_add(1),
     };
-    match tokio::time::timeout(token_left, pump.run(subscription)).await {
-        Ok(Err(Stop::Failed(error))) => {
-            tracing::warn!(%session_pk, error = %error, "closing an event stream after a read failure");
-        }
-        Err(_) => tracing::debug!(%session_pk, "closing an event stream: its token expired"),
-        Ok(Ok(()) | Err(Stop::Disconnected)) => {}
+    tokio::select! {
+        ended = tokio::time::timeout(token_left, pump.run(subscription, replay)) => match ended {
+            Ok(Err(Stop::Failed(error))) => {
+                tracing::warn!(%session_pk, error = %error, "closing an event stream after a read failure");
+            }
+            Err(_) => tracing::debug!(%session_pk, "closing an event stream: its token expired"),
+            Ok(Ok(()) | Err(Stop::Disconnected)) => {}
+        },
+        () = revoked => tracing::info!(%session_pk, "closing an event stream: its token was revoked"),
     }
 }
 
 impl Pump {
-    async fn run(&mut self, subscription: Subscription) -> Result<(), Stop> {
+    /// Replays up to the live start holding `replay` (the tenant's share of replays), then
+    /// sends live events.
+    async fn run(
+        &mut self,
+        subscription: Subscription,
+        replay: Option<Permit>,
+    ) -> Result<(), Stop> {
         let Subscription {
             mut receiver,
             live_after,
@@ -250,6 +340,7 @@ impl Pump {
             }
             self.send_all(batch).await?;
         }
+        drop(replay);
         loop {
             tokio::select! {
                 () = self.sender.closed() => return Err(Stop::Disconnected),
@@ -389,6 +480,15 @@ mod tests {
             time_left(i64::MAX, UNIX_EPOCH),
             Duration::from_secs(i64::MAX.unsigned_abs())
         );
+    }
+
+    #[test]
+    fn a_revocation_covers_tokens_issued_up_to_and_in_its_second_and_none_after() {
+        assert!(!revoked_by(100, None));
+        assert!(revoked_by(99, Some(100)));
+        assert!(revoked_by(100, Some(100)));
+        assert!(!revoked_by(101, Some(100)));
+        assert!(revoked_by(i64::MIN, Some(i64::MIN)));
     }
 
     #[test]

@@ -142,6 +142,18 @@ impl SlackBot {
         )
     }
 
+    /// The teams whose messages work for `organization_id` in `namespace`: the only
+    /// workspaces whose channels that tenant's tasks may report to.
+    pub fn teams_serving(&self, organization_id: &str, namespace: &str) -> Vec<String> {
+        self.teams
+            .iter()
+            .filter(|(_, target)| {
+                target.organization_id == organization_id && target.namespace == namespace
+            })
+            .map(|(team, _)| team.clone())
+            .collect()
+    }
+
     /// The namespaces of the mapped workspaces, each once.
     pub fn namespaces(&self) -> Vec<String> {
         let mut namespaces: Vec<String> =
@@ -165,5 +177,26 @@ mod tests {
         assert!(parse_team("T0123=acme").is_err());
         assert!(parse_team("T0123=acme/Not_A_Namespace").is_err());
         assert!(parse_team("=acme/tenants").is_err());
+    }
+
+    #[test]
+    fn a_tenant_is_served_only_by_the_teams_mapped_to_its_organization_and_namespace() {
+        let settings = SlackSettings {
+            bot_token: Some("xoxb-1".into()),
+            signing_secret: Some("secret".into()),
+            api_url: "http://127.0.0.1:1/api".into(),
+            teams: vec![
+                "T1=acme/tenants".into(),
+                "T2=acme/tenants".into(),
+                "T3=globex/tenants".into(),
+                "T4=acme/elsewhere".into(),
+            ],
+            progress_interval: Duration::from_secs(1),
+            final_sweep_interval: Duration::from_secs(1),
+        };
+        let bot = SlackBot::from_settings(&settings).unwrap().unwrap();
+        assert_eq!(bot.teams_serving("acme", "tenants"), ["T1", "T2"]);
+        assert_eq!(bot.teams_serving("globex", "tenants"), ["T3"]);
+        assert!(bot.teams_serving("globex", "elsewhere").is_empty());
     }
 }

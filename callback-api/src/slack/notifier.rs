@@ -5,6 +5,11 @@
 //! Every replica watches; Postgres claims decide which replica posts the acknowledgement,
 //! each progress edit (at most one per interval per message, the latest state trailing) and
 //! the final answer, so each appears once.
+//!
+//! A task reports only to a channel its tenant was seen in: a verified Slack event from a team
+//! mapped to the task's organization and namespace named that channel. Any other channel is
+//! refused once per task, by whichever replica claims it, with a Warning event on the task, a
+//! log line and `nubabel_callback_api_slack_channels_refused_total`; nothing is posted there.
 
 use std::{
     collections::HashMap,
@@ -14,8 +19,12 @@ use std::{
 
 use futures::StreamExt;
 use kube::{
-    Api, Client, ResourceExt,
-    runtime::{WatchStreamExt, watcher},
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use nubabel_crds::v1alpha1::{DelegatedTask, SlackTarget, TaskPhase};
 use nubabel_store::slack::{self as store, NewThread, SlackThread};
@@ -24,6 +33,12 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{SlackBot, SlackError, text};
+use crate::metrics::Metrics;
+
+/// Reason of the Warning event on a task whose Slack channel is refused.
+pub const CHANNEL_NOT_SEEN_REASON: &str = "SlackChannelNotSeen";
+/// The controller name on the events the notifier publishes.
+const REPORTING_CONTROLLER: &str = "nubabel-callback-api";
 
 /// Tasks that ended longer ago than this without a thread record are not announced (they
 /// ended before the bot knew them, e.g. on a fresh database).
@@ -55,6 +70,8 @@ pub struct Notifier {
 struct Inner {
     bot: Arc<SlackBot>,
     db: PgPool,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
     /// Latest progress text per task waiting for its interval to pass, and whether a timer runs.
     trailing: Mutex<HashMap<Uuid, Trailing>>,
 }
@@ -66,12 +83,19 @@ struct Trailing {
 }
 
 impl Notifier {
-    /// A notifier posting with `bot` and claiming in `db`.
-    pub fn new(bot: Arc<SlackBot>, db: PgPool) -> Self {
+    /// A notifier posting with `bot`, claiming in `db`, counting in `metrics` and reporting
+    /// refused channels on the tasks through `client`.
+    pub fn new(bot: Arc<SlackBot>, db: PgPool, metrics: Arc<Metrics>, client: &Client) -> Self {
+        let reporter = Reporter {
+            controller: REPORTING_CONTROLLER.to_owned(),
+            instance: std::env::var("HOSTNAME").ok(),
+        };
         Self {
             inner: Arc::new(Inner {
                 bot,
                 db,
+                metrics,
+                recorder: Recorder::new(client.clone(), reporter),
                 trailing: Mutex::new(HashMap::new()),
             }),
         }
@@ -186,21 +210,32 @@ impl Notifier {
             }
             let namespace = task.namespace().unwrap_or_default();
             let name = task.name_any();
+            let refused = !self.channel_allowed(task, &namespace, target).await?;
             let new = NewThread {
                 task_uid: uid,
                 task_namespace: &namespace,
                 task_name: &name,
                 channel: &target.channel,
                 thread_ts: target.thread_ts.as_deref(),
+                refused,
             };
-            if store::claim_ack(db, &new).await? && !finished {
-                self.acknowledge(task, uid, target).await?;
+            if store::claim_ack(db, &new).await? {
+                if refused {
+                    self.report_refusal(task, &namespace, target).await;
+                    return Ok(());
+                }
+                if !finished {
+                    self.acknowledge(task, uid, target).await?;
+                }
             }
             thread = store::thread(db, uid).await?;
         }
         let Some(thread) = thread else {
             return Ok(());
         };
+        if thread.refused {
+            return Ok(());
+        }
         if finished {
             let notifier = self.clone();
             let task = task.clone();
@@ -227,6 +262,52 @@ impl Notifier {
             self.progress(task, uid, &thread).await?;
         }
         Ok(())
+    }
+
+    /// Whether the tenant of `task` (its organization in `namespace`) was seen in the
+    /// channel it names, through a team mapped to that tenant.
+    async fn channel_allowed(
+        &self,
+        task: &DelegatedTask,
+        namespace: &str,
+        target: &SlackTarget,
+    ) -> anyhow::Result<bool> {
+        let organization = &task.spec.organization_id;
+        let teams = self.inner.bot.teams_serving(organization, namespace);
+        if teams.is_empty() {
+            return Ok(false);
+        }
+        Ok(store::channel_seen(&self.inner.db, organization, &teams, &target.channel).await?)
+    }
+
+    /// Says, on the task, in the log and in the metrics, that its channel was refused.
+    async fn report_refusal(&self, task: &DelegatedTask, namespace: &str, target: &SlackTarget) {
+        self.inner.metrics.slack_channels_refused.inc();
+        tracing::warn!(
+            %namespace,
+            task = %task.name_any(),
+            organization = %task.spec.organization_id,
+            channel = %target.channel,
+            "a task names a slack channel its tenant's workspace was never seen in; nothing is posted there"
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: CHANNEL_NOT_SEEN_REASON.to_owned(),
+            note: Some(format!(
+                "No message goes to Slack channel {}: the bot has never been addressed there from a workspace mapped to organization {} in this namespace. Mention the bot in that channel first, or name a channel it was mentioned in.",
+                target.channel, task.spec.organization_id
+            )),
+            action: "NotifySlack".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .inner
+            .recorder
+            .publish(&event, &task.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, "publishing the refused-channel event failed");
+        }
     }
 
     async fn acknowledge(

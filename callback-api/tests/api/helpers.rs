@@ -62,6 +62,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         accept_body_only_signatures: false,
         stream_max_len: 1000,
         sse_keep_alive_seconds: 1,
+        stream_revocation_check_seconds: 1,
         status_mirror: false,
         status_mirror_interval_ms: 1000,
         log_format: LogFormat::Text,
@@ -88,6 +89,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         header_read_timeout_seconds: 10,
         callback_tenant_concurrency: 256,
         sse_tenant_streams: 500,
+        sse_tenant_replays: 4,
         delegate_tenant_waits: 100,
         commit_concurrency: 4,
     }

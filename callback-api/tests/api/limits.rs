@@ -147,6 +147,97 @@ async fn a_tenant_past_its_open_streams_gets_429_until_it_closes_one() -> Result
     Ok(())
 }
 
+/// Registers a session of `tenant` with `events` progress events that only Postgres holds
+/// (its Redis stream is gone, as after expiry), so a reader replays them from Postgres.
+async fn session_only_postgres_holds(
+    app: &crate::helpers::TestApp,
+    tenant: &nubabel_contract::identity::SidecarIdentity,
+    events: usize,
+) -> Result<nubabel_store::sessions::SessionMapping> {
+    let mapping = app
+        .register(tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    for i in 0..events {
+        app.callback(
+            tenant,
+            &mapping.session_id,
+            "progress",
+            &unique("msg"),
+            &progress(i),
+        )
+        .await?;
+    }
+    let client = redis::Client::open(app.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: i64 = redis::cmd("DEL")
+        .arg(nubabel_store::streams::stream_key(mapping.session_pk))
+        .query_async(&mut conn)
+        .await?;
+    Ok(mapping)
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_replaying_streams_gets_429_while_another_tenant_still_replays()
+-> Result<()> {
+    let app = spawn_app_configured(|config| config.sse_tenant_replays = 2).await?;
+    let busy_org = unique("org");
+    let busy = sidecar(&busy_org);
+    let calm_org = unique("org");
+    let calm = sidecar(&calm_org);
+    let busy_session = session_only_postgres_holds(&app, &busy, 3).await?;
+    let calm_session = session_only_postgres_holds(&app, &calm, 3).await?;
+    let busy_token = app.stream_token(&busy_org, None);
+
+    // Postgres is slow to give events back: replays stay in flight until the lock goes.
+    let mut lock = app.db.begin().await?;
+    sqlx::query("lock table session_events in access exclusive mode")
+        .execute(&mut *lock)
+        .await?;
+    let first = app
+        .open_stream(&busy_session.session_id, &busy_token, None)
+        .await?;
+    let second = app
+        .open_stream(&busy_session.session_id, &busy_token, None)
+        .await?;
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let third = app
+        .open_stream(&busy_session.session_id, &busy_token, None)
+        .await?;
+    assert_limited(third, "2 streams replaying").await?;
+    // Another tenant's replay is admitted, and so is the busy tenant's stream with nothing to
+    // replay (resuming at the last event).
+    let calm_stream = app
+        .open_stream(
+            &calm_session.session_id,
+            &app.stream_token(&calm_org, None),
+            None,
+        )
+        .await?;
+    assert_eq!(calm_stream.status(), StatusCode::OK);
+    let live_only = app
+        .open_stream(&busy_session.session_id, &busy_token, Some(3))
+        .await?;
+    assert_eq!(live_only.status(), StatusCode::OK);
+
+    // Once the replays are done, their shares come back and every stream has its events.
+    lock.rollback().await?;
+    let mut calm_reader = crate::helpers::SseReader::new(calm_stream);
+    assert_eq!(calm_reader.take(3, Duration::from_secs(5)).await?.len(), 3);
+    for response in [first, second] {
+        let mut reader = crate::helpers::SseReader::new(response);
+        assert_eq!(reader.take(3, Duration::from_secs(5)).await?.len(), 3);
+    }
+    let again = app
+        .open_stream(&busy_session.session_id, &busy_token, None)
+        .await?;
+    assert_eq!(again.status(), StatusCode::OK);
+    drop(live_only);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_connection_trickling_its_request_head_is_closed() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -24,5 +24,6 @@ mod retention;
 mod session_scope;
 mod slack;
 mod stream;
+mod stream_revocation;
 mod tasks;
 mod vault;

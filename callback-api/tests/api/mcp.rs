@@ -6,7 +6,7 @@ use std::time::Duration;
 use nubabel_callback_api::config::Config;
 use nubabel_contract::{
     identity::{OrganizationId, SidecarIdentity},
-    signing::{MasterKey, derive_mcp_token},
+    signing::{MasterKey, derive_mcp_token, derive_mcp_token_generation},
 };
 use nubabel_e2e::mcp_upstream::McpUpstream;
 use nubabel_store::{
@@ -16,7 +16,9 @@ use nubabel_store::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{MASTER_KEY, TestApp, VAULT_KEYS, sidecar, spawn_app_with, unique};
+use crate::helpers::{
+    ADMIN_TOKEN, MASTER_KEY, TestApp, VAULT_KEYS, sidecar, spawn_app_with, unique,
+};
 
 /// Loopback upstreams are allowed, as every test's upstream listens there.
 fn allow_loopback(config: &mut Config) {
@@ -726,4 +728,90 @@ async fn an_upstream_redirect_to_another_origin_is_not_followed_with_the_api_key
         "the other origin was called: {:?}",
         elsewhere.requests()
     );
+}
+
+/// A `ping` to `/mcp` as `sidecar` with generation `generation` of its token; the status.
+async fn ping_with_generation(
+    app: &TestApp,
+    sidecar: &SidecarIdentity,
+    generation: u32,
+) -> StatusCode {
+    let master = MasterKey::new(MASTER_KEY.as_bytes()).unwrap();
+    let token = derive_mcp_token_generation(&master, sidecar, generation);
+    app.client
+        .post(format!("{}/mcp", app.address))
+        .bearer_auth(token.expose())
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("x-nubabel-organization", sidecar.organization_id().as_str())
+        .header(
+            "x-nubabel-sidecar",
+            format!("{}/{}", sidecar.namespace(), sidecar.name()),
+        )
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Retires the generations of `sidecar`'s MCP token below `below`; status and JSON.
+async fn retire(app: &TestApp, sidecar: &SidecarIdentity, body: &Value) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .post(format!(
+            "{}/api/admin/organizations/{}/fleets/{}/{}/mcp-token/retire",
+            app.admin_address,
+            sidecar.organization_id().as_str(),
+            sidecar.namespace(),
+            sidecar.name()
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_fleets_mcp_token_rotates_with_both_generations_valid_until_the_old_one_is_retired() {
+    let app = app_with(|_| {}).await;
+    let fleet = sidecar(&unique("org"));
+    let neighbour = sidecar(&unique("org"));
+
+    // While the pods roll to generation 1, pods still on generation 0 keep working.
+    for generation in [0, 1, 2] {
+        assert_eq!(
+            ping_with_generation(&app, &fleet, generation).await,
+            StatusCode::OK,
+            "generation {generation}"
+        );
+    }
+    // The rollout is done: the old generation is retired and refused from now on.
+    let (status, floor) = retire(&app, &fleet, &json!({"below": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{floor}");
+    assert_eq!(floor["lowestAcceptedGeneration"], 1);
+    assert_eq!(
+        ping_with_generation(&app, &fleet, 0).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(ping_with_generation(&app, &fleet, 1).await, StatusCode::OK);
+    // A floor is never lowered, and another fleet's tokens are untouched.
+    let (_, floor) = retire(&app, &fleet, &json!({"below": 0})).await;
+    assert_eq!(floor["lowestAcceptedGeneration"], 1);
+    assert_eq!(
+        ping_with_generation(&app, &fleet, 0).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        ping_with_generation(&app, &neighbour, 0).await,
+        StatusCode::OK
+    );
+    // Malformed requests say why.
+    let (status, _) = retire(&app, &fleet, &json!({"below": -1})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = retire(&app, &fleet, &json!({})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }

@@ -90,6 +90,8 @@ async fn every_documented_operation_is_served_and_every_served_route_is_document
             "GET /readyz",
             "PATCH /api/admin/organizations/{organizationId}/connections/{provider}",
             "POST /api/admin/organizations/{organizationId}/connections",
+            "POST /api/admin/organizations/{organizationId}/fleets/{namespace}/{name}/mcp-token/retire",
+            "POST /api/admin/organizations/{organizationId}/stream-tokens/revoke",
             "POST /api/admin/vault/reencrypt",
             "POST /api/delegate",
             "POST /api/sidecar/mcp/invoke",

@@ -520,3 +520,150 @@ async fn an_answer_claimed_by_a_replica_that_stopped_is_posted_by_another() -> R
     assert_eq!(answered(&setup.slack.calls()), 1);
     setup.namespace.delete().await
 }
+
+/// A task applied with kubectl in `namespace` for `org`, reporting to `channel`.
+async fn apply_task(
+    namespace: &TestNamespace,
+    name: &str,
+    org: &str,
+    channel: &str,
+) -> Result<DelegatedTask> {
+    let task: DelegatedTask = serde_json::from_value(json!({
+        "apiVersion": "nubabel.io/v1alpha1",
+        "kind": "DelegatedTask",
+        "metadata": {"name": name},
+        "spec": {
+            "organizationId": org,
+            "prompt": "report here",
+            "notify": {"slack": {"channel": channel}},
+        },
+    }))?;
+    Ok(namespace
+        .api::<DelegatedTask>()
+        .create(&Default::default(), &task)
+        .await?)
+}
+
+/// The reasons of the Warning events on task `name` in `namespace`.
+async fn warnings_on(namespace: &TestNamespace, name: &str) -> Result<Vec<String>> {
+    let events = namespace
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&ListParams::default())
+        .await?;
+    Ok(events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .filter_map(|e| e.reason)
+        .collect())
+}
+
+#[tokio::test]
+async fn a_task_naming_a_channel_its_tenant_was_never_seen_in_posts_nothing_and_says_why()
+-> Result<()> {
+    // Two tenants, each with its own workspace and namespace, served by one bot.
+    let ours = setup("slack-ours").await?;
+    let env = TestEnv::from_env().await?;
+    let theirs = TestNamespace::create(&env.client, "slack-theirs").await?;
+    let their_org = unique("org");
+    let teams = vec![
+        format!("{TEAM}={}/{}", ours.org, ours.namespace.name()),
+        format!("T0THEIRS={their_org}/{}", theirs.name()),
+    ];
+    let configure = configure(&ours);
+    let app = spawn_app_configured(|config| {
+        configure(config);
+        config.slack_teams = teams;
+    })
+    .await?;
+
+    // Each workspace mentions the bot in its own channel.
+    let our_mention = message_event("Ev5001", TEAM, "C0OURS", "1700000500.000100", None, "hi");
+    let their_mention = message_event(
+        "Ev5002",
+        "T0THEIRS",
+        "C0THEIRS",
+        "1700000501.000100",
+        None,
+        "hi",
+    );
+    for mention in [&our_mention, &their_mention] {
+        assert_eq!(
+            post_event(&app, mention, now(), None).await?.0,
+            StatusCode::OK
+        );
+    }
+    acknowledgements_posted(&ours.slack, 2).await?;
+
+    // A task of ours names their channel, and another one a channel nobody mentioned the bot
+    // in: neither gets a message; each gets a Warning event, and the refusals are counted.
+    apply_task(&ours.namespace, "into-theirs", &ours.org, "C0THEIRS").await?;
+    apply_task(&ours.namespace, "into-nowhere", &ours.org, "C0NOWHERE").await?;
+    // A task in our namespace claiming their organization is not served by our workspace.
+    apply_task(&ours.namespace, "as-them", &their_org, "C0OURS").await?;
+    // A task of ours applied with kubectl to our channel is acknowledged as usual.
+    apply_task(&ours.namespace, "into-ours", &ours.org, "C0OURS").await?;
+    ours.slack
+        .wait_for("the acknowledgement in our channel", WAIT, |calls| {
+            calls.iter().any(|c| {
+                c.method == "chat.postMessage"
+                    && c.body["channel"] == "C0OURS"
+                    && c.text().contains("into-ours")
+            })
+        })
+        .await?;
+    // One watch serves the namespace in order, so the others were handled before this one.
+    let posts = ours.slack.calls_to("chat.postMessage");
+    for name in ["into-theirs", "into-nowhere", "as-them"] {
+        assert!(
+            posts.iter().all(|c| !c.text().contains(name)),
+            "{name}: {posts:#?}"
+        );
+    }
+    assert!(
+        posts
+            .iter()
+            .filter(|c| c.body["channel"] == "C0THEIRS")
+            .all(|c| c.body["thread_ts"] == "1700000501.000100"),
+        "only their own thread's acknowledgement reaches their channel: {posts:#?}"
+    );
+    app.wait_for_metric(
+        "nubabel_callback_api_slack_channels_refused_total",
+        3.0,
+        WAIT,
+    )
+    .await?;
+    for name in ["into-theirs", "into-nowhere", "as-them"] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while warnings_on(&ours.namespace, name).await?.is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            warnings_on(&ours.namespace, name).await?,
+            ["SlackChannelNotSeen"],
+            "{name}"
+        );
+    }
+    drop(app);
+    theirs.delete().await?;
+    ours.namespace.delete().await
+}
+
+/// Waits for `count` acknowledgements posted successfully.
+async fn acknowledgements_posted(slack: &FakeSlack, count: usize) -> Result<()> {
+    slack
+        .wait_for("the acknowledgements", WAIT, |calls| {
+            calls
+                .iter()
+                .filter(|c| c.method == "chat.postMessage" && c.ok)
+                .count()
+                >= count
+        })
+        .await
+        .map(|_| ())
+}

@@ -162,6 +162,13 @@ pub struct OpencodeSidecarSpec {
     /// PriorityClass of the sidecar pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+
+    /// Generation of the fleet's MCP gateway token (0 when unset). Raising it gives the fleet
+    /// a new token and rolls its pods one by one; the gateway accepts every generation until
+    /// an administrator retires the older ones (docs/callback-api.md, "Rotating a fleet's MCP
+    /// token").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_token_generation: Option<u32>,
 }
 
 fn default_replicas() -> i32 {

@@ -29,7 +29,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use nubabel_contract::signing::{
-    MasterKey, MasterKeyTooShort, derive_mcp_token, derive_sidecar_key,
+    MasterKey, MasterKeyTooShort, derive_mcp_token_generation, derive_sidecar_key,
 };
 use nubabel_crds::v1alpha1::OpencodeSidecar;
 use secrecy::ExposeSecret;
@@ -280,9 +280,13 @@ async fn reconcile(sidecar: &OpencodeSidecar, ctx: &Context) -> Result<Action, E
             None => generate_password().map_err(Error::Random)?,
         },
         callback_key: derive_sidecar_key(&ctx.settings.master_key, &valid.identity).to_whsec(),
-        mcp_token: derive_mcp_token(&ctx.settings.master_key, &valid.identity)
-            .expose()
-            .to_owned(),
+        mcp_token: derive_mcp_token_generation(
+            &ctx.settings.master_key,
+            &valid.identity,
+            sidecar.spec.mcp_token_generation.unwrap_or(0),
+        )
+        .expose()
+        .to_owned(),
     };
     let children = build::build(
         &valid,
@@ -678,11 +682,14 @@ mod tests {
                     derive_sidecar_key(&ctx.settings.master_key, &identity).to_whsec()
                 );
                 // The MCP gateway verifies the same derivation from the identity headers.
-                assert!(nubabel_contract::signing::verify_mcp_token(
-                    &ctx.settings.master_key,
-                    &identity,
-                    &decoded(&secret, fleet::MCP_TOKEN_KEY)
-                ));
+                assert_eq!(
+                    nubabel_contract::signing::verify_mcp_token(
+                        &ctx.settings.master_key,
+                        &identity,
+                        &decoded(&secret, fleet::MCP_TOKEN_KEY)
+                    ),
+                    Some(0)
+                );
                 assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
                 // No PodDisruptionBudget on a cluster without policy/v1.
                 expect_event(&mut server, "Normal", "Provisioned").await;
