@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use nubabel_contract::identity::SidecarIdentity;
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, WorkspaceStatus};
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase, WorkspaceStatus};
 use nubabel_opencode::OpencodeClient;
 use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 
@@ -135,7 +135,13 @@ impl Dispatcher {
         let skills = self.skills(sidecar).await?;
         let request = match turn::prompt_request(task, sidecar, &skills) {
             Ok(request) => request,
-            Err(ending) => return Ok(Dispatched::Ended(ending)),
+            Err(refusal) => {
+                return Ok(Dispatched::Ended(Ending::without_output(
+                    TaskPhase::Failed,
+                    refusal.reason,
+                    refusal.message,
+                )));
+            }
         };
         let workspace = match self.workspace(task, sidecar, pods, &pod, session_id).await {
             Ok(workspace) => workspace,

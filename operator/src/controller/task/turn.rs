@@ -4,10 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
+use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar};
 use nubabel_opencode::{ModelRef, PromptRequest};
-
-use super::plan::Ending;
 
 /// Failure reasons of a turn that cannot be sent as asked.
 pub mod reasons {
@@ -48,17 +46,26 @@ pub fn prompt_text(task: &DelegatedTask) -> String {
     }
 }
 
-fn refused(reason: &str, message: String) -> Ending {
-    Ending::without_output(TaskPhase::Failed, reason, message)
+/// Why a turn cannot be sent as the task asks: the task fails with this reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// One of [`reasons`].
+    pub reason: &'static str,
+    /// In words.
+    pub message: String,
 }
 
-/// The prompt request of the task's turn on `fleet`, or the ending of a task that asks for a
-/// category or skill the fleet does not have.
+fn refused(reason: &'static str, message: String) -> Refusal {
+    Refusal { reason, message }
+}
+
+/// The prompt request of the task's turn on `fleet`, or why a task that asks for a category or
+/// skill the fleet does not have cannot run.
 pub fn prompt_request(
     task: &DelegatedTask,
     fleet: &OpencodeSidecar,
     skills: &Skills,
-) -> Result<PromptRequest, Ending> {
+) -> Result<PromptRequest, Refusal> {
     let mut request = PromptRequest::text(prompt_text(task));
     if let Some(agent) = &task.spec.agent {
         request = request.with_agent(agent.clone());
@@ -93,7 +100,7 @@ pub fn prompt_request(
 }
 
 /// The system instructions that load `names`, each skill's body in a `<skill>` element.
-fn skill_instructions(names: &[String], skills: &Skills) -> Result<String, Ending> {
+fn skill_instructions(names: &[String], skills: &Skills) -> Result<String, Refusal> {
     let found = match skills {
         Skills::Found(found) => found,
         Skills::NotConfigured => {
@@ -189,7 +196,6 @@ mod tests {
             &skills(),
         )
         .unwrap_err();
-        assert_eq!(ending.phase, TaskPhase::Failed);
         assert_eq!(ending.reason, reasons::UNKNOWN_CATEGORY);
         assert!(ending.message.contains("\"deep\"") && ending.message.contains("quick"));
     }
