@@ -163,11 +163,11 @@ pub async fn run(
     shared: Shared,
     sidecar_settings: sidecar::Settings,
     database: Option<sqlx::PgPool>,
+    bridges: task::workspace::Bridges,
     concurrency: u16,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stop = futures::FutureExt::shared(Box::pin(stop) as BoxFuture<'static, ()>);
-    let bridges = task::workspace::Bridges::new(sidecar_settings.master_key.clone());
     let sidecars = sidecar::run(
         sidecar::Context::new(shared.clone(), sidecar_settings),
         concurrency,

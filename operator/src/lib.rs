@@ -104,6 +104,8 @@ async fn operate(
     metrics: Arc<Metrics>,
     stopped: Stopped,
 ) -> anyhow::Result<()> {
+    let bridges = controller::task::workspace::Bridges::new(settings.master_key.clone())
+        .context("building the HTTP client of the sidecars' bridges")?;
     tokio::select! {
         crds = wait_for_crds(&client) => crds?,
         () = stopped.clone().wait() => return Ok(()),
@@ -134,7 +136,15 @@ async fn operate(
     };
     if !config.leader_elect {
         metrics.leader.set(1);
-        controller::run(shared, settings, database, concurrency, stopped.wait()).await;
+        controller::run(
+            shared,
+            settings,
+            database,
+            bridges,
+            concurrency,
+            stopped.wait(),
+        )
+        .await;
         return Ok(());
     }
 
@@ -160,6 +170,7 @@ async fn operate(
         shared,
         settings,
         database,
+        bridges,
         concurrency,
         Stopped(halt_rx).wait(),
     );

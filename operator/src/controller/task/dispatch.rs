@@ -132,7 +132,7 @@ impl Dispatcher {
         };
         // What the turn sends, then the conversation's own directory: nothing is sent when
         // either cannot be had as the task asks.
-        let skills = self.skills(sidecar).await?;
+        let skills = self.skills(task, sidecar).await?;
         let request = match turn::prompt_request(task, sidecar, &skills) {
             Ok(request) => request,
             Err(refusal) => {
@@ -292,8 +292,12 @@ impl Dispatcher {
         Ok(workspace::status(&prepared))
     }
 
-    /// The skills of `fleet`: the entries of the ConfigMap its spec names.
-    async fn skills(&self, fleet: &OpencodeSidecar) -> Result<Skills, Error> {
+    /// The skills of `fleet` the task may need: the entries of the ConfigMap its spec names,
+    /// read only when the task loads any.
+    async fn skills(&self, task: &DelegatedTask, fleet: &OpencodeSidecar) -> Result<Skills, Error> {
+        if task.spec.load_skills.is_empty() {
+            return Ok(Skills::Found(Default::default()));
+        }
         let Some(reference) = &fleet.spec.skills_config_map_ref else {
             return Ok(Skills::NotConfigured);
         };

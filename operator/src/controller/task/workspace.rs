@@ -223,16 +223,16 @@ pub struct Bridges {
 }
 
 impl Bridges {
-    /// Bridges reached with this master key (the fleets' keys derive from it).
-    pub fn new(master: MasterKey) -> Self {
+    /// Bridges reached with this master key (the fleets' keys derive from it). Fails only when
+    /// the HTTP client cannot be built.
+    pub fn new(master: MasterKey) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             // A fetch may take minutes; the bridge bounds each one at five.
             .timeout(std::time::Duration::from_secs(330))
             .connect_timeout(std::time::Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Self { http, master }
+            .build()?;
+        Ok(Self { http, master })
     }
 
     /// Has the bridge of `pod` (of fleet `identity`) prepare the workspace.
