@@ -207,6 +207,19 @@ async fn a_workspace_holds_the_repository_at_its_commit_with_no_credential_on_di
             .await
             .unwrap();
         assert_ne!(other.directory, prepared.directory);
+        // `depth: 1` fetched one commit of the two on main.
+        let history = std::process::Command::new("git")
+            .args(["rev-list", "--count", "HEAD"])
+            .current_dir(Path::new(&other.directory).join("billing"))
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&history.stdout).trim(),
+            "1",
+            "{}",
+            String::from_utf8_lossy(&history.stderr)
+        );
         assert_eq!(
             std::fs::read_to_string(Path::new(&other.directory).join("billing/README.md")).unwrap(),
             "billing v2\n"

@@ -417,19 +417,14 @@ async fn clone(
         allow_local: true,
         ..Invocation::default()
     };
-    run(
-        &local_fetch,
-        &[
-            "fetch",
-            "-q",
-            "--no-tags",
-            "--",
-            &private_str,
-            "refs/nubabel/base",
-        ],
-    )
-    .await
-    .map_err(&unavailable)?;
+    // The same depth again: a shallow copy's history must be marked shallow here too, or the
+    // agent's `git log` stops at a missing parent.
+    let mut local_args = vec!["fetch", "-q", "--no-tags"];
+    if let Some(depth) = &depth {
+        local_args.push(depth);
+    }
+    local_args.extend(["--", &private_str, "refs/nubabel/base"]);
+    run(&local_fetch, &local_args).await.map_err(&unavailable)?;
     run(&local, &["checkout", "-q", "--detach", &commit])
         .await
         .map_err(&unavailable)?;

@@ -983,7 +983,8 @@ mod tests {
             &valid_sidecar(json!({
                 "organizationId": "o", "model": "a/b",
                 "permissions": {"bash": "allow", "bashDeny": ["git push*"], "webfetch": "deny",
-                                "externalDirectory": "allow"}
+                                "externalDirectory": "allow", "edit": "deny", "websearch": "deny"},
+                "workspaces": {"idleTtlSeconds": 3600}
             })),
             &settings(),
         );
@@ -998,6 +999,21 @@ mod tests {
             "the base rule is written first"
         );
         assert_eq!(permission["webfetch"], "deny");
+        assert_eq!(permission["edit"], "deny");
+        assert_eq!(permission["websearch"], "deny");
+        let c = build(
+            &valid_sidecar(json!({
+                "organizationId": "o", "model": "a/b", "workspaces": {"idleTtlSeconds": 3600}
+            })),
+            &settings(),
+            &material(),
+            false,
+        );
+        let ttl = env_value(
+            container(&c, "bridge"),
+            bridge_env::WORKSPACE_IDLE_TTL_SECONDS,
+        );
+        assert_eq!(ttl.and_then(|e| e.value.as_deref()), Some("3600"));
         assert_eq!(permission["external_directory"], "allow");
         assert_eq!(permission["question"], "deny");
         assert!(
