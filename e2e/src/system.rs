@@ -436,6 +436,10 @@ impl System {
                 &self.callback_url(),
             ])
             .env("KUBECONFIG", kubeconfig)
+            .env(
+                crate::opencode_server::PLUGIN_DIR_ENV,
+                crate::opencode_server::plugin_dir(),
+            )
             .env("NUBABEL_SIGNING_MASTER_KEY", &self.master_key)
             .env("NUBABEL_DATABASE_URL", &self.database_url)
             .env("POD_NAME", format!("operator-{ns}"))

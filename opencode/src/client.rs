@@ -168,6 +168,12 @@ impl OpencodeClient {
         self.call(Method::GET, path, &[], None::<&()>).await
     }
 
+    /// `GET /session/{id}/children`: the sessions created under it (subagents, oldest first).
+    pub async fn children(&self, session_id: &str) -> Result<Vec<Session>> {
+        let path = format!("/session/{}/children", checked_id(session_id)?);
+        self.call(Method::GET, path, &[], None::<&()>).await
+    }
+
     /// `POST /session/{id}/prompt_async`: queues the prompt and returns at once (204). A prompt
     /// sent while the session is busy runs after the current turn.
     pub async fn prompt_async(&self, session_id: &str, prompt: &PromptRequest) -> Result<()> {

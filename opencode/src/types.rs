@@ -32,6 +32,20 @@ pub struct Session {
     /// The parent session, for subagent sessions.
     #[serde(default, rename = "parentID")]
     pub parent_id: Option<String>,
+    /// When it was created and last changed.
+    #[serde(default)]
+    pub time: SessionTime,
+}
+
+/// A session's timestamps, in Unix milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct SessionTime {
+    /// When it was created.
+    #[serde(default)]
+    pub created: Option<i64>,
+    /// When it last changed.
+    #[serde(default)]
+    pub updated: Option<i64>,
 }
 
 /// A model, as `provider/model`.
@@ -164,6 +178,9 @@ pub struct MessageInfo {
     /// The user message an assistant message answers.
     #[serde(rename = "parentID", default)]
     pub parent_id: Option<String>,
+    /// The agent that wrote it or was asked (`build`, `Sisyphus - ultraworker`, ...).
+    #[serde(default)]
+    pub agent: Option<String>,
     /// `stop`, `tool-calls`, ... (assistant messages, once finished).
     #[serde(default)]
     pub finish: Option<String>,

@@ -125,10 +125,20 @@ pub struct OpencodeSidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<PermissionsSpec>,
 
-    /// OpenCode plugins to load, e.g. `oh-my-opencode`. They must be baked into the image;
-    /// nothing is installed when a pod starts.
+    /// OpenCode plugins to load, by npm package name (installed in the image's plugin
+    /// directory) or `file:///` path; nothing is installed when a pod starts. oh-my-opencode
+    /// is turned on with `ohMyOpencode`, not here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
+
+    /// Runs the agent with the oh-my-opencode plugin (4.19, baked into the image): tasks go to
+    /// its Sisyphus orchestrator, which can delegate to subagents (`oracle`, `librarian`,
+    /// `explore`, category workers), in the foreground or in the background. Every agent and
+    /// every built-in category of the plugin runs on the fleet's `model`; `categories` entries
+    /// give a category its own model. Subagents' sessions belong to their task: their
+    /// progress is in its stream and in `status.subagents`, and the task ends when they have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oh_my_opencode: Option<OhMyOpencodeSpec>,
 
     /// Resource requests and limits per container. Every container gets limits: what is not
     /// set here comes from the operator's defaults.
@@ -232,6 +242,58 @@ pub struct PermissionsSpec {
     /// Reading or writing outside the conversation's workspace directory. Default `deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_directory: Option<PermissionAction>,
+}
+
+/// How the oh-my-opencode plugin runs on a fleet. Names are checked against the plugin's
+/// 4.19 agents, hooks and remote MCP servers; an unknown one is refused (`InvalidOhMyOpencode`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OhMyOpencodeSpec {
+    /// Agents to turn off, e.g. `oracle`, `multimodal-looker` (`sisyphus` cannot be: it runs
+    /// the tasks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled_agents: Vec<String>,
+
+    /// The plugin's hooks to turn off, e.g. `comment-checker`, `todo-continuation-enforcer`.
+    /// `auto-update-checker` and `startup-toast` are always off in a pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled_hooks: Vec<String>,
+
+    /// The plugin's remote MCP servers to turn on (`context7`, `websearch`, `grep_app`). They
+    /// are off unless listed here: a pod reaches only what `egress` allows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_mcps: Vec<String>,
+
+    /// Background subagents (`run_in_background`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<BackgroundSpec>,
+
+    /// Send the plugin's anonymous usage telemetry. Off unless set.
+    #[serde(default)]
+    pub telemetry: bool,
+}
+
+/// Limits of background subagents.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackgroundSpec {
+    /// Background subagents running at once per model (the plugin's `defaultConcurrency`;
+    /// its default is 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: Option<u32>,
+
+    /// How deep subagents may delegate further (the plugin's `maxDepth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 8))]
+    pub max_depth: Option<u32>,
+
+    /// How long a task whose own turn is over waits for its background subagents, in
+    /// seconds (default 600). Past it they are aborted and the task ends with the answer it
+    /// has, saying which were aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub wait_seconds: Option<i64>,
 }
 
 /// What one task category runs on.

@@ -373,6 +373,11 @@ pub struct DelegatedTaskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TaskProgress>,
 
+    /// The subagents the task's turn started (oh-my-opencode's `task` tool), at most
+    /// [`MAX_SUBAGENTS`], oldest first, as the operator last saw them in OpenCode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subagents: Vec<SubagentStatus>,
+
     /// The agent's final answer, truncated to a few KiB; the whole text is kept in the
     /// database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -446,6 +451,33 @@ pub struct RepositoryStatus {
     pub commit: String,
     /// The tree of the whole working copy, the point the turn's changes are measured from.
     pub tree: String,
+}
+
+/// Subagents listed in a task's status at most.
+pub const MAX_SUBAGENTS: usize = 20;
+
+/// One subagent session of a task's turn.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubagentStatus {
+    /// Its OpenCode session (`ses_...`); its parent is the task's session or another subagent.
+    pub session_id: String,
+    /// The session it was started from.
+    pub parent_session_id: String,
+    /// The agent that runs it, e.g. `Sisyphus-Junior`, `oracle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Its title, as the plugin set it (the delegated description).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Running, Idle (its work is done), Failed or Aborted.
+    pub state: String,
+    /// Tool calls it started.
+    #[serde(default)]
+    pub tools_started: i64,
+    /// Tool calls it finished.
+    #[serde(default)]
+    pub tools_completed: i64,
 }
 
 /// A bounded summary of a task's progress events.

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod build;
 pub mod dereference;
+pub mod oh_my_opencode;
 pub mod status;
 pub mod validate;
 

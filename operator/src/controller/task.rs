@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod observe;
 pub mod plan;
 pub mod status;
+pub mod subagents;
 pub mod turn;
 pub mod workspace;
 
@@ -28,15 +29,16 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use nubabel_crds::v1alpha1::{DelegatedTask, TaskPhase};
+use nubabel_crds::v1alpha1::{DelegatedTask, SubagentStatus, TaskPhase};
 use nubabel_store::sessions::SessionMappings;
 use sqlx::PgPool;
 
-use self::dispatch::{Dispatched, Dispatcher};
+use self::dispatch::{Checked, Dispatched, Dispatcher};
 pub use self::error::Error;
 use self::ledger::{JustFinished, Placements};
 use self::observe::Observation;
 use self::plan::{Ending, Step, reasons};
+use crate::controller::sidecar::oh_my_opencode;
 use crate::controller::{Backoff, Shared, fleet, report};
 use crate::metrics::ControllerMetrics;
 
@@ -145,6 +147,7 @@ async fn carry_out(
     step: Step,
 ) -> Result<(), Error> {
     let pods = &observation.pods;
+    let background_wait = oh_my_opencode::background_wait(observation.fleet.fleet());
     match step {
         Step::Wait(_) | Step::Delete => Ok(()),
         Step::Queue { reason, message } => {
@@ -172,9 +175,12 @@ async fn carry_out(
             // A turn that ended while no check ran (e.g. during an error backoff) is not
             // aborted after the fact: its outcome counts.
             if phase == TaskPhase::TimedOut {
-                match ctx.dispatcher.check(task, pods).await {
-                    Ok(Some(ending)) => return finish(task, ctx, pods, ending).await,
-                    Ok(None) => {}
+                match ctx.dispatcher.check(task, pods, background_wait).await {
+                    Ok(Checked {
+                        ending: Some(ending),
+                        subagents,
+                    }) => return finish(&with_subagents(task, subagents), ctx, pods, ending).await,
+                    Ok(Checked { ending: None, .. }) => {}
                     Err(error) => {
                         tracing::info!(task = %task.name_any(), %error, "no last look before the deadline abort");
                     }
@@ -204,11 +210,26 @@ async fn carry_out(
                 Dispatched::Ended(ending) => finish(task, ctx, pods, ending).await,
             }
         }
-        Step::Check => match ctx.dispatcher.check(task, pods).await? {
-            Some(ending) => finish(task, ctx, pods, ending).await,
-            None => Ok(()),
-        },
+        Step::Check => {
+            let checked = ctx.dispatcher.check(task, pods, background_wait).await?;
+            let seen = with_subagents(task, checked.subagents);
+            match checked.ending {
+                Some(ending) => finish(&seen, ctx, pods, ending).await,
+                None if seen.status != task.status => {
+                    status::write(&ctx.client, task, status::own_status(&seen)).await?;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
     }
+}
+
+/// `task` as last seen, with its subagents as they are now.
+fn with_subagents(task: &DelegatedTask, subagents: Vec<SubagentStatus>) -> DelegatedTask {
+    let mut seen = task.clone();
+    seen.status.get_or_insert_with(Default::default).subagents = subagents;
+    seen
 }
 
 /// Makes sure the agent of a deleted task stops.

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use nubabel_contract::bridge_env;
 
 use super::Settings;
+use super::oh_my_opencode;
 use super::validate::ValidSidecar;
 use crate::config::Labels;
 use crate::controller::fleet::{
@@ -431,7 +432,7 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
 pub const STATE_DIRS: [(&str, &str); 5] = [
     ("HOME", "/data/home"),
     ("XDG_DATA_HOME", "/data/xdg/data"),
-    ("XDG_CONFIG_HOME", "/data/xdg/config"),
+    ("XDG_CONFIG_HOME", XDG_CONFIG_HOME),
     ("XDG_CACHE_HOME", "/data/xdg/cache"),
     ("XDG_STATE_HOME", "/data/xdg/state"),
 ];
@@ -444,8 +445,9 @@ fn opencode_env(v: &ValidSidecar, config: &str) -> Vec<EnvVar> {
         env("OPENCODE_DISABLE_AUTOUPDATE", "1"),
         env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1"),
         env("OPENCODE_DISABLE_SHARE", "1"),
-        // Without it, a configured plugin stalls the first request about 71 s on npm retries.
-        env("npm_config_fetch_retries", "0"),
+        // Nothing is installed in a pod: any npm install OpenCode starts (for a project's own
+        // `.opencode` directory) fails at once instead of waiting for an unreachable registry.
+        env("npm_config_offline", "true"),
         env_from_secret("OPENCODE_SERVER_PASSWORD", &secret, PASSWORD_KEY),
         env_from_secret(MCP_TOKEN_ENV, &secret, MCP_TOKEN_KEY),
         env_from_field(POD_NAME_ENV, "metadata.name"),
@@ -552,22 +554,11 @@ fn containers(
     settings: &Settings,
     config: &str,
 ) -> (Container, Container, Container) {
-    let mut directories = vec![
-        "-p".to_owned(),
-        WORKSPACE_DIR.to_owned(),
-        WORKSPACES_DIR.to_owned(),
-        format!("{DATA_MOUNT}/{BRIDGE_STATE_SUBPATH}"),
-    ];
-    directories.extend(STATE_DIRS.iter().map(|(_, path)| (*path).to_owned()));
     let prepare = Container {
         name: PREPARE_CONTAINER.to_owned(),
         image: Some(v.image.clone()),
-        // A fresh volume is empty: OpenCode needs its working directory and HOME to exist.
-        command: Some(
-            std::iter::once("mkdir".to_owned())
-                .chain(directories)
-                .collect(),
-        ),
+        command: Some(vec!["sh".to_owned(), "-c".to_owned(), prepare_script()]),
+        env: Some(prepare_env(v)),
         volume_mounts: Some(vec![mount("data", DATA_MOUNT)]),
         resources: Some(v.resources.prepare.clone()),
         security_context: Some(restricted_security_context()),
@@ -629,6 +620,51 @@ fn containers(
     };
     (prepare, opencode, bridge)
 }
+
+/// The init container's environment: the plugin configuration it writes, when there is one.
+fn prepare_env(v: &ValidSidecar) -> Vec<EnvVar> {
+    v.oh_my_opencode
+        .as_ref()
+        .map(|plugin| {
+            let config = oh_my_opencode::config(plugin, &v.model, &v.categories);
+            env(OH_MY_OPENCODE_CONFIG_ENV, config.to_string())
+        })
+        .into_iter()
+        .collect()
+}
+
+/// What the init container does to the data volume before OpenCode starts:
+/// - creates the working directories and HOME (a fresh volume is empty);
+/// - marks OpenCode's global config directory as having its plugin SDK, which OpenCode would
+///   otherwise try to install from npm before loading any plugin (with no registry in reach,
+///   the first request waited about 71 s for npm to give up);
+/// - writes oh-my-opencode's configuration there, or removes one an earlier spec left.
+pub fn prepare_script() -> String {
+    let mut directories = vec![
+        WORKSPACE_DIR.to_owned(),
+        WORKSPACES_DIR.to_owned(),
+        format!("{DATA_MOUNT}/{BRIDGE_STATE_SUBPATH}"),
+    ];
+    directories.extend(STATE_DIRS.iter().map(|(_, path)| (*path).to_owned()));
+    let config_dir = format!("{XDG_CONFIG_HOME}/opencode");
+    let plugin_config = format!("{config_dir}/{}", oh_my_opencode::CONFIG_FILE);
+    [
+        "set -e".to_owned(),
+        format!("mkdir -p {} {config_dir}/node_modules", directories.join(" ")),
+        format!("printf '%s' '{PLUGIN_SDK_LOCK}' > {config_dir}/package-lock.json"),
+        format!(
+            "if [ -n \"${OH_MY_OPENCODE_CONFIG_ENV}\" ]; then printf '%s' \"${OH_MY_OPENCODE_CONFIG_ENV}\" > {plugin_config}; else rm -f {plugin_config}; fi"
+        ),
+    ]
+    .join("\n")
+}
+
+/// A lock file listing OpenCode's plugin SDK as installed, so OpenCode does not install it.
+const PLUGIN_SDK_LOCK: &str = r#"{"packages":{"":{"dependencies":{"@opencode-ai/plugin":"*"}}}}"#;
+/// The init container's variable holding oh-my-opencode's configuration.
+const OH_MY_OPENCODE_CONFIG_ENV: &str = "NUBABEL_OH_MY_OPENCODE_CONFIG";
+/// OpenCode's config home on the data volume.
+const XDG_CONFIG_HOME: &str = "/data/xdg/config";
 
 fn stateful_set(
     v: &ValidSidecar,
@@ -883,7 +919,7 @@ mod tests {
             ("OPENCODE_DISABLE_AUTOUPDATE", "1"),
             ("OPENCODE_DISABLE_LSP_DOWNLOAD", "1"),
             ("OPENCODE_DISABLE_SHARE", "1"),
-            ("npm_config_fetch_retries", "0"),
+            ("npm_config_offline", "true"),
             ("HOME", "/data/home"),
             ("XDG_DATA_HOME", "/data/xdg/data"),
             ("XDG_CONFIG_HOME", "/data/xdg/config"),
@@ -1029,7 +1065,7 @@ mod tests {
         let mut config = opencode_config(
             &valid_sidecar(json!({
                 "organizationId": "o", "model": "anthropic/claude-sonnet-4-5",
-                "smallModel": "anthropic/claude-haiku-4-5", "plugins": ["oh-my-opencode"]
+                "smallModel": "anthropic/claude-haiku-4-5", "ohMyOpencode": {}
             })),
             &settings(),
         );
@@ -1047,6 +1083,53 @@ mod tests {
                 "share": "disabled",
                 "plugin": ["file:///opt/opencode/plugins/node_modules/oh-my-opencode"]
             })
+        );
+    }
+
+    #[test]
+    fn the_init_container_prepares_the_volume_and_writes_the_plugins_configuration() {
+        let script = prepare_script();
+        for expected in [
+            "mkdir -p /data/workspace /data/workspaces /data/bridge /data/home",
+            "/data/xdg/config/opencode/node_modules",
+            r#"> /data/xdg/config/opencode/package-lock.json"#,
+            "@opencode-ai/plugin",
+            "rm -f /data/xdg/config/opencode/oh-my-openagent.json",
+        ] {
+            assert!(script.contains(expected), "{expected} in {script}");
+        }
+        let plain = build(
+            &valid_sidecar(json!({"organizationId": "o", "model": "a/b"})),
+            &settings(),
+            &material(),
+            false,
+        );
+        let prepare = &pod_spec(&plain).init_containers.as_ref().unwrap()[0];
+        assert_eq!(prepare.command.as_ref().unwrap()[..2], ["sh", "-c"]);
+        assert!(env_value(prepare, OH_MY_OPENCODE_CONFIG_ENV).is_none());
+        let with_plugin = build(
+            &valid_sidecar(json!({
+                "organizationId": "o", "model": "a/b", "categories": {"quick": {"model": "a/fast"}},
+                "ohMyOpencode": {"disabledAgents": ["oracle"]}
+            })),
+            &settings(),
+            &material(),
+            false,
+        );
+        let prepare = &pod_spec(&with_plugin).init_containers.as_ref().unwrap()[0];
+        let config: Value = serde_json::from_str(
+            env_value(prepare, OH_MY_OPENCODE_CONFIG_ENV)
+                .and_then(|e| e.value.as_deref())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["agents"]["sisyphus"]["model"], "a/b");
+        assert_eq!(config["categories"]["quick"]["model"], "a/fast");
+        assert_eq!(config["disabled_agents"], json!(["oracle"]));
+        // A configuration change rolls the pods: it is part of the pod template.
+        assert_ne!(
+            pod_spec(&plain).init_containers,
+            pod_spec(&with_plugin).init_containers
         );
     }
 

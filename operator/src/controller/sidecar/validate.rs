@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::Settings;
 use super::dereference::Observed;
+use super::oh_my_opencode::{self, ValidOhMyOpencode};
 use crate::controller::fleet;
 use crate::quantity::{InvalidQuantity, ParsedQuantity};
 
@@ -81,6 +82,10 @@ pub enum Error {
         "spec.plugins: {0:?} must be an npm package name without a version (installed in the image) or a file:/// path"
     )]
     InvalidPlugin(String),
+    /// `spec.ohMyOpencode` names something the plugin does not have, or the plugin is listed
+    /// in `spec.plugins`.
+    #[error("spec.ohMyOpencode: {0}")]
+    InvalidOhMyOpencode(String),
     /// A quantity does not parse.
     #[error("{field}: {source}")]
     InvalidQuantity {
@@ -127,6 +132,7 @@ impl Error {
             Self::InvalidModel { .. } => "InvalidModel",
             Self::InvalidProvider(_) => "InvalidProvider",
             Self::InvalidPlugin(_) => "InvalidPlugin",
+            Self::InvalidOhMyOpencode(_) => "InvalidOhMyOpencode",
             Self::InvalidQuantity { .. } => "InvalidQuantity",
             Self::LimitBelowRequest { .. } => "LimitBelowRequest",
             Self::InvalidEgress(_) => "InvalidEgress",
@@ -188,8 +194,10 @@ pub struct ValidSidecar {
     pub permissions: PermissionsSpec,
     /// Seconds the bridge keeps an unused workspace.
     pub workspace_idle_ttl_seconds: i64,
-    /// Plugins as `file://` URLs.
+    /// Plugins as `file://` URLs (oh-my-opencode's included when it is on).
     pub plugins: Vec<String>,
+    /// The oh-my-opencode plugin, when the fleet runs it.
+    pub oh_my_opencode: Option<ValidOhMyOpencode>,
     /// Requests and limits.
     pub resources: PodResources,
     /// A volume claim per pod, or an emptyDir when absent.
@@ -270,11 +278,29 @@ pub fn validate(
     {
         return Err(Error::InvalidPermissions(bad.clone()));
     }
-    let plugins = spec
+    if let Some(listed) = spec.plugins.iter().find(|p| {
+        oh_my_opencode::PACKAGE_NAMES
+            .iter()
+            .any(|name| p.as_str() == *name || p.contains(&format!("/node_modules/{name}")))
+    }) {
+        return Err(Error::InvalidOhMyOpencode(format!(
+            "{listed:?} is in spec.plugins: turn the plugin on with spec.ohMyOpencode (`{{}}` for its defaults), which also configures it"
+        )));
+    }
+    let oh_my_opencode = spec
+        .oh_my_opencode
+        .as_ref()
+        .map(oh_my_opencode::validate)
+        .transpose()
+        .map_err(Error::InvalidOhMyOpencode)?;
+    let mut plugins: Vec<String> = spec
         .plugins
         .iter()
         .map(|plugin| plugin_url(plugin, &settings.plugin_dir))
         .collect::<Result<_, _>>()?;
+    if oh_my_opencode.is_some() {
+        plugins.push(plugin_url(oh_my_opencode::PACKAGE, &settings.plugin_dir)?);
+    }
 
     let requested = spec.resources.as_ref();
     let resources = PodResources {
@@ -334,6 +360,7 @@ pub fn validate(
             .and_then(|w| w.idle_ttl_seconds)
             .unwrap_or(DEFAULT_WORKSPACE_IDLE_TTL_SECONDS),
         plugins,
+        oh_my_opencode,
         resources,
         storage: spec.storage.clone(),
         egress: spec.egress.clone(),
@@ -785,23 +812,37 @@ mod tests {
     fn plugins_resolve_to_the_image_and_downloads_are_refused() {
         let v = valid(serde_json::json!({
             "organizationId": "o", "model": "a/b",
-            "plugins": ["oh-my-opencode", "@acme/tools", "file:///opt/x/index.js"]
+            "plugins": ["@acme/tools", "file:///opt/x/index.js"],
+            "ohMyOpencode": {}
         }))
         .unwrap();
         assert_eq!(
             v.plugins,
             [
-                "file:///opt/opencode/plugins/node_modules/oh-my-opencode",
                 "file:///opt/opencode/plugins/node_modules/@acme/tools",
-                "file:///opt/x/index.js"
+                "file:///opt/x/index.js",
+                "file:///opt/opencode/plugins/node_modules/oh-my-opencode",
             ]
         );
-        for bad in [
-            "oh-my-opencode@1.2",
-            "https://x/y.js",
-            "../p",
-            "file://relative",
+        assert!(v.oh_my_opencode.is_some());
+        // oh-my-opencode is turned on (and configured) in one place only.
+        for listed in [
+            "oh-my-opencode",
+            "oh-my-openagent",
+            "file:///opt/opencode/plugins/node_modules/oh-my-opencode",
         ] {
+            let error = valid(serde_json::json!({
+                "organizationId": "o", "model": "a/b", "plugins": [listed]
+            }))
+            .unwrap_err();
+            assert_eq!(error.reason(), "InvalidOhMyOpencode", "{listed}");
+        }
+        let error = valid(serde_json::json!({
+            "organizationId": "o", "model": "a/b", "ohMyOpencode": {"disabledHooks": ["nope"]}
+        }))
+        .unwrap_err();
+        assert_eq!(error.reason(), "InvalidOhMyOpencode");
+        for bad in ["tools@1.2", "https://x/y.js", "../p", "file://relative"] {
             let error =
                 valid(serde_json::json!({"organizationId": "o", "model": "a/b", "plugins": [bad]}))
                     .unwrap_err();

@@ -4,6 +4,7 @@
 //! are recorded (Postgres, then status) before the prompt is sent, and the session's messages
 //! are read before any send.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -11,13 +12,16 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use nubabel_contract::identity::SidecarIdentity;
-use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase, WorkspaceStatus};
-use nubabel_opencode::OpencodeClient;
+use nubabel_crds::v1alpha1::{
+    DelegatedTask, OpencodeSidecar, SubagentStatus, TaskPhase, WorkspaceStatus,
+};
+use nubabel_opencode::{OpencodeClient, Session, SessionStatus};
 use nubabel_store::sessions::{NewMapping, SessionMappings, TaskRef};
 
 use super::error::Error;
 use super::plan::{self, Delivery, Ending, GoneSession, Target, Turn, reasons};
 use super::status;
+use super::subagents::{self, Subagent, TreeTurn};
 use super::turn::{self, Skills};
 use super::workspace::{self, Bridges, WorkspaceError};
 use crate::controller::{fleet, report};
@@ -397,39 +401,104 @@ impl Dispatcher {
         Ok(None)
     }
 
-    /// Looks at the task's turn in OpenCode: `Some` when it ended.
-    pub async fn check(&self, task: &DelegatedTask, pods: &[Pod]) -> Result<Option<Ending>, Error> {
+    /// Looks at the task's turn in OpenCode, its subagents included: how it ended, if it did,
+    /// and the subagents as they are. Subagents still working when the turn may not wait for
+    /// them any longer (`background_wait` after it answered) are aborted here.
+    pub async fn check(
+        &self,
+        task: &DelegatedTask,
+        pods: &[Pod],
+        background_wait: Duration,
+    ) -> Result<Checked, Error> {
         let Some((opencode, pod, session)) = self.opencode_of_turn(task, pods).await? else {
-            return Ok(None);
+            return Ok(Checked::default());
         };
         let failed = |source| Error::Opencode {
             pod: pod.clone(),
             source,
         };
-        // A busy session has not ended its turn: its messages need not be read.
-        let busy = opencode
-            .session_status()
-            .await
-            .map_err(failed)?
-            .contains_key(&session);
-        if busy {
-            return Ok(None);
-        }
-        let messages = match opencode.messages(&session, None).await {
-            Ok(messages) => messages,
-            Err(e) if e.is_not_found() => return Ok(Some(plan::turn_lost(&session, &pod))),
-            Err(e) => return Err(failed(e)),
-        };
+        let statuses = opencode.session_status().await.map_err(failed)?;
+        let busy = statuses.contains_key(&session);
         let prompt_id = task
             .status
             .as_ref()
             .and_then(|s| s.prompt_message_id.as_deref());
-        Ok(
-            match prompt_id.map(|id| plan::turn_outcome(&messages, id)) {
-                Some(Turn::Ended(ending)) => Some(ending),
-                Some(Turn::InProgress) | None => None,
-            },
-        )
+        // A busy session has not ended its turn: its messages are read only to date its
+        // subagents, when it has any.
+        let messages = if busy
+            && opencode
+                .children(&session)
+                .await
+                .map_err(failed)?
+                .is_empty()
+        {
+            Vec::new()
+        } else {
+            match opencode.messages(&session, None).await {
+                Ok(messages) => messages,
+                Err(e) if e.is_not_found() => {
+                    return Ok(Checked::seen(Some(plan::turn_lost(&session, &pod)), &[]));
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        };
+        // Subagents since the turn's prompt, by OpenCode's own clock.
+        let since = prompt_id
+            .and_then(|id| messages.iter().find(|m| m.info.id == id))
+            .and_then(|m| m.info.time.created)
+            .or_else(|| turn_started_ms(task));
+        let mut found = self
+            .subagents(&opencode, &session, since, &statuses)
+            .await
+            .map_err(failed)?;
+        if busy {
+            return Ok(Checked::seen(None, &found));
+        }
+        let turn = prompt_id.map_or(Turn::InProgress, |id| plan::turn_outcome(&messages, id));
+        let ending = match subagents::tree_turn(
+            turn,
+            subagents::parent_done_ms(&messages),
+            &found,
+            Timestamp::now().as_millisecond(),
+            background_wait,
+        ) {
+            TreeTurn::InProgress => None,
+            TreeTurn::Ended(ending) => Some(ending),
+            TreeTurn::EndedAborting { ending, abort } => {
+                for subagent in found
+                    .iter_mut()
+                    .filter(|s| abort.contains(&s.status.session_id))
+                {
+                    if let Err(error) = opencode.abort(&subagent.status.session_id).await {
+                        tracing::info!(task = %task.name_any(), %error, "abort of a subagent did not reach OpenCode");
+                    }
+                    subagent.status.state = subagents::states::ABORTED.to_owned();
+                }
+                Some(ending)
+            }
+        };
+        Ok(Checked::seen(ending, &found))
+    }
+
+    /// The subagents of `root`'s current turn (sessions created under it, or under one of
+    /// them, since `since_ms`), oldest first, at most [`subagents::MAX_SESSIONS`].
+    async fn subagents(
+        &self,
+        opencode: &OpencodeClient,
+        root: &str,
+        since_ms: Option<i64>,
+        statuses: &HashMap<String, SessionStatus>,
+    ) -> Result<Vec<Subagent>, nubabel_opencode::Error> {
+        let mut found = Vec::new();
+        for child in descendants(opencode, root, since_ms).await? {
+            let messages = opencode.messages(&child.id, None).await?;
+            found.push(subagents::subagent(
+                &child,
+                &messages,
+                statuses.contains_key(&child.id),
+            ));
+        }
+        Ok(found)
     }
 
     /// Stops the task's agent, if it was sent anywhere; a failure is logged, never fatal.
@@ -439,9 +508,80 @@ impl Dispatcher {
                 if let Err(error) = opencode.abort(&session).await {
                     tracing::info!(task = %task.name_any(), %error, "abort did not reach OpenCode");
                 }
+                // Then the subagents the turn started, which an abort of their parent leaves
+                // running when they work in the background.
+                let working = match (
+                    opencode.session_status().await,
+                    descendants(&opencode, &session, turn_started_ms(task)).await,
+                ) {
+                    (Ok(statuses), Ok(children)) => children
+                        .into_iter()
+                        .filter(|c| statuses.contains_key(&c.id))
+                        .collect(),
+                    (Err(error), _) | (_, Err(error)) => {
+                        tracing::info!(task = %task.name_any(), %error, "the subagents to abort could not be listed");
+                        Vec::new()
+                    }
+                };
+                for child in working {
+                    if let Err(error) = opencode.abort(&child.id).await {
+                        tracing::info!(task = %task.name_any(), %error, "abort of a subagent did not reach OpenCode");
+                    }
+                }
             }
             Ok(None) => {}
             Err(error) => tracing::info!(task = %task.name_any(), %error, "no OpenCode to abort"),
         }
     }
+}
+
+/// What a look at a running task found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// How the turn ended, if it did.
+    pub ending: Option<Ending>,
+    /// Its subagents, as they are.
+    pub subagents: Vec<SubagentStatus>,
+}
+
+impl Checked {
+    fn seen(ending: Option<Ending>, found: &[Subagent]) -> Self {
+        Self {
+            ending,
+            subagents: found.iter().map(|s| s.status.clone()).collect(),
+        }
+    }
+}
+
+/// When the task's current turn began (Unix ms), with room for the pod's clock: subagent
+/// sessions older than that belong to earlier turns of the conversation.
+fn turn_started_ms(task: &DelegatedTask) -> Option<i64> {
+    let started = status::attempt_started(task.status.as_ref()?)?;
+    let skew = i64::try_from(plan::CLOCK_SKEW.as_millis()).unwrap_or(0);
+    Some(started.as_millisecond().saturating_sub(skew))
+}
+
+/// The sessions under `root` created since `since_ms`, breadth first, at most
+/// [`subagents::MAX_SESSIONS`].
+async fn descendants(
+    opencode: &OpencodeClient,
+    root: &str,
+    since_ms: Option<i64>,
+) -> Result<Vec<Session>, nubabel_opencode::Error> {
+    let mut found: Vec<Session> = Vec::new();
+    let mut parents = VecDeque::from([root.to_owned()]);
+    while let Some(parent) = parents.pop_front() {
+        for child in opencode.children(&parent).await? {
+            let earlier = matches!((child.time.created, since_ms), (Some(c), Some(s)) if c < s);
+            if earlier || found.iter().any(|f| f.id == child.id) {
+                continue;
+            }
+            if found.len() >= subagents::MAX_SESSIONS {
+                return Ok(found);
+            }
+            parents.push_back(child.id.clone());
+            found.push(child);
+        }
+    }
+    Ok(found)
 }
