@@ -261,7 +261,7 @@ async fn follow_events(
             Err(error) => tracing::warn!("connecting to the OpenCode event stream: {error}"),
         }
         tokio::time::sleep(pause).await;
-        pause = backoff.next(pause);
+        pause = backoff.reconnect(pause, connected_before);
     }
 }
 

@@ -25,6 +25,17 @@ impl Backoff {
         (pause * 2).min(self.max)
     }
 
+    /// The pause before reconnecting to OpenCode after `pause`: the first pause, again and
+    /// again, until the stream was ever open (OpenCode is still starting, and a pod is Ready
+    /// only once the bridge follows it), and growing after a broken connection.
+    pub fn reconnect(&self, pause: Duration, connected_before: bool) -> Duration {
+        if connected_before {
+            self.next(pause)
+        } else {
+            self.initial
+        }
+    }
+
     /// The pause after `previous` with decorrelated jitter: `initial` plus `fraction` (in
     /// `[0, 1)`, clamped) of the way to three times `previous`, at most `max`.
     pub fn jittered(&self, previous: Duration, fraction: f64) -> Duration {
@@ -90,6 +101,14 @@ mod tests {
 
     fn ms(millis: u64) -> Duration {
         Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn a_bridge_polls_a_starting_opencode_at_the_first_pause_and_backs_off_only_after_a_break() {
+        let pause = BACKOFF.initial;
+        assert_eq!(BACKOFF.reconnect(pause, false), BACKOFF.initial);
+        assert_eq!(BACKOFF.reconnect(BACKOFF.max, false), BACKOFF.initial);
+        assert_eq!(BACKOFF.reconnect(pause, true), BACKOFF.next(pause));
     }
 
     #[test]

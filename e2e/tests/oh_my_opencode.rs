@@ -15,7 +15,7 @@ use nubabel_e2e::fake_llm::message_text;
 use nubabel_e2e::system::{FAKE_PROVIDER, System};
 use nubabel_e2e::{TestEnv, TestNamespace, await_condition, create, within};
 use serde_json::{Value, json};
-use task_support::{await_phase, await_running, task};
+use task_support::{await_phase, await_running, request_texts, task, with};
 
 mod task_support;
 
@@ -47,15 +47,6 @@ async fn skills(namespace: &TestNamespace) -> Result<()> {
     Ok(())
 }
 
-fn with(mut task: DelegatedTask, fields: Value) -> DelegatedTask {
-    let mut spec = serde_json::to_value(&task.spec).unwrap();
-    spec.as_object_mut()
-        .unwrap()
-        .extend(fields.as_object().unwrap().clone());
-    task.spec = serde_json::from_value(spec).unwrap();
-    task
-}
-
 /// The prompt that makes the fake LLM call the plugin's `task` tool with `arguments`.
 fn delegate(arguments: Value) -> String {
     format!("MCPCALL:task:{arguments}")
@@ -70,17 +61,6 @@ fn asked(request: &Value) -> String {
         .find(|m| m["role"] == "user")
         .map(message_text)
         .unwrap_or_default()
-}
-
-fn system_text(request: &Value) -> String {
-    request["messages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["role"] == "system")
-        .map(message_text)
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[tokio::test]
@@ -122,7 +102,7 @@ async fn a_task_runs_as_sisyphus_and_its_foreground_subagent_belongs_to_it() -> 
             .find(|r| asked(r).starts_with("MCPCALL:task"))
             .context("the task's turn never reached the LLM")?;
         assert_eq!(own["model"], "deep-model", "the task's category model");
-        let instructions = system_text(own);
+        let instructions = request_texts(own, Some("system"));
         assert!(
             instructions.contains("SKILL-MARKER-77"),
             "the skill reached the agent"

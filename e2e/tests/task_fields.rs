@@ -11,32 +11,12 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use nubabel_crds::v1alpha1::{DelegatedTask, OpencodeSidecar, TaskPhase};
 use nubabel_e2e::system::{FAKE_PROVIDER, System};
 use nubabel_e2e::{TestEnv, TestNamespace, create, within};
-use serde_json::{Value, json};
-use task_support::{await_event, await_phase, task};
+use serde_json::json;
+use task_support::{await_event, await_phase, request_texts, task, with};
 
 mod task_support;
 
 const LIMIT: Duration = Duration::from_secs(240);
-
-fn with(mut task: DelegatedTask, fields: Value) -> DelegatedTask {
-    let mut spec = serde_json::to_value(&task.spec).unwrap();
-    spec.as_object_mut()
-        .unwrap()
-        .extend(fields.as_object().unwrap().clone());
-    task.spec = serde_json::from_value(spec).unwrap();
-    task
-}
-
-/// Every text of a chat completions request's messages, joined.
-fn texts(request: &Value) -> String {
-    request["messages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(nubabel_e2e::fake_llm::message_text)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 #[tokio::test]
 async fn context_category_and_skills_reach_the_llm_and_unknown_ones_fail_first() -> Result<()> {
@@ -88,7 +68,7 @@ async fn context_category_and_skills_reach_the_llm_and_unknown_ones_fail_first()
             .find(|r| r["tools"].as_array().is_some_and(|t| !t.is_empty()))
             .context("no agent request for the task")?;
         assert_eq!(turn["model"], "fast-model", "the category's model");
-        let sent = texts(turn);
+        let sent = request_texts(turn, None);
         assert!(
             sent.contains("PAY-77") && sent.contains("Context from the requester"),
             "{sent}"

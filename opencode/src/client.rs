@@ -39,13 +39,17 @@ pub struct ClientConfig {
     /// Longest silence on the event stream before it counts as dead; OpenCode sends a
     /// heartbeat every 10 s, so this must be longer.
     pub event_read_timeout: Duration,
+    /// Bound on opening the event stream (until its response headers): a ready server answers
+    /// at once, while one still starting can hold a request it took; trying again is faster.
+    pub event_open_timeout: Duration,
     /// The project directory to address (`x-opencode-directory`); the server's working
     /// directory when absent.
     pub directory: Option<String>,
 }
 
 impl ClientConfig {
-    /// Defaults: user `opencode`, no password, 30 s requests, 5 s connect, 30 s event silence.
+    /// Defaults: user `opencode`, no password, 30 s requests, 5 s connect, 30 s event silence,
+    /// 2 s to open the event stream.
     pub fn new(base_url: impl Into<String>) -> Self {
         Self {
             base_url: base_url.into(),
@@ -54,6 +58,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             event_read_timeout: Duration::from_secs(30),
+            event_open_timeout: Duration::from_secs(2),
             directory: None,
         }
     }
@@ -84,6 +89,8 @@ pub struct OpencodeClient {
     http: reqwest::Client,
     // The event stream has no overall deadline, only a read timeout.
     events_http: reqwest::Client,
+    // Bound on the event stream's start: its response headers come at once from a ready server.
+    events_open_timeout: Duration,
     base_url: Url,
     username: String,
     password: Option<SecretString>,
@@ -124,6 +131,7 @@ impl OpencodeClient {
         Ok(Self {
             http,
             events_http,
+            events_open_timeout: config.event_open_timeout,
             base_url,
             username: config.username,
             password: config.password,
@@ -234,9 +242,13 @@ impl OpencodeClient {
         path: &str,
         parse: fn(&str) -> Option<EventEnvelope>,
     ) -> Result<EventStream> {
-        let response = self
-            .send(Method::GET, path, &[], None::<&()>, &self.events_http)
-            .await?;
+        let opening = self.send(Method::GET, path, &[], None::<&()>, &self.events_http);
+        let response = tokio::time::timeout(self.events_open_timeout, opening)
+            .await
+            .map_err(|_| Error::NoAnswer {
+                path: path.to_owned(),
+                seconds: self.events_open_timeout.as_secs(),
+            })??;
         let state = EventState {
             bytes: Box::pin(response.bytes_stream()),
             decoder: SseDecoder::default(),
@@ -422,6 +434,35 @@ mod tests {
         ));
         let config = ClientConfig::new("http://x").with_password("hunter2");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_a_starting_server_holds_fails_within_the_open_timeout() {
+        // A server that takes the connection and never answers, as OpenCode can while it starts.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(socket);
+        });
+        let mut config = ClientConfig::new(url);
+        config.event_open_timeout = Duration::from_millis(300);
+        let client = OpencodeClient::new(config).unwrap();
+        let started = std::time::Instant::now();
+        let error = client
+            .global_events()
+            .await
+            .err()
+            .expect("no answer is an error");
+        assert!(matches!(error, Error::NoAnswer { .. }), "{error:?}");
+        assert!(error.is_transient());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
     }
 
     #[tokio::test]

@@ -53,6 +53,15 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The server took the request but did not start answering in time (a server still
+    /// starting can hold a request it accepted).
+    #[error("{path} did not answer within {seconds} s")]
+    NoAnswer {
+        /// The request path.
+        path: String,
+        /// How long it was given.
+        seconds: u64,
+    },
     /// The event stream broke (read timeout, reset) after it had started.
     #[error("the event stream broke")]
     EventStream(#[source] reqwest::Error),
@@ -78,7 +87,7 @@ impl Error {
     /// prompt at most once check the session's messages before they send it again.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Transport { .. } | Self::EventStream(_) => true,
+            Self::Transport { .. } | Self::NoAnswer { .. } | Self::EventStream(_) => true,
             Self::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             _ => false,
         }

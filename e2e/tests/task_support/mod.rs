@@ -40,6 +40,29 @@ pub fn task(
     .expect("a valid DelegatedTask")
 }
 
+/// `task` with `fields` set in its spec (over what it had).
+pub fn with(mut task: DelegatedTask, fields: serde_json::Value) -> DelegatedTask {
+    let mut spec = serde_json::to_value(&task.spec).expect("a spec serialises");
+    if let (Some(spec), Some(fields)) = (spec.as_object_mut(), fields.as_object()) {
+        spec.extend(fields.clone());
+    }
+    task.spec = serde_json::from_value(spec).expect("a valid spec");
+    task
+}
+
+/// Every text of a chat completions request's messages of `role` (all roles when `None`),
+/// joined by newlines.
+pub fn request_texts(request: &serde_json::Value, role: Option<&str>) -> String {
+    request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| role.is_none_or(|role| m["role"] == role))
+        .map(nubabel_e2e::fake_llm::message_text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Waits until the task finishes and fails unless it ended in `wanted`.
 pub async fn await_phase(
     api: &Api<DelegatedTask>,
