@@ -10,10 +10,12 @@
 #     (DATA_MOUNT; HOME and XDG_* point below it, /data/workspace is the working directory);
 #   - plugins under /opt/opencode/plugins (the operator's --plugin-dir), so a plugin named in an
 #     OpencodeSidecar resolves to file:///opt/opencode/plugins/node_modules/<name>;
+#   - `pyright-langserver` on PATH (with node), which OpenCode starts for fleets with `lsp: true`;
 #   - port 4096 (OPENCODE_PORT).
 
 ARG OPENCODE_VERSION=1.18.33
 ARG OH_MY_OPENCODE_VERSION=4.19.4
+ARG PYRIGHT_VERSION=1.1.414
 # The base images, replaceable: scripts/build-images.sh builds this image where no registry is
 # reachable, from Debian's archive (Debian's own node and npm for the npm stage).
 ARG NODE_IMAGE=node:22-bookworm-slim
@@ -22,6 +24,7 @@ ARG DEBIAN_IMAGE=debian:bookworm-slim
 FROM ${NODE_IMAGE} AS npm
 ARG OPENCODE_VERSION
 ARG OH_MY_OPENCODE_VERSION
+ARG PYRIGHT_VERSION
 ARG TARGETARCH
 WORKDIR /build
 # opencode-ai carries one prebuilt executable per platform as an optional dependency.
@@ -35,10 +38,13 @@ RUN npm install --no-audit --no-fund --ignore-scripts "opencode-ai@${OPENCODE_VE
 # Plugins: installed here, loaded by OpenCode from the file:// URL the operator writes.
 RUN npm install --no-audit --no-fund --ignore-scripts --prefix /opt/opencode/plugins \
         "oh-my-opencode@${OH_MY_OPENCODE_VERSION}"
+# Language servers OpenCode finds on PATH when a fleet sets `lsp: true`.
+RUN npm install --no-audit --no-fund --ignore-scripts --prefix /opt/opencode/lsp \
+        "pyright@${PYRIGHT_VERSION}"
 
 FROM ${DEBIAN_IMAGE}
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bash ca-certificates git ripgrep \
+    && apt-get install -y --no-install-recommends bash ca-certificates git nodejs ripgrep \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 opencode \
     && useradd --uid 10001 --gid 10001 --home-dir /data/home --no-create-home \
@@ -46,6 +52,9 @@ RUN groupadd --gid 10001 opencode \
     && install -d -o 10001 -g 10001 -m 0770 /data
 COPY --from=npm /out/opencode /usr/local/bin/opencode
 COPY --from=npm /opt/opencode/plugins /opt/opencode/plugins
+COPY --from=npm /opt/opencode/lsp /opt/opencode/lsp
+RUN ln -s /opt/opencode/lsp/node_modules/.bin/pyright-langserver /usr/local/bin/pyright-langserver \
+    && ln -s /opt/opencode/lsp/node_modules/.bin/pyright /usr/local/bin/pyright
 # The same settings the operator sets, so the image also runs offline on its own.
 ENV HOME=/data/home \
     XDG_DATA_HOME=/data/xdg/data \

@@ -222,8 +222,8 @@ opencode_image() {
   smoke_run "$tag" --version
   # The plugin the operator references, where it references it.
   podman run --rm --entrypoint /bin/bash "$tag" -c \
-    'test -f /opt/opencode/plugins/node_modules/oh-my-opencode/package.json && git --version >/dev/null && rg --version >/dev/null' ||
-    die "$tag lacks the oh-my-opencode plugin, git or ripgrep"
+    'test -f /opt/opencode/plugins/node_modules/oh-my-opencode/package.json && git --version >/dev/null && rg --version >/dev/null && pyright --version >/dev/null' ||
+    die "$tag lacks the oh-my-opencode plugin, git, ripgrep or the Pyright language server"
 }
 
 smoke_run() {

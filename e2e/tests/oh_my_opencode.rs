@@ -68,14 +68,17 @@ async fn a_task_runs_as_sisyphus_and_its_foreground_subagent_belongs_to_it() -> 
     let env = TestEnv::from_env().await?;
     let namespace = TestNamespace::create(&env.client, "omo-sync").await?;
     let system = System::start(&env, &namespace).await?;
+    // The sidecar image carries Pyright; the local stack puts it on PATH for the pods.
+    nubabel_e2e::tools::find_on_path("pyright-langserver").context(
+        "pyright-langserver is not on PATH: run through scripts/test.sh, or put the \
+         NUBABEL_LSP_BIN that scripts/install-deps.sh prints on PATH",
+    )?;
     within(LIMIT, "a task delegating to a foreground subagent", async {
         system.bind_organization("org-omo").await?;
         skills(&namespace).await?;
-        create(
-            &namespace.api(),
-            &plugin_fleet(&system, "fleet", "org-omo", 1)?,
-        )
-        .await?;
+        let mut fleet = plugin_fleet(&system, "fleet", "org-omo", 1)?;
+        fleet.spec.lsp = true;
+        create(&namespace.api(), &fleet).await?;
         system.await_fleet_ready("fleet", 1).await?;
         let tasks = namespace.api::<DelegatedTask>();
 
@@ -186,6 +189,26 @@ async fn a_task_runs_as_sisyphus_and_its_foreground_subagent_belongs_to_it() -> 
         let again = again.status.unwrap();
         assert_eq!(again.opencode_session_id.as_deref(), Some(parent.as_str()));
         assert!(again.subagents.is_empty(), "{:?}", again.subagents);
+
+        // The fleet's language servers check what the agent writes: Pyright's error comes
+        // back in the write tool's answer.
+        let typed = "def total(x: int) -> str:\n    return x\n";
+        let prompt = format!(
+            "MCPCALL:write:{}",
+            json!({"filePath": "typed.py", "content": typed})
+        );
+        create(
+            &tasks,
+            &task("lsp", "org-omo", Some("fleet"), Some("omo-chat"), &prompt),
+        )
+        .await?;
+        let checked = await_phase(&tasks, "lsp", TaskPhase::Succeeded, &system).await?;
+        let output = checked.status.unwrap().output.unwrap_or_default();
+        assert!(output.contains("LSP errors detected"), "{output}");
+        assert!(
+            output.contains("is not assignable to return type \"str\""),
+            "Pyright's diagnostic: {output}"
+        );
         Ok(())
     })
     .await

@@ -18,4 +18,8 @@ export_deps_env() {
       NUBABEL_*=*) export "${line?}" ;;
     esac
   done <<<"$output"
+  # The language servers the sidecar image has on PATH, for the pods the node shim runs.
+  if [ -n "${NUBABEL_LSP_BIN:-}" ]; then
+    export PATH="$NUBABEL_LSP_BIN:$PATH"
+  fi
 }

@@ -140,6 +140,13 @@ pub struct OpencodeSidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oh_my_opencode: Option<OhMyOpencodeSpec>,
 
+    /// Turns on OpenCode's language servers: those the image carries (Pyright in the sidecar
+    /// image) check each file the agent writes or edits, and their errors come back in the
+    /// tool's answer, so the agent sees them. Off unless set (a server costs memory per
+    /// conversation).
+    #[serde(default)]
+    pub lsp: bool,
+
     /// Resource requests and limits per container. Every container gets limits: what is not
     /// set here comes from the operator's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -279,6 +279,10 @@ pub fn opencode_config(v: &ValidSidecar, settings: &Settings) -> Value {
     if !v.plugins.is_empty() {
         config.insert("plugin".into(), json!(v.plugins));
     }
+    if v.lsp {
+        // Every language server OpenCode knows that is on PATH; none is downloaded.
+        config.insert("lsp".into(), json!(true));
+    }
     config.insert(
         "mcp".into(),
         json!({ MCP_SERVER_NAME: mcp_gateway_config(v, settings) }),
@@ -432,7 +436,7 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
 pub const STATE_DIRS: [(&str, &str); 5] = [
     ("HOME", "/data/home"),
     ("XDG_DATA_HOME", "/data/xdg/data"),
-    ("XDG_CONFIG_HOME", XDG_CONFIG_HOME),
+    ("XDG_CONFIG_HOME", "/data/xdg/config"),
     ("XDG_CACHE_HOME", "/data/xdg/cache"),
     ("XDG_STATE_HOME", "/data/xdg/state"),
 ];
@@ -646,7 +650,11 @@ pub fn prepare_script() -> String {
         format!("{DATA_MOUNT}/{BRIDGE_STATE_SUBPATH}"),
     ];
     directories.extend(STATE_DIRS.iter().map(|(_, path)| (*path).to_owned()));
-    let config_dir = format!("{XDG_CONFIG_HOME}/opencode");
+    let config_home = STATE_DIRS
+        .iter()
+        .find_map(|(name, path)| (*name == "XDG_CONFIG_HOME").then_some(*path))
+        .unwrap_or("/data/xdg/config");
+    let config_dir = format!("{config_home}/opencode");
     let plugin_config = format!("{config_dir}/{}", oh_my_opencode::CONFIG_FILE);
     [
         "set -e".to_owned(),
@@ -663,8 +671,6 @@ pub fn prepare_script() -> String {
 const PLUGIN_SDK_LOCK: &str = r#"{"packages":{"":{"dependencies":{"@opencode-ai/plugin":"*"}}}}"#;
 /// The init container's variable holding oh-my-opencode's configuration.
 const OH_MY_OPENCODE_CONFIG_ENV: &str = "NUBABEL_OH_MY_OPENCODE_CONFIG";
-/// OpenCode's config home on the data volume.
-const XDG_CONFIG_HOME: &str = "/data/xdg/config";
 
 fn stateful_set(
     v: &ValidSidecar,
@@ -1070,6 +1076,13 @@ mod tests {
             &settings(),
         );
         config.as_object_mut().unwrap().remove("mcp");
+        assert!(
+            opencode_config(
+                &valid_sidecar(json!({"organizationId": "o", "model": "a/b", "lsp": true})),
+                &settings()
+            )["lsp"]
+                == json!(true)
+        );
         assert_eq!(
             config,
             json!({

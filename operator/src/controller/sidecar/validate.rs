@@ -198,6 +198,8 @@ pub struct ValidSidecar {
     pub plugins: Vec<String>,
     /// The oh-my-opencode plugin, when the fleet runs it.
     pub oh_my_opencode: Option<ValidOhMyOpencode>,
+    /// Whether OpenCode's language servers are on.
+    pub lsp: bool,
     /// Requests and limits.
     pub resources: PodResources,
     /// A volume claim per pod, or an emptyDir when absent.
@@ -361,6 +363,7 @@ pub fn validate(
             .unwrap_or(DEFAULT_WORKSPACE_IDLE_TTL_SECONDS),
         plugins,
         oh_my_opencode,
+        lsp: spec.lsp,
         resources,
         storage: spec.storage.clone(),
         egress: spec.egress.clone(),
