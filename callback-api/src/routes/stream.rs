@@ -169,7 +169,7 @@ async fn stream_session(
 }
 
 /// The `Last-Event-ID` header as a sequence number (0 when absent: replay from the start).
-fn last_event_id(headers: &HeaderMap) -> Result<i64, ApiError> {
+pub fn last_event_id(headers: &HeaderMap) -> Result<i64, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
         return Ok(0);
     };
