@@ -217,14 +217,23 @@ async fn a_sessions_redis_stream_stays_within_its_byte_budget_and_a_resume_acros
         if entries.last().is_some_and(|(seq, _)| *seq == EVENTS) {
             break entries;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the last event never reached redis");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the last event never reached redis"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let held: usize = entries.iter().map(|(_, size)| size).sum();
     assert!(held <= BUDGET, "{held} bytes in the stream");
-    assert!(held + entries[0].1 > BUDGET, "trimmed more than needed: {held} bytes");
+    assert!(
+        held + entries[0].1 > BUDGET,
+        "trimmed more than needed: {held} bytes"
+    );
     assert!(entries.len() < 20, "{} entries kept", entries.len());
-    assert_eq!(stream_byte_count(&mut conn, mapping.session_pk).await?, held);
+    assert_eq!(
+        stream_byte_count(&mut conn, mapping.session_pk).await?,
+        held
+    );
     let oldest = entries[0].0;
     assert!(oldest > 2, "the stream still starts at {oldest}");
 
@@ -264,7 +273,10 @@ async fn a_sessions_redis_stream_stays_within_its_byte_budget_and_a_resume_acros
         .map(|(_, size)| size)
         .sum();
     assert!(held <= BUDGET, "{held} bytes in the stream");
-    assert_eq!(stream_byte_count(&mut conn, mapping.session_pk).await?, held);
+    assert_eq!(
+        stream_byte_count(&mut conn, mapping.session_pk).await?,
+        held
+    );
     Ok(())
 }
 
