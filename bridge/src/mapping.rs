@@ -72,13 +72,17 @@ impl Callback {
         }
     }
 
-    /// The request path under the callback API's base URL.
+    /// The request path under the callback API's base URL; the session id is one
+    /// percent-encoded segment.
     pub fn path(&self) -> String {
         let route = match self.kind {
             CallbackKind::Update => "update",
             CallbackKind::Progress => "progress",
         };
-        format!("/api/sidecar/sessions/{}/{route}", self.session_id)
+        format!(
+            "/api/sidecar/sessions/{}/{route}",
+            path_segment(&self.session_id)
+        )
     }
 
     /// The body as JSON (for logs and tests).
@@ -95,6 +99,22 @@ impl Callback {
         };
         value.as_str().unwrap_or_default().to_owned()
     }
+}
+
+/// `value` as one URL path segment: every byte but `[A-Za-z0-9_-]` percent-encoded. The bridge
+/// signs the path it builds, so the path must reach the API unchanged: left raw, a space, DEL
+/// or non-ASCII text is encoded by the HTTP client after signing, and `/`, `?` or `#` would
+/// move the rest out of the segment (the API refuses either).
+fn path_segment(value: &str) -> String {
+    let mut segment = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            segment.push(char::from(byte));
+        } else {
+            segment.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    segment
 }
 
 /// A webhook id the callback API accepts: the given one when it is 1 to 128 characters of
@@ -696,6 +716,33 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_session_id_is_one_path_segment_that_reaches_the_api_as_signed() {
+        let callback = |session_id: &str| Callback {
+            session_id: session_id.to_owned(),
+            kind: CallbackKind::Progress,
+            webhook_id: "w".into(),
+            body: Bytes::new(),
+        };
+        assert_eq!(
+            callback("ses_1A-z").path(),
+            "/api/sidecar/sessions/ses_1A-z/progress"
+        );
+        // Found by the bridge_mapping fuzz target: DEL (and spaces, non-ASCII) were encoded by
+        // the HTTP client after signing, so the API saw another path than the signed one.
+        let odd = "s\u{7f} é/../x?y#z%41.";
+        let path = callback(odd).path();
+        assert_eq!(
+            path,
+            "/api/sidecar/sessions/s%7F%20%C3%A9%2F%2E%2E%2Fx%3Fy%23z%2541%2E/progress"
+        );
+        let sent = reqwest::Url::parse(&format!("http://callback-api{path}")).unwrap();
+        assert_eq!(
+            (sent.path(), sent.query(), sent.fragment()),
+            (path.as_str(), None, None)
+        );
+    }
 
     fn mapper() -> Mapper {
         Mapper::new(

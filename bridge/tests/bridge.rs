@@ -68,6 +68,7 @@ impl Api {
             signature_tolerance_seconds: 300,
             accept_body_only_signatures: false,
             stream_max_len: 1000,
+            stream_max_bytes: nubabel_store::streams::DEFAULT_STREAM_MAX_BYTES,
             sse_keep_alive_seconds: 15,
             stream_revocation_check_seconds: 15,
             status_mirror: false,

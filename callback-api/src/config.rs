@@ -73,9 +73,14 @@ pub struct Config {
     #[arg(long, env = "NUBABEL_ACCEPT_BODY_ONLY_SIGNATURES", default_value_t = false, action = clap::ArgAction::Set)]
     pub accept_body_only_signatures: bool,
 
-    /// Approximate number of events kept per session in Redis; older ones replay from Postgres.
+    /// Most events kept per session in Redis; older ones replay from Postgres.
     #[arg(long, env = "NUBABEL_STREAM_MAX_LEN", default_value_t = 1000)]
     pub stream_max_len: usize,
+
+    /// Most bytes of event JSON kept per session in Redis (the oldest events go first; older
+    /// ones replay from Postgres). The newest event always stays, whatever its size.
+    #[arg(long, env = "NUBABEL_STREAM_MAX_BYTES", default_value_t = nubabel_store::streams::DEFAULT_STREAM_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_max_bytes: u64,
 
     /// Seconds between SSE keep-alive comments.
     #[arg(long, env = "NUBABEL_SSE_KEEP_ALIVE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]

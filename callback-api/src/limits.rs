@@ -3,8 +3,10 @@
 //! Postgres) at once, and how many `POST /api/delegate` requests it may have waiting, on one
 //! replica. Past the callback, stream or replay limit a request gets 429 with `Retry-After` before
 //! anything is read or written, so one tenant's burst or leak cannot take the connections and
-//! commit slots every other tenant shares; past the wait limit a delegate request is answered
-//! 202 at once instead of waiting (its task is created either way).
+//! commit slots every other tenant shares; a live stream that has to catch up from Postgres
+//! waits for a replay share instead (it was answered 200 long ago); past the wait limit a
+//! delegate request is answered 202 at once instead of waiting (its task is created either
+//! way).
 
 use std::{
     collections::HashMap,
@@ -12,6 +14,7 @@ use std::{
 };
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
+use tokio::sync::Notify;
 
 use crate::{error::ApiError, metrics::LimitLabels};
 
@@ -45,6 +48,8 @@ pub struct TenantLimit {
     max: usize,
     held: Mutex<HashMap<String, usize>>,
     refused: Family<LimitLabels, Counter>,
+    /// Woken whenever a unit is given back, for those waiting for one.
+    released: Notify,
 }
 
 impl std::fmt::Debug for TenantLimit {
@@ -71,46 +76,75 @@ impl TenantLimit {
             max,
             held: Mutex::new(HashMap::new()),
             refused,
+            released: Notify::new(),
         })
     }
 
     /// Takes one unit for `tenant`, or refuses with 429 when it holds `max` already.
     pub fn acquire(self: &Arc<Self>, tenant: &str) -> Result<Permit, ApiError> {
-        {
-            let mut held = self.lock();
-            let count = held.entry(tenant.to_owned()).or_insert(0);
-            if *count >= self.max {
-                drop(held);
-                self.refused
-                    .get_or_create(&LimitLabels {
-                        limit: self.what.as_str(),
-                    })
-                    .inc();
-                return Err(ApiError::TooManyRequests(match self.what {
-                    Limited::Callbacks => format!(
-                        "this organization already has {} callbacks in flight; retry shortly",
-                        self.max
-                    ),
-                    Limited::Streams => format!(
-                        "this organization already has {} streams open; close one or retry later",
-                        self.max
-                    ),
-                    Limited::Replays => format!(
-                        "this organization already has {} streams replaying past events; retry shortly",
-                        self.max
-                    ),
-                    Limited::DelegateWaits => format!(
-                        "this organization already has {} delegate requests waiting",
-                        self.max
-                    ),
-                }));
+        self.try_take(tenant).ok_or_else(|| {
+            self.count_refusal();
+            ApiError::TooManyRequests(match self.what {
+                Limited::Callbacks => format!(
+                    "this organization already has {} callbacks in flight; retry shortly",
+                    self.max
+                ),
+                Limited::Streams => format!(
+                    "this organization already has {} streams open; close one or retry later",
+                    self.max
+                ),
+                Limited::Replays => format!(
+                    "this organization already has {} streams replaying past events; retry shortly",
+                    self.max
+                ),
+                Limited::DelegateWaits => format!(
+                    "this organization already has {} delegate requests waiting",
+                    self.max
+                ),
+            })
+        })
+    }
+
+    /// Takes one unit for `tenant`, waiting for one to be given back while it holds `max`
+    /// (for work already under way, which cannot be answered 429). A wait counts as one
+    /// refusal.
+    pub async fn acquire_waiting(self: &Arc<Self>, tenant: &str) -> Permit {
+        let mut counted = false;
+        loop {
+            // Registered before the look, so a unit given back in between is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(permit) = self.try_take(tenant) {
+                return permit;
             }
-            *count += 1;
+            if !counted {
+                self.count_refusal();
+                counted = true;
+            }
+            released.await;
         }
-        Ok(Permit {
+    }
+
+    fn try_take(self: &Arc<Self>, tenant: &str) -> Option<Permit> {
+        let mut held = self.lock();
+        let count = held.entry(tenant.to_owned()).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(Permit {
             limit: Arc::clone(self),
             tenant: tenant.to_owned(),
         })
+    }
+
+    fn count_refusal(&self) {
+        self.refused
+            .get_or_create(&LimitLabels {
+                limit: self.what.as_str(),
+            })
+            .inc();
     }
 
     /// Units `tenant` holds now.
@@ -126,13 +160,16 @@ impl TenantLimit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut held = self.limit.lock();
-        if let Some(count) = held.get_mut(&self.tenant) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                held.remove(&self.tenant);
+        {
+            let mut held = self.limit.lock();
+            if let Some(count) = held.get_mut(&self.tenant) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    held.remove(&self.tenant);
+                }
             }
         }
+        self.limit.released.notify_waiters();
     }
 }
 
@@ -193,6 +230,38 @@ mod tests {
         assert_eq!(
             refused
                 .get_or_create(&LimitLabels { limit: "streams" })
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_acquire_gets_the_unit_given_back_and_counts_one_refusal() {
+        let refused = Family::default();
+        let limit = TenantLimit::new(Limited::Replays, 1, refused.clone());
+        let held = limit.acquire("a").unwrap();
+        let waiting = tokio::spawn({
+            let limit = Arc::clone(&limit);
+            async move { limit.acquire_waiting("a").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "took a unit the tenant did not have"
+        );
+        // Another tenant is not held up.
+        let _b = limit.acquire_waiting("b").await;
+        drop(held);
+        let permit = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(limit.held("a"), 1);
+        drop(permit);
+        assert_eq!(limit.held("a"), 0);
+        assert_eq!(
+            refused
+                .get_or_create(&LimitLabels { limit: "replays" })
                 .get(),
             1
         );

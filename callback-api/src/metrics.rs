@@ -260,7 +260,7 @@ impl Metrics {
         let tenant_limited = Family::<LimitLabels, Counter>::default();
         registry.register(
             "tenant_limited",
-            "Requests refused with 429 by a per-tenant limit",
+            "Requests refused with 429 by a per-tenant limit (and live streams that waited for a replay share)",
             tenant_limited.clone(),
         );
         registry.register(

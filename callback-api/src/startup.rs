@@ -84,6 +84,7 @@ impl Application {
             config.redis_url.expose_secret(),
             RedisSettings {
                 stream_max_len: config.stream_max_len,
+                stream_max_bytes: config.stream_max_bytes,
                 ..RedisSettings::default()
             },
         )

@@ -3,9 +3,10 @@
 //! Each session has a stream `nubabel:session:{pk}:events` whose entry ids are `0-{seq}`, the
 //! event's position in Postgres. Explicit ids make appends idempotent (re-adding an event, or
 //! adding it after a newer one, is refused by Redis and changes nothing) and let a reader
-//! resume from any SSE `Last-Event-ID` with `XREAD`/`XRANGE`. Streams are trimmed to about
-//! `max_len` entries and expire when idle; Postgres keeps everything, so readers fall back to
-//! it for older ids. Redis is never the record: losing it loses no event.
+//! resume from any SSE `Last-Event-ID` with `XREAD`/`XRANGE`. Each append trims the oldest
+//! entries until the stream is within its byte budget and its entry count (the newest entry
+//! always stays), and streams expire when idle; Postgres keeps everything, so readers fall back
+//! to it for older ids. Redis is never the record: losing it loses no event.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -26,6 +27,54 @@ use crate::{
 /// Stream entries keep the event JSON under this field.
 const EVENT_FIELD: &str = "e";
 
+/// Appends one event (under [`EVENT_FIELD`], `e`) and trims the oldest entries until the
+/// stream holds at most `ARGV[3]` bytes of event JSON and `ARGV[4]` entries, keeping the newest.
+/// The running byte count lives beside the stream (`KEYS[2]`): it restarts with a new stream,
+/// is recounted from the entries if it was lost while the stream was not, and is exact again
+/// whenever the stream is down to its newest entry.
+/// `KEYS[1]` stream; `ARGV` = entry id, event JSON, max bytes, max entries, ttl seconds.
+/// Returns Redis' error when the id is not past the stream's top (a superseded append).
+const APPEND_WITHIN_BUDGET: &str = r"
+local added = redis.pcall('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
+if type(added) == 'table' and added.err then
+  return added
+end
+local function size(entry)
+  local total = 0
+  for i = 2, #entry[2], 2 do
+    total = total + string.len(entry[2][i])
+  end
+  return total
+end
+local newest = string.len(ARGV[2])
+local length = redis.call('XLEN', KEYS[1])
+local bytes = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if length == 1 then
+  bytes = newest
+elseif bytes < 0 then
+  bytes = 0
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+    bytes = bytes + size(entry)
+  end
+else
+  bytes = bytes + newest
+end
+local max_bytes = tonumber(ARGV[3])
+local max_len = tonumber(ARGV[4])
+while length > 1 and (bytes > max_bytes or length > max_len) do
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+  redis.call('XDEL', KEYS[1], oldest[1])
+  bytes = bytes - size(oldest)
+  length = length - 1
+end
+if length == 1 then
+  bytes = newest
+end
+redis.call('SET', KEYS[2], bytes, 'EX', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
 /// Stores only a newer state than the one kept: `KEYS[1]` hash, `ARGV` = seq, state, metadata
 /// JSON, updatedAt, ttl seconds. Concurrent replicas may write out of order; the sequence wins.
 const SET_STATE_IF_NEWER: &str = r"
@@ -38,11 +87,17 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
+/// Bytes of event JSON a session's stream keeps by default: about a thousand typical events,
+/// and sixteen of the largest a callback may carry.
+pub const DEFAULT_STREAM_MAX_BYTES: u64 = 1024 * 1024;
+
 /// Tuning of the Redis side.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// Approximate number of entries kept per session stream (`XADD MAXLEN ~`).
+    /// Most entries kept per session stream.
     pub stream_max_len: usize,
+    /// Most bytes of event JSON kept per session stream (the newest entry always stays).
+    pub stream_max_bytes: u64,
     /// Idle streams and hot state expire after this long.
     pub ttl: Duration,
     /// Commands fail after this long, so a hung Redis cannot hold a request.
@@ -55,6 +110,7 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             stream_max_len: 1000,
+            stream_max_bytes: DEFAULT_STREAM_MAX_BYTES,
             ttl: Duration::from_secs(24 * 60 * 60),
             response_timeout: Duration::from_secs(1),
             connection_timeout: Duration::from_secs(1),
@@ -91,6 +147,7 @@ pub struct RedisStore {
     client: Client,
     manager: ConnectionManager,
     settings: RedisSettings,
+    append: Script,
     set_state: Script,
 }
 
@@ -105,6 +162,11 @@ impl std::fmt::Debug for RedisStore {
 /// The stream key of a session.
 pub fn stream_key(session_pk: Uuid) -> String {
     format!("nubabel:session:{session_pk}:events")
+}
+
+/// The key of the byte count of a session's stream (the event JSON it holds).
+pub fn stream_bytes_key(session_pk: Uuid) -> String {
+    format!("nubabel:session:{session_pk}:events:bytes")
 }
 
 fn state_key(session_pk: Uuid) -> String {
@@ -130,6 +192,7 @@ impl RedisStore {
             client,
             manager,
             settings,
+            append: Script::new(APPEND_WITHIN_BUDGET),
             set_state: Script::new(SET_STATE_IF_NEWER),
         })
     }
@@ -141,25 +204,23 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Appends a committed event to its session's stream (trimmed, with a fresh TTL).
+    /// Appends a committed event to its session's stream, trimmed to the stream's budget, with
+    /// a fresh TTL.
     pub async fn append(&self, session_pk: Uuid, event: &StoredEvent) -> Result<StreamAppend> {
-        let key = stream_key(session_pk);
         let json = serde_json::to_string(event).map_err(|e| Error::Corrupt(e.to_string()))?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(&key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.settings.stream_max_len)
-            .arg(entry_id(event.seq))
-            .arg(EVENT_FIELD)
-            .arg(json)
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(self.settings.ttl.as_secs())
-            .ignore();
         let mut conn = self.manager.clone();
-        match pipe.query_async::<Vec<Value>>(&mut conn).await {
+        let appended: std::result::Result<i64, RedisError> = self
+            .append
+            .key(stream_key(session_pk))
+            .key(stream_bytes_key(session_pk))
+            .arg(entry_id(event.seq))
+            .arg(json)
+            .arg(self.settings.stream_max_bytes)
+            .arg(self.settings.stream_max_len)
+            .arg(self.settings.ttl.as_secs())
+            .invoke_async(&mut conn)
+            .await;
+        match appended {
             Ok(_) => Ok(StreamAppend::Added),
             Err(error) if is_superseded(&error) => Ok(StreamAppend::Superseded),
             Err(error) => Err(error.into()),

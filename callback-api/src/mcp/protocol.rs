@@ -149,6 +149,59 @@ impl Incoming {
     }
 }
 
+/// A body that is not a message the gateway can answer, and the JSON-RPC error for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    /// The JSON-RPC error code ([`PARSE_ERROR`] or [`INVALID_REQUEST`]).
+    pub code: i64,
+    /// The request id, when the message had one.
+    pub id: Option<Value>,
+    /// What is wrong.
+    pub message: &'static str,
+}
+
+/// What a readable body asks of the gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Readable {
+    /// A request: answered with a result or a JSON-RPC error.
+    Request {
+        /// Its id, echoed in the answer.
+        id: Value,
+        /// The method.
+        method: String,
+        /// Its parameters as an object, or why they are not one (answered [`INVALID_PARAMS`]).
+        params: Result<Map<String, Value>, InvalidMessage>,
+    },
+    /// A notification or a response: accepted, nothing else.
+    NoAnswer,
+}
+
+/// Reads one request body: JSON, one JSON-RPC 2.0 message (no batches), its kind and its
+/// parameters. Pure, so every body a caller can send is tested apart from the route's I/O.
+pub fn read_message(body: &[u8]) -> Result<Readable, Unreadable> {
+    let unreadable = |code, id, message| Unreadable { code, id, message };
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|_| unreadable(PARSE_ERROR, None, "the body is not JSON"))?;
+    if value.is_array() {
+        return Err(unreadable(
+            INVALID_REQUEST,
+            None,
+            "batches are not supported: send one message per request",
+        ));
+    }
+    let message: Incoming = serde_json::from_value(value)
+        .map_err(|_| unreadable(INVALID_REQUEST, None, "not a JSON-RPC message"))?;
+    match message.kind() {
+        Ok(MessageKind::Request { id, method }) => Ok(Readable::Request {
+            id,
+            method,
+            params: message.params_object(),
+        }),
+        Ok(MessageKind::Notification | MessageKind::Response) => Ok(Readable::NoAnswer),
+        Err(InvalidMessage(error)) => Err(unreadable(INVALID_REQUEST, message.id, error)),
+    }
+}
+
 /// A JSON-RPC success response.
 pub fn success(id: &Value, result: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": result})

@@ -31,8 +31,8 @@ use crate::{
     mcp::{
         CallError, Caller,
         protocol::{
-            self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Incoming, METHOD_NOT_FOUND,
-            MessageKind, PARSE_ERROR, PROTOCOL_VERSION_HEADER,
+            self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
+            PROTOCOL_VERSION_HEADER, Readable,
         },
     },
     state::AppState,
@@ -187,52 +187,20 @@ async fn post_mcp(
             return ApiError::BadRequest("failed to read the request body".into()).into_response();
         }
     };
-    let value: Value = match serde_json::from_slice(&body) {
-        Ok(value) => value,
-        Err(_) => {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                PARSE_ERROR,
-                "the body is not JSON",
-            );
-        }
-    };
-    if value.is_array() {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            None,
-            INVALID_REQUEST,
-            "batches are not supported: send one message per request",
-        );
-    }
-    let message: Incoming = match serde_json::from_value(value) {
-        Ok(message) => message,
-        Err(_) => {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                INVALID_REQUEST,
-                "not a JSON-RPC message",
-            );
-        }
-    };
-    let (id, method) = match message.kind() {
-        Ok(MessageKind::Request { id, method }) => (id, method),
+    let (id, method, params) = match protocol::read_message(&body) {
+        Ok(Readable::Request { id, method, params }) => (id, method, params),
         // Notifications (initialized, cancelled, ...) and responses need no answer.
-        Ok(MessageKind::Notification | MessageKind::Response) => {
-            return StatusCode::ACCEPTED.into_response();
-        }
-        Err(error) => {
+        Ok(Readable::NoAnswer) => return StatusCode::ACCEPTED.into_response(),
+        Err(unreadable) => {
             return rpc_error(
                 StatusCode::BAD_REQUEST,
-                message.id.as_ref(),
-                INVALID_REQUEST,
-                &error.to_string(),
+                unreadable.id.as_ref(),
+                unreadable.code,
+                unreadable.message,
             );
         }
     };
-    let params = match message.params_object() {
+    let params = match params {
         Ok(params) => params,
         Err(error) => {
             return rpc_ok(protocol::failure(

@@ -54,7 +54,7 @@ struct Envelope {
 
 /// The fields of `app_mention` and `message` events the bot reads.
 #[derive(Debug, Clone, Deserialize)]
-struct MessageEvent {
+pub struct MessageEvent {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
@@ -77,13 +77,63 @@ struct MessageEvent {
 
 impl MessageEvent {
     /// Mentions, and direct messages people wrote (not bots, not edits or deletions).
-    fn is_request(&self) -> bool {
+    pub fn is_request(&self) -> bool {
         let by_person = self.bot_id.is_none() && self.subtype.is_none() && self.user.is_some();
         match self.kind.as_str() {
             "app_mention" => by_person,
             "message" => by_person && self.channel_type.as_deref() == Some("im"),
             _ => false,
         }
+    }
+}
+
+/// What a verified Events API body asks of the bot.
+#[derive(Debug, Clone)]
+pub enum SlackRequest {
+    /// `url_verification`: answer with the challenge.
+    Challenge(String),
+    /// An `event_callback` in which a person addresses the bot.
+    Request {
+        /// The workspace (`team_id`).
+        team: String,
+        /// Slack's id of the event, the same on every retry.
+        event_id: String,
+        /// The message.
+        event: Box<MessageEvent>,
+    },
+    /// Anything else: acknowledged, nothing done.
+    Ignored,
+}
+
+/// Reads a (verified) Events API body: pure, so every body a sender can make is tested apart
+/// from the handler's I/O.
+pub fn read_body(body: &[u8]) -> Result<SlackRequest, ApiError> {
+    let envelope: Envelope = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not a Slack event: {e}")))?;
+    match envelope.kind.as_str() {
+        "url_verification" => envelope
+            .challenge
+            .map(SlackRequest::Challenge)
+            .ok_or_else(|| ApiError::BadRequest("url_verification without challenge".into())),
+        "event_callback" => {
+            let (Some(team), Some(event_id), Some(event)) =
+                (envelope.team_id, envelope.event_id, envelope.event)
+            else {
+                return Err(ApiError::BadRequest(
+                    "event_callback without team_id, event_id or event".into(),
+                ));
+            };
+            Ok(if event.is_request() {
+                SlackRequest::Request {
+                    team,
+                    event_id,
+                    event: Box::new(event),
+                }
+            } else {
+                SlackRequest::Ignored
+            })
+        }
+        _ => Ok(SlackRequest::Ignored),
     }
 }
 
@@ -119,39 +169,38 @@ async fn slack_events(
         unix_now(),
     )
     .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    let envelope: Envelope = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body is not a Slack event: {e}")))?;
-    match envelope.kind.as_str() {
-        "url_verification" => {
-            let challenge = envelope
-                .challenge
-                .ok_or_else(|| ApiError::BadRequest("url_verification without challenge".into()))?;
+    match read_body(&body)? {
+        SlackRequest::Challenge(challenge) => {
             Ok(Json(json!({"challenge": challenge})).into_response())
         }
-        "event_callback" => {
-            handle_event(&state, &bot, envelope, header("x-slack-retry-num")).await?;
+        SlackRequest::Request {
+            team,
+            event_id,
+            event,
+        } => {
+            handle_event(
+                &state,
+                &bot,
+                team,
+                event_id,
+                *event,
+                header("x-slack-retry-num"),
+            )
+            .await?;
             Ok(StatusCode::OK.into_response())
         }
-        _ => Ok(StatusCode::OK.into_response()),
+        SlackRequest::Ignored => Ok(StatusCode::OK.into_response()),
     }
 }
 
 async fn handle_event(
     state: &AppState,
     bot: &Arc<SlackBot>,
-    envelope: Envelope,
+    team: String,
+    event_id: String,
+    event: MessageEvent,
     retry: Option<&str>,
 ) -> Result<(), ApiError> {
-    let (Some(team), Some(event_id), Some(event)) =
-        (envelope.team_id, envelope.event_id, envelope.event)
-    else {
-        return Err(ApiError::BadRequest(
-            "event_callback without team_id, event_id or event".into(),
-        ));
-    };
-    if !event.is_request() {
-        return Ok(());
-    }
     let Some(target) = bot.teams.get(&team).cloned() else {
         tracing::warn!(%team, "slack event from a workspace that is not mapped to a tenant; ignored");
         return Ok(());

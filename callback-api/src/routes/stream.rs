@@ -169,7 +169,7 @@ async fn stream_session(
 }
 
 /// The `Last-Event-ID` header as a sequence number (0 when absent: replay from the start).
-fn last_event_id(headers: &HeaderMap) -> Result<i64, ApiError> {
+pub fn last_event_id(headers: &HeaderMap) -> Result<i64, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
         return Ok(0);
     };
@@ -267,6 +267,8 @@ type Sender = mpsc::Sender<Result<Event, Infallible>>;
 struct Pump {
     state: AppState,
     session_pk: Uuid,
+    /// The organization whose share of replays the stream's Postgres reads take.
+    tenant: String,
     sender: Sender,
     /// The next number the client needs.
     next: i64,
@@ -301,13 +303,14 @@ async fn pump(
         revocation,
         replay,
     } = grant;
-    let revoked = revocation.until_applies(state.clone(), state.settings.stream_revocation_check);
     let mut pump = Pump {
-        state,
+        state: state.clone(),
         session_pk,
+        tenant: revocation.organization_id.clone(),
         sender,
         next: after.saturating_add(1),
     };
+    let revoked = revocation.until_applies(state.clone(), state.settings.stream_revocation_check);
     tokio::select! {
         ended = tokio::time::timeout(token_left, pump.run(subscription, replay)) => match ended {
             Ok(Err(Stop::Failed(error))) => {
@@ -384,8 +387,19 @@ impl Pump {
         events::list_after(&self.state.db, self.session_pk, after, PG_BATCH).await
     }
 
-    /// Sends everything Postgres has from `next` up to `up_to` (or to the end).
+    /// Sends everything Postgres has from `next` up to `up_to` (or to the end), holding one of
+    /// the tenant's replay shares: a live stream that fell behind reads Postgres like a replay
+    /// does. Past its tenant's share it waits for one (the client gets keep-alives meanwhile),
+    /// so many lagging streams of one tenant cannot take the pool every tenant shares.
     async fn catch_up(&mut self, up_to: Option<i64>) -> Result<(), Stop> {
+        if up_to.is_some_and(|last| last < self.next) {
+            return Ok(());
+        }
+        let replays = std::sync::Arc::clone(&self.state.limits.replays);
+        let _share = tokio::select! {
+            () = self.sender.closed() => return Err(Stop::Disconnected),
+            share = replays.acquire_waiting(&self.tenant) => share,
+        };
         loop {
             let limit = up_to.map_or(PG_BATCH, |last| (last - self.next + 1).clamp(0, PG_BATCH));
             if limit == 0 {

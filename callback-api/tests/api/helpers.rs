@@ -61,6 +61,7 @@ pub fn test_config(database_url: &str, redis_url: &str) -> Config {
         signature_tolerance_seconds: 300,
         accept_body_only_signatures: false,
         stream_max_len: 1000,
+        stream_max_bytes: nubabel_store::streams::DEFAULT_STREAM_MAX_BYTES,
         sse_keep_alive_seconds: 1,
         stream_revocation_check_seconds: 1,
         status_mirror: false,

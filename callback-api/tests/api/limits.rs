@@ -7,7 +7,9 @@ use anyhow::{Result, bail};
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
 
-use crate::helpers::{opencode_session_id, progress, sidecar, spawn_app_configured, unique};
+use crate::helpers::{
+    SseReader, build_app_with, opencode_session_id, progress, sidecar, spawn_app_configured, unique,
+};
 
 async fn assert_limited(response: Response, what: &str) -> Result<()> {
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -235,6 +237,99 @@ async fn a_tenant_past_its_replaying_streams_gets_429_while_another_tenant_still
         .await?;
     assert_eq!(again.status(), StatusCode::OK);
     drop(live_only);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_live_stream_filling_a_gap_from_postgres_takes_a_replay_share_and_waits_for_one()
+-> Result<()> {
+    let database_url = nubabel_e2e::fresh_database().await?;
+    let redis_url = nubabel_e2e::test_redis_url().await?;
+    let (app, state) = build_app_with(&database_url, &redis_url, |config| {
+        config.sse_tenant_replays = 1
+    })
+    .await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    let callback = |i: usize| {
+        let (tenant, session) = (tenant.clone(), mapping.session_id.clone());
+        let app = &app;
+        async move {
+            let answer = app
+                .callback(&tenant, &session, "progress", &unique("msg"), &progress(i))
+                .await?;
+            anyhow::ensure!(answer.status() == StatusCode::OK, "{}", answer.status());
+            anyhow::Ok(())
+        }
+    };
+    callback(1).await?;
+    // Live from the start: nothing to replay, so the stream is admitted without a share.
+    let mut reader = SseReader::new(
+        app.open_stream(&mapping.session_id, &app.stream_token(&org, None), Some(1))
+            .await?,
+    );
+    // The tenant's one share is taken, as by another stream replaying.
+    let share = state
+        .limits
+        .replays
+        .acquire(&org)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Redis carries number 3 before Postgres shows 2 (an append that overtook another): the
+    // live stream has a gap to fill from Postgres, and for that read it waits for a share.
+    let early = nubabel_store::events::StoredEvent {
+        seq: 3,
+        event_id: unique("msg"),
+        kind: nubabel_store::events::EventKind::Progress,
+        event_type: "tool_execute_start".into(),
+        body: progress(3)["progress"].clone(),
+        received_at: jiff::Timestamp::now(),
+    };
+    let client = redis::Client::open(app.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: String = redis::cmd("XADD")
+        .arg(nubabel_store::streams::stream_key(mapping.session_pk))
+        .arg("0-3")
+        .arg("e")
+        .arg(serde_json::to_string(&early)?)
+        .query_async(&mut conn)
+        .await?;
+    let waiting = r#"nubabel_callback_api_tenant_limited_total{limit="replays"} 1"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = reqwest::get(format!("{}/metrics", app.address))
+            .await?
+            .text()
+            .await?;
+        if metrics.contains(waiting) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the live stream read Postgres without waiting for a share:\n{metrics}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Once the share is back, the stream goes on: every event once, in order.
+    drop(share);
+    for i in 2..=4 {
+        callback(i).await?;
+    }
+    let events = reader.take(3, Duration::from_secs(5)).await?;
+    let seen: Vec<(i64, Value)> = events
+        .iter()
+        .map(|e| (e.seq(), e.json()["data"]["tool"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        (2..=4)
+            .map(|i| (i, Value::from(format!("tool-{i}"))))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(state.limits.replays.held(&org), 0);
     Ok(())
 }
 

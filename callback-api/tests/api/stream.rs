@@ -4,12 +4,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nubabel_contract::stream_token::Validity;
-use nubabel_store::streams::stream_key;
+use nubabel_store::streams::{stream_bytes_key, stream_key};
+use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::helpers::{
-    SseReader, opencode_session_id, progress, sidecar, spawn_app, spawn_app_on, unique,
+    SseReader, opencode_session_id, progress, sidecar, spawn_app, spawn_app_configured,
+    spawn_app_on, unique,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -178,6 +180,140 @@ async fn a_resume_older_than_the_redis_stream_replays_from_postgres() -> Result<
     assert_eq!(replayed, (3..=20).collect::<Vec<_>>());
     assert!(reader.next(Duration::from_millis(300)).await.is_err());
     Ok(())
+}
+
+#[tokio::test]
+async fn a_sessions_redis_stream_stays_within_its_byte_budget_and_a_resume_across_the_trimmed_part_gets_everything()
+-> Result<()> {
+    const BUDGET: usize = 16 * 1024;
+    const EVENTS: i64 = 40;
+    let app = spawn_app_configured(|config| config.stream_max_bytes = BUDGET as u64).await?;
+    let org = unique("org");
+    let tenant = sidecar(&org);
+    let mapping = app
+        .register(&tenant, &unique("s"), &opencode_session_id())
+        .await?;
+    // About 1.2 KiB of JSON each: 40 of them are three times the budget.
+    let padding = "x".repeat(1000);
+    let body = |i: i64| json!({"progress": {"type": "tool_execute_start", "tool": format!("tool-{i}"), "input": {"padding": padding}}});
+    for i in 1..=EVENTS {
+        let answer = app
+            .callback(
+                &tenant,
+                &mapping.session_id,
+                "progress",
+                &unique("msg"),
+                &body(i),
+            )
+            .await?;
+        assert_eq!(answer.status(), StatusCode::OK);
+    }
+
+    let client = redis::Client::open(app.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let deadline = Instant::now() + WAIT;
+    let entries = loop {
+        let entries = stream_entry_sizes(&mut conn, mapping.session_pk).await?;
+        if entries.last().is_some_and(|(seq, _)| *seq == EVENTS) {
+            break entries;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the last event never reached redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let held: usize = entries.iter().map(|(_, size)| size).sum();
+    assert!(held <= BUDGET, "{held} bytes in the stream");
+    assert!(
+        held + entries[0].1 > BUDGET,
+        "trimmed more than needed: {held} bytes"
+    );
+    assert!(entries.len() < 20, "{} entries kept", entries.len());
+    assert_eq!(
+        stream_byte_count(&mut conn, mapping.session_pk).await?,
+        held
+    );
+    let oldest = entries[0].0;
+    assert!(oldest > 2, "the stream still starts at {oldest}");
+
+    // A reader that has only the first event resumes across the trimmed part: Postgres gives
+    // what Redis no longer holds, then Redis and the live stream the rest, each once, in order.
+    let mut reader = SseReader::new(
+        app.open_stream(&mapping.session_id, &app.stream_token(&org, None), Some(1))
+            .await?,
+    );
+    let replayed: Vec<i64> = reader
+        .take(usize::try_from(EVENTS - 1)?, WAIT)
+        .await?
+        .iter()
+        .map(|e| e.seq())
+        .collect();
+    assert_eq!(replayed, (2..=EVENTS).collect::<Vec<_>>());
+    // With its byte count lost (evicted, say), the next append counts the stream again.
+    let _: i64 = redis::cmd("DEL")
+        .arg(stream_bytes_key(mapping.session_pk))
+        .query_async(&mut conn)
+        .await?;
+    app.callback(
+        &tenant,
+        &mapping.session_id,
+        "progress",
+        &unique("msg"),
+        &body(EVENTS + 1),
+    )
+    .await?;
+    let live = reader.next(WAIT).await?;
+    assert_eq!(live.seq(), EVENTS + 1);
+    assert_eq!(live.json()["data"]["tool"], format!("tool-{}", EVENTS + 1));
+    assert!(reader.next(Duration::from_millis(300)).await.is_err());
+    let held: usize = stream_entry_sizes(&mut conn, mapping.session_pk)
+        .await?
+        .iter()
+        .map(|(_, size)| size)
+        .sum();
+    assert!(held <= BUDGET, "{held} bytes in the stream");
+    assert_eq!(
+        stream_byte_count(&mut conn, mapping.session_pk).await?,
+        held
+    );
+    Ok(())
+}
+
+/// The sequence number and the event JSON's size of each entry of a session's Redis stream.
+async fn stream_entry_sizes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    session_pk: uuid::Uuid,
+) -> Result<Vec<(i64, usize)>> {
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream_key(session_pk))
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await?;
+    reply
+        .ids
+        .iter()
+        .map(|entry| -> Result<(i64, usize)> {
+            let seq = entry.id.trim_start_matches("0-").parse()?;
+            let size = match entry.map.get("e") {
+                Some(redis::Value::BulkString(json)) => json.len(),
+                _ => 0,
+            };
+            Ok((seq, size))
+        })
+        .collect()
+}
+
+/// The byte count kept beside a session's Redis stream.
+async fn stream_byte_count(
+    conn: &mut redis::aio::MultiplexedConnection,
+    session_pk: uuid::Uuid,
+) -> Result<usize> {
+    Ok(redis::cmd("GET")
+        .arg(stream_bytes_key(session_pk))
+        .query_async(conn)
+        .await?)
 }
 
 #[tokio::test]
