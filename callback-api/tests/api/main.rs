@@ -25,5 +25,6 @@ mod session_scope;
 mod slack;
 mod stream;
 mod stream_revocation;
+mod task_reads;
 mod tasks;
 mod vault;
