@@ -26,3 +26,4 @@ pub mod state;
 pub mod task_views;
 pub mod telemetry;
 pub mod tokens;
+pub mod web;

@@ -190,7 +190,7 @@ pub fn openapi() -> openapi::OpenApi {
 /// are answered 408.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let (router, _) = api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
-    serve_with(router, state)
+    serve_with(router.merge(crate::web::router(request_timeout)), state)
 }
 
 /// The admin API alone, for its own listener.

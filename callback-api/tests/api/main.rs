@@ -28,3 +28,4 @@ mod stream_revocation;
 mod task_reads;
 mod tasks;
 mod vault;
+mod web;
