@@ -64,6 +64,16 @@ pub async fn output(pool: &PgPool, task_uid: Uuid) -> Result<Option<String>> {
     Ok(output.flatten())
 }
 
+/// The SQL tail that keeps the newest row of one task name (a macro, so queries stay
+/// `&'static str`).
+macro_rules! newest_of_name {
+    () => {
+        "from task_results
+         where organization_id = $1 and task_namespace = $2 and task_name = $3
+         order by created_at desc limit 1"
+    };
+}
+
 /// The uid of the newest finished task named `name` in `namespace` of `organization_id`.
 pub async fn newest_uid(
     pool: &PgPool,
@@ -71,16 +81,14 @@ pub async fn newest_uid(
     namespace: &str,
     name: &str,
 ) -> Result<Option<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "select task_uid from task_results
-         where organization_id = $1 and task_namespace = $2 and task_name = $3
-         order by created_at desc limit 1",
+    Ok(
+        sqlx::query_scalar(concat!("select task_uid ", newest_of_name!()))
+            .bind(organization_id)
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?,
     )
-    .bind(organization_id)
-    .bind(namespace)
-    .bind(name)
-    .fetch_optional(pool)
-    .await?)
 }
 
 /// A finished task's outcome as stored, for reading it back after the task object is gone.
@@ -109,13 +117,11 @@ pub async fn newest(
     namespace: &str,
     name: &str,
 ) -> Result<Option<StoredResult>> {
-    let row: Option<StoredResultRow> = sqlx::query_as(
+    let row: Option<StoredResultRow> = sqlx::query_as(concat!(
         "select task_uid, session_id, phase, output, error_reason, error_message,
-                (extract(epoch from created_at) * 1000000)::int8
-         from task_results
-         where organization_id = $1 and task_namespace = $2 and task_name = $3
-         order by created_at desc limit 1",
-    )
+                (extract(epoch from created_at) * 1000000)::int8 ",
+        newest_of_name!()
+    ))
     .bind(organization_id)
     .bind(namespace)
     .bind(name)

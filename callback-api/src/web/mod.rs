@@ -44,6 +44,8 @@ const COOKIE_MAX_AGE_SECONDS: u64 = 12 * 3600;
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; \
      frame-ancestors 'none'; base-uri 'none'";
+/// Seconds after a task's recorded end whose events still count as its own.
+const END_GRACE_SECONDS: i64 = 3;
 /// Most events of a session the task page reads.
 const PAGE_EVENTS: i64 = 500;
 
@@ -336,7 +338,11 @@ async fn task_and_events(
 fn during_turn(task: &TaskDetail, events: Vec<StoredEvent>) -> Vec<StoredEvent> {
     let parse = |t: &Option<String>| t.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok());
     let start = parse(&task.summary.created_at);
-    let end = parse(&task.summary.completed_at);
+    // Completion times are whole seconds and the last events commit just after the end.
+    let end = parse(&task.summary.completed_at).and_then(|end| {
+        end.checked_add(jiff::SignedDuration::from_secs(END_GRACE_SECONDS))
+            .ok()
+    });
     events
         .into_iter()
         .filter(|e| start.is_none_or(|s| e.received_at >= s))

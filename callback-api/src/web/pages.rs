@@ -237,6 +237,14 @@ pub fn task_live(task: &TaskDetail, events: &[StoredEvent], notice: Option<&str>
             escape(&encode_segment(&task.summary.name))
         ));
     }
+    let text = |value: &Option<String>| escape(value.as_deref().unwrap_or("–"));
+    html.push_str(&format!(
+        "<dl class=\"facts\"><dt>Sidecar</dt><dd>{}</dd><dt>Dispatched</dt><dd>{}</dd>\
+         <dt>Finished</dt><dd id=\"finished-at\">{}</dd></dl>",
+        text(&task.sidecar),
+        text(&task.dispatched_at),
+        text(&task.summary.completed_at),
+    ));
     html.push_str(&format!(
         "<h2>Progress</h2><dl class=\"progress\">\
          <dt>Tool calls started</dt><dd id=\"tools-started\">{}</dd>\
@@ -321,17 +329,13 @@ pub fn task_page(
             "<p><a href=\"{BASE}/tasks\">← All tasks</a></p>\
              <h1>Task <span class=\"name\">{name}</span></h1>\
              <dl class=\"facts\"><dt>Session</dt><dd>{session}</dd><dt>User</dt><dd>{user}</dd>\
-             <dt>Created</dt><dd>{created}</dd><dt>Dispatched</dt><dd>{dispatched}</dd>\
-             <dt>Finished</dt><dd>{completed}</dd><dt>Sidecar</dt><dd>{sidecar}</dd></dl>\
+             <dt>Created</dt><dd>{created}</dd></dl>\
              {prompt}\
              <section id=\"task-live\" aria-live=\"polite\" aria-label=\"Task progress\"{live}>{body}</section>",
             name = escape(&s.name),
             session = text(&s.session_id),
             user = text(&s.user_id),
             created = text(&s.created_at),
-            dispatched = text(&task.dispatched_at),
-            completed = text(&s.completed_at),
-            sidecar = text(&task.sidecar),
             body = task_live(task, events, notice),
         ),
     )

@@ -51,6 +51,23 @@ pub async fn delegate(
         .to_owned())
 }
 
+/// Two tenants sharing `namespace`: (organization, API token) of each.
+pub async fn two_tenants(
+    app: &TestApp,
+    namespace: &str,
+) -> Result<((String, String), (String, String))> {
+    let mut tenants = Vec::new();
+    for prefix in ["org-a", "org-b"] {
+        let org = unique(prefix);
+        let issued =
+            api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace, "").await?;
+        tenants.push((org, issued.token));
+    }
+    let theirs = tenants.pop().unwrap_or_default();
+    let ours = tenants.pop().unwrap_or_default();
+    Ok((ours, theirs))
+}
+
 /// Writes `phase` into the task's status, as the operator would.
 pub async fn set_phase(api: &Api<DelegatedTask>, name: &str, phase: &str) -> Result<()> {
     api.patch_status(
@@ -89,14 +106,7 @@ fn names(list: &Value) -> Vec<String> {
 async fn a_tenant_lists_its_own_tasks_newest_first_in_pages_and_by_filter() -> Result<()> {
     let (env, app) = app_with_tasks().await?;
     let namespace = TestNamespace::create(&env.client, "reads-list").await?;
-    let (org, other_org) = (unique("org-a"), unique("org-b"));
-    let issue = |org: String| {
-        let db = app.db.clone();
-        let ns = namespace.name().to_owned();
-        async move { api_tokens::issue(&db, &OrganizationId::parse(&org)?, &ns, "").await }
-    };
-    let token = issue(org.clone()).await?.token;
-    let other = issue(other_org.clone()).await?.token;
+    let ((org, token), (other_org, other)) = two_tenants(&app, namespace.name()).await?;
     let first = delegate(&app, &token, &org, "s-1", "u-1", "first").await?;
     // Creation times have one-second resolution.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -177,18 +187,7 @@ async fn one_task_reads_in_full_even_after_its_object_is_gone_and_only_for_its_t
 {
     let (env, app) = app_with_tasks().await?;
     let namespace = TestNamespace::create(&env.client, "reads-get").await?;
-    let (org, other_org) = (unique("org-a"), unique("org-b"));
-    let token = api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "")
-        .await?
-        .token;
-    let other = api_tokens::issue(
-        &app.db,
-        &OrganizationId::parse(&other_org)?,
-        namespace.name(),
-        "",
-    )
-    .await?
-    .token;
+    let ((org, token), (_, other)) = two_tenants(&app, namespace.name()).await?;
     let name = delegate(&app, &token, &org, "s-1", "u-1", "summarise <b>this</b>").await?;
     let tasks: Api<DelegatedTask> = namespace.api();
     set_phase(&tasks, &name, "Succeeded").await?;
@@ -254,18 +253,7 @@ async fn one_task_reads_in_full_even_after_its_object_is_gone_and_only_for_its_t
 async fn cancel_sets_spec_cancel_and_a_finished_task_answers_409_with_its_phase() -> Result<()> {
     let (env, app) = app_with_tasks().await?;
     let namespace = TestNamespace::create(&env.client, "reads-cancel").await?;
-    let (org, other_org) = (unique("org-a"), unique("org-b"));
-    let token = api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "")
-        .await?
-        .token;
-    let other = api_tokens::issue(
-        &app.db,
-        &OrganizationId::parse(&other_org)?,
-        namespace.name(),
-        "",
-    )
-    .await?
-    .token;
+    let ((org, token), (_, other)) = two_tenants(&app, namespace.name()).await?;
     let running = delegate(&app, &token, &org, "s-1", "u-1", "work").await?;
     let finished = delegate(&app, &token, &org, "s-2", "u-1", "done").await?;
     let tasks: Api<DelegatedTask> = namespace.api();

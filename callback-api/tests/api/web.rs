@@ -10,7 +10,7 @@ use nubabel_e2e::TestNamespace;
 use nubabel_store::{api_tokens, results};
 use reqwest::{StatusCode, header};
 
-use crate::task_reads::{app_with_tasks, delegate, set_phase};
+use crate::task_reads::{app_with_tasks, delegate, set_phase, two_tenants};
 
 /// The sign-in form's encoding (tokens need no escaping in it).
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -112,19 +112,7 @@ async fn a_task_page_shows_an_answer_holding_html_as_text_and_cancels_from_its_b
 {
     let (env, app) = app_with_tasks().await?;
     let namespace = TestNamespace::create(&env.client, "web-task").await?;
-    let org = crate::helpers::unique("org");
-    let token = api_tokens::issue(&app.db, &OrganizationId::parse(&org)?, namespace.name(), "")
-        .await?
-        .token;
-    let other_org = crate::helpers::unique("org-b");
-    let other = api_tokens::issue(
-        &app.db,
-        &OrganizationId::parse(&other_org)?,
-        namespace.name(),
-        "",
-    )
-    .await?
-    .token;
+    let ((org, token), (_, other)) = two_tenants(&app, namespace.name()).await?;
     let http = browser()?;
     let url = |path: &str| format!("{}{path}", app.address);
     let as_tenant = |token: &str| format!("nubabel_token={token}");

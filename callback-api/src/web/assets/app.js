@@ -3,10 +3,13 @@
 // and the Content-Security-Policy allows no inline script, so the HTML is set as it comes.
 "use strict";
 
+const FINISHED_TICKS = 5;
+
 function refresh(element) {
   const url = element.dataset.live;
   const interval = Number(element.dataset.interval) || 2000;
   let last = null;
+  let finishedTicks = 0;
   const tick = async () => {
     try {
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
@@ -21,8 +24,10 @@ function refresh(element) {
           element.innerHTML = html;
         }
         const state = element.querySelector("[data-finished]");
-        if (state && state.dataset.finished === "true") {
-          return; // a finished task changes no more
+        // The last progress summary lands a moment after the phase: a few more looks, then
+        // a finished task changes no more.
+        if (state && state.dataset.finished === "true" && ++finishedTicks >= FINISHED_TICKS) {
+          return;
         }
       }
     } catch (_) {
