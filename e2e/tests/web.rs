@@ -156,6 +156,10 @@ async fn a_tenant_follows_and_cancels_tasks_in_a_real_browser_and_no_answer_runs
             "the page updated in place (it was {first_phase} when opened; activity {activity:?})"
         );
         assert_ne!(first_phase, "Succeeded", "the page was open before the task ended");
+        // The live part (phase, progress, activity, answer) in view.
+        browser
+            .execute("document.getElementById('task-live').scrollIntoView();")
+            .await?;
         browser.screenshot(&screenshot_path("task-page")).await?;
 
         // An answer holding HTML and script: shown as text, nothing runs.
