@@ -17,10 +17,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
 
-use crate::{
-    error::ApiError,
-    routes::delegate::{ORGANIZATION_LABEL, SESSION_LABEL, label_digest},
-};
+use crate::error::ApiError;
 
 /// The field manager of cancellation writes.
 pub const CANCEL_FIELD_MANAGER: &str = "nubabel-callback-api-cancel";
@@ -376,19 +373,11 @@ impl<'a> TenantTasks<'a> {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Page, ApiError> {
-        let mut selectors = Vec::new();
-        if is_label_value(&self.grant.organization_id) {
-            selectors.push(format!(
-                "{ORGANIZATION_LABEL}={}",
-                self.grant.organization_id
-            ));
-        }
-        if let Some(session) = &filter.session_id {
-            selectors.push(format!("{SESSION_LABEL}={}", label_digest(session)));
-        }
+        // No label selector: tasks applied by hand carry no labels, and `page` keeps only the
+        // tenant's by `spec.organizationId`.
         let tasks = self
             .api
-            .list(&ListParams::default().labels(&selectors.join(",")))
+            .list(&ListParams::default())
             .await
             .map_err(kube_read_error)?;
         Ok(page(
@@ -463,10 +452,6 @@ impl<'a> TenantTasks<'a> {
             .map_err(kube_read_error)?;
         Ok(CancelOutcome::Requested(summary(&patched)))
     }
-}
-
-fn is_label_value(value: &str) -> bool {
-    crate::routes::delegate::is_label_value(value)
 }
 
 fn kube_read_error(error: kube::Error) -> ApiError {

@@ -382,7 +382,7 @@ fn validate(request: DelegateRequest) -> Result<NewTask, ApiError> {
 }
 
 /// A label-safe digest of `value`.
-pub(crate) fn label_digest(value: &str) -> String {
+fn label_digest(value: &str) -> String {
     Sha256::digest(value.as_bytes())
         .iter()
         .take(20)
@@ -397,7 +397,7 @@ fn idempotent_name(organization_id: &str, key: &str) -> String {
     )
 }
 
-pub(crate) fn is_label_value(value: &str) -> bool {
+fn is_label_value(value: &str) -> bool {
     value.len() <= 63
         && value
             .chars()

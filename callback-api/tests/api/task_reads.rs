@@ -352,3 +352,28 @@ async fn a_sessions_events_come_in_pages_that_resume_after_the_last_sequence() -
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_task_applied_by_hand_without_labels_is_listed_and_filtered_too() -> Result<()> {
+    let (env, app) = app_with_tasks().await?;
+    let namespace = TestNamespace::create(&env.client, "reads-unlabelled").await?;
+    let ((org, token), (_, other)) = two_tenants(&app, namespace.name()).await?;
+    let task = DelegatedTask::new(
+        "by-hand",
+        serde_json::from_value(json!({"organizationId": org, "prompt": "hi", "sessionId": "s-9"}))?,
+    );
+    namespace
+        .api::<DelegatedTask>()
+        .create(&Default::default(), &task)
+        .await?;
+    assert_eq!(
+        names(&get(&app, "/api/tasks", &token).await?.1),
+        ["by-hand"]
+    );
+    assert_eq!(
+        names(&get(&app, "/api/tasks?session=s-9", &token).await?.1),
+        ["by-hand"]
+    );
+    assert!(names(&get(&app, "/api/tasks", &other).await?.1).is_empty());
+    namespace.delete().await
+}
