@@ -79,7 +79,7 @@ apt_update_once() {
 
 install_packages() {
   step "installing Debian packages"
-  local wanted=(golang-go golang-github-modern-go-reflect2-dev rsync make etcd-server openssl postgresql redis-server git ripgrep unzip curl ca-certificates)
+  local wanted=(golang-go golang-github-modern-go-reflect2-dev rsync make etcd-server openssl postgresql redis-server git ripgrep unzip curl ca-certificates chromium chromium-driver)
   local missing=()
   # npm (with Debian's node) only when none is on PATH, so a node from elsewhere stays in charge.
   command -v npm >/dev/null || missing+=(npm)

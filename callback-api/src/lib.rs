@@ -23,5 +23,7 @@ pub mod session_cache;
 pub mod slack;
 pub mod startup;
 pub mod state;
+pub mod task_views;
 pub mod telemetry;
 pub mod tokens;
+pub mod web;

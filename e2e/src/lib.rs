@@ -20,6 +20,7 @@ pub mod stack;
 pub mod system;
 pub mod testing;
 pub mod tools;
+pub mod webdriver;
 
 use std::time::Duration;
 

@@ -64,6 +64,16 @@ pub async fn output(pool: &PgPool, task_uid: Uuid) -> Result<Option<String>> {
     Ok(output.flatten())
 }
 
+/// The SQL tail that keeps the newest row of one task name (a macro, so queries stay
+/// `&'static str`).
+macro_rules! newest_of_name {
+    () => {
+        "from task_results
+         where organization_id = $1 and task_namespace = $2 and task_name = $3
+         order by created_at desc limit 1"
+    };
+}
+
 /// The uid of the newest finished task named `name` in `namespace` of `organization_id`.
 pub async fn newest_uid(
     pool: &PgPool,
@@ -71,14 +81,77 @@ pub async fn newest_uid(
     namespace: &str,
     name: &str,
 ) -> Result<Option<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "select task_uid from task_results
-         where organization_id = $1 and task_namespace = $2 and task_name = $3
-         order by created_at desc limit 1",
+    Ok(
+        sqlx::query_scalar(concat!("select task_uid ", newest_of_name!()))
+            .bind(organization_id)
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?,
     )
+}
+
+/// A finished task's outcome as stored, for reading it back after the task object is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResult {
+    /// The task's `metadata.uid`.
+    pub task_uid: Uuid,
+    /// The Nubabel session, if the task had one.
+    pub session_id: Option<String>,
+    /// The phase it ended in.
+    pub phase: String,
+    /// The agent's whole final answer.
+    pub output: Option<String>,
+    /// Why it did not succeed.
+    pub error_reason: Option<String>,
+    /// In words.
+    pub error_message: Option<String>,
+    /// When the outcome was first recorded.
+    pub recorded_at: jiff::Timestamp,
+}
+
+/// The newest finished task named `name` in `namespace` of `organization_id`, in full.
+pub async fn newest(
+    pool: &PgPool,
+    organization_id: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<StoredResult>> {
+    let row: Option<StoredResultRow> = sqlx::query_as(concat!(
+        "select task_uid, session_id, phase, output, error_reason, error_message,
+                (extract(epoch from created_at) * 1000000)::int8 ",
+        newest_of_name!()
+    ))
     .bind(organization_id)
     .bind(namespace)
     .bind(name)
     .fetch_optional(pool)
-    .await?)
+    .await?;
+    row.map(
+        |(task_uid, session_id, phase, output, error_reason, error_message, recorded_us)| {
+            Ok(StoredResult {
+                task_uid,
+                session_id,
+                phase,
+                output,
+                error_reason,
+                error_message,
+                recorded_at: jiff::Timestamp::from_microsecond(recorded_us).map_err(|e| {
+                    crate::error::Error::Corrupt(format!("task_results.created_at: {e}"))
+                })?,
+            })
+        },
+    )
+    .transpose()
 }
+
+/// A `task_results` row as [`newest`] reads it.
+type StoredResultRow = (
+    Uuid,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+);

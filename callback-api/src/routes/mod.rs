@@ -14,6 +14,7 @@ pub mod sessions;
 pub mod slack;
 pub mod stream;
 pub mod stream_tokens;
+pub mod task_reads;
 pub mod tasks;
 
 use axum::{
@@ -48,6 +49,7 @@ use crate::{error, metrics, state::AppState};
         (name = "stream", description = "Session events over Server-Sent Events"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
         (name = "delegate", description = "Delegating a task, as Nubabel's delegate_task does"),
+        (name = "tasks", description = "A tenant's tasks and sessions, read and cancelled with its API token (the web view at /ui uses the same reads)"),
         (name = "slack", description = "The Slack bot's Events API endpoint"),
         (name = "mcp", description = "The MCP gateway: tenant tools over MCP (streamable HTTP) and the REST form"),
         (name = "admin", description = "Tenants' MCP connections and the credential vault, for platform administrators; served only on the admin listener (NUBABEL_ADMIN_HTTP_ADDR, loopback by default), not on the API's port"),
@@ -149,6 +151,7 @@ fn api_router(max_body_bytes: usize, request_timeout: Duration) -> OpenApiRouter
         .merge(health::router())
         .merge(slack::router())
         .merge(tasks::router())
+        .merge(task_reads::router())
         .routes(routes!(health::get_metrics))
         .routes(routes!(get_openapi))
         // Applies to the routes above; a waiting delegate request has its own bound.
@@ -187,7 +190,7 @@ pub fn openapi() -> openapi::OpenApi {
 /// are answered 408.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let (router, _) = api_router(state.settings.max_body_bytes, request_timeout).split_for_parts();
-    serve_with(router, state)
+    serve_with(router.merge(crate::web::router(request_timeout)), state)
 }
 
 /// The admin API alone, for its own listener.

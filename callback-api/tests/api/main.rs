@@ -25,5 +25,7 @@ mod session_scope;
 mod slack;
 mod stream;
 mod stream_revocation;
+mod task_reads;
 mod tasks;
 mod vault;
+mod web;

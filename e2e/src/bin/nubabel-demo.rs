@@ -93,10 +93,42 @@ fn use_provider(sidecar: &mut OpencodeSidecar, id: &str, model: &str) -> Result<
 #[tokio::main]
 async fn main() -> Result<()> {
     nubabel_e2e::install_crypto_provider();
-    within(Duration::from_secs(300), "the demo", demo()).await
+    let keep_up = std::env::args().skip(1).any(|a| a == KEEP_UP_FLAG);
+    if let Some(other) = std::env::args().skip(1).find(|a| a != KEEP_UP_FLAG) {
+        bail!("unknown argument {other:?}: the demo takes only {KEEP_UP_FLAG}");
+    }
+    // Kept up, the demo lasts until Ctrl-C (a day at most).
+    let limit = Duration::from_secs(if keep_up { 24 * 3600 } else { 300 });
+    within(limit, "the demo", demo(keep_up)).await
 }
 
-async fn demo() -> Result<()> {
+/// Keeps the stack up after the task, for the web view, until Ctrl-C.
+const KEEP_UP_FLAG: &str = "--keep-up";
+
+/// Prints the web view's address and a tenant token, then waits for Ctrl-C.
+async fn keep_up_for_the_web_view(system: &System, namespace: &TestNamespace) -> Result<()> {
+    let token = nubabel_store::api_tokens::issue(
+        system.db(),
+        &nubabel_contract::identity::OrganizationId::parse("org-acme")?,
+        namespace.name(),
+        "demo web view",
+    )
+    .await?;
+    println!(
+        "\nThe stack stays up. Web view: {}/ui (sign in with the token below)\n\
+         Tenant API token: {}\n\
+         e.g. curl -H 'Authorization: Bearer {}' {}/api/tasks\n\
+         Press Ctrl-C to stop.",
+        system.callback_url(),
+        token.token,
+        token.token,
+        system.callback_url()
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+async fn demo(keep_up: bool) -> Result<()> {
     let env = TestEnv::from_env().await?;
     let namespace = TestNamespace::create(&env.client, "demo").await?;
     println!(
@@ -300,6 +332,9 @@ async fn demo() -> Result<()> {
         String::from_utf8_lossy(&listing.stdout)
     );
 
+    if keep_up {
+        keep_up_for_the_web_view(&system, &namespace).await?;
+    }
     system.shutdown().await?;
     namespace.delete().await?;
     if status.phase != Some(TaskPhase::Succeeded) {
