@@ -66,6 +66,26 @@ pub struct ProgressView {
     pub last_message: Option<String>,
 }
 
+/// One subagent the task's turn started (oh-my-opencode's `task` tool), as the operator last
+/// saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct SubagentView {
+    /// Its OpenCode session.
+    pub session_id: String,
+    /// The session it was started from.
+    pub parent_session_id: String,
+    /// The agent that runs it, e.g. `Sisyphus-Junior`.
+    pub agent: Option<String>,
+    /// Its title (the delegated description).
+    pub title: Option<String>,
+    /// Running, Idle, Failed or Aborted.
+    pub state: String,
+    /// Tool calls it started.
+    pub tools_started: i64,
+    /// Tool calls it finished.
+    pub tools_completed: i64,
+}
+
 /// What a task changed in one repository (the patch is at `/api/tasks/{name}/changes`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct ChangeSummary {
@@ -110,6 +130,8 @@ pub struct TaskDetail {
     pub error: Option<TaskErrorView>,
     /// What it changed, per repository.
     pub changes: Vec<ChangeSummary>,
+    /// The subagents its turn started, oldest first.
+    pub subagents: Vec<SubagentView>,
     /// Whether the task object still exists (false: only its stored outcome is left).
     pub live: bool,
 }
@@ -308,6 +330,19 @@ pub fn detail(task: &DelegatedTask, stored_answer: Option<String>) -> TaskDetail
                 files: c.files,
             })
             .collect(),
+        subagents: status
+            .subagents
+            .into_iter()
+            .map(|a| SubagentView {
+                session_id: a.session_id,
+                parent_session_id: a.parent_session_id,
+                agent: a.agent,
+                title: a.title,
+                state: a.state,
+                tools_started: a.tools_started,
+                tools_completed: a.tools_completed,
+            })
+            .collect(),
         live: true,
     }
 }
@@ -336,6 +371,7 @@ fn detail_from_stored(name: &str, stored: results::StoredResult) -> TaskDetail {
             message: stored.error_message.unwrap_or_default(),
         }),
         changes: Vec::new(),
+        subagents: Vec::new(),
         live: false,
     }
 }
@@ -490,6 +526,27 @@ mod tests {
 
     fn names(page: &Page) -> Vec<&str> {
         page.tasks.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_tasks_detail_carries_the_subagents_its_status_lists() {
+        let mut task = task("t", "acme", 1, TaskPhase::Running);
+        task.status.as_mut().unwrap().subagents = vec![nubabel_crds::v1alpha1::SubagentStatus {
+            session_id: "ses_c".into(),
+            parent_session_id: "ses_p".into(),
+            agent: Some("oracle".into()),
+            state: "Idle".into(),
+            tools_started: 3,
+            tools_completed: 3,
+            ..Default::default()
+        }];
+        let subagents = detail(&task, None).subagents;
+        assert_eq!(subagents.len(), 1);
+        assert_eq!(
+            (subagents[0].agent.as_deref(), subagents[0].state.as_str()),
+            (Some("oracle"), "Idle")
+        );
+        assert_eq!(subagents[0].parent_session_id, "ses_p");
     }
 
     #[test]

@@ -256,6 +256,20 @@ pub fn task_live(task: &TaskDetail, events: &[StoredEvent], notice: Option<&str>
         escape(progress.last_tool.as_deref().unwrap_or("–")),
         escape(progress.last_message.as_deref().unwrap_or("–")),
     ));
+    if !task.subagents.is_empty() {
+        html.push_str("<h2>Subagents</h2><ul id=\"subagents\">");
+        for subagent in &task.subagents {
+            html.push_str(&format!(
+                "<li><strong>{}</strong> {}: {} ({} of {} tool calls finished)</li>",
+                escape(subagent.agent.as_deref().unwrap_or("subagent")),
+                escape(subagent.title.as_deref().unwrap_or(&subagent.session_id)),
+                escape(&subagent.state),
+                subagent.tools_completed,
+                subagent.tools_started,
+            ));
+        }
+        html.push_str("</ul>");
+    }
     let lines: Vec<String> = events.iter().filter_map(activity).collect();
     html.push_str("<h2>Activity</h2>");
     if lines.is_empty() {
@@ -390,8 +404,31 @@ mod tests {
             answer: answer.map(str::to_owned),
             error: None,
             changes: Vec::new(),
+            subagents: Vec::new(),
             live: true,
         }
+    }
+
+    #[test]
+    fn a_tasks_subagents_are_listed_with_their_agent_state_and_tools_escaped() {
+        let mut task = detail("Running", None);
+        assert!(!task_live(&task, &[], None).contains("id=\"subagents\""));
+        task.subagents.push(crate::task_views::SubagentView {
+            session_id: "ses_c".into(),
+            parent_session_id: "ses_p".into(),
+            agent: Some("Sisyphus-Junior".into()),
+            title: Some("<i>child</i> work".into()),
+            state: "Running".into(),
+            tools_started: 2,
+            tools_completed: 1,
+        });
+        let html = task_live(&task, &[], None);
+        assert!(html.contains("<strong>Sisyphus-Junior</strong>"), "{html}");
+        assert!(
+            html.contains("Running (1 of 2 tool calls finished)"),
+            "{html}"
+        );
+        assert!(!html.contains("<i>child"), "{html}");
     }
 
     #[test]
