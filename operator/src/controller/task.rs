@@ -147,7 +147,12 @@ async fn carry_out(
     step: Step,
 ) -> Result<(), Error> {
     let pods = &observation.pods;
-    let background_wait = oh_my_opencode::background_wait(observation.fleet.fleet());
+    let background_wait = oh_my_opencode::background_wait(
+        observation
+            .fleet
+            .fleet()
+            .and_then(|f| f.spec.oh_my_opencode.as_ref()),
+    );
     match step {
         Step::Wait(_) | Step::Delete => Ok(()),
         Step::Queue { reason, message } => {

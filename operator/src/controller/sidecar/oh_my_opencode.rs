@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use nubabel_crds::v1alpha1::{OhMyOpencodeSpec, OpencodeSidecar};
+use nubabel_crds::v1alpha1::OhMyOpencodeSpec;
 use serde_json::{Map, Value, json};
 
 /// The plugin's npm package, installed in the image's plugin directory.
@@ -132,16 +132,14 @@ pub struct ValidOhMyOpencode {
     pub concurrency: Option<u32>,
     /// How deep subagents may delegate.
     pub max_depth: Option<u32>,
-    /// How long a task waits for background subagents after its turn.
-    pub background_wait_seconds: i64,
     /// Whether the plugin's telemetry is on.
     pub telemetry: bool,
 }
 
-/// How long a task of `fleet` waits for its background subagents once its own turn is over.
-pub fn background_wait(fleet: Option<&OpencodeSidecar>) -> Duration {
-    let seconds = fleet
-        .and_then(|f| f.spec.oh_my_opencode.as_ref())
+/// How long a task waits for its background subagents once its own turn is over, on a fleet
+/// with plugin settings `spec` (or none).
+pub fn background_wait(spec: Option<&OhMyOpencodeSpec>) -> Duration {
+    let seconds = spec
         .and_then(|o| o.background.as_ref())
         .and_then(|b| b.wait_seconds)
         .unwrap_or(DEFAULT_BACKGROUND_WAIT_SECONDS);
@@ -189,10 +187,6 @@ pub fn validate(spec: &OhMyOpencodeSpec) -> Result<ValidOhMyOpencode, String> {
             .collect(),
         concurrency: background.concurrency,
         max_depth: background.max_depth,
-        background_wait_seconds: background
-            .wait_seconds
-            .unwrap_or(DEFAULT_BACKGROUND_WAIT_SECONDS)
-            .max(0),
         telemetry: spec.telemetry,
     })
 }
@@ -272,21 +266,25 @@ mod tests {
         );
         assert_eq!(config["background_task"], json!({}));
         assert_eq!(
-            plugin.background_wait_seconds,
-            DEFAULT_BACKGROUND_WAIT_SECONDS
+            background_wait(Some(&spec(json!({})))),
+            Duration::from_secs(DEFAULT_BACKGROUND_WAIT_SECONDS.unsigned_abs())
+        );
+        assert_eq!(
+            background_wait(None),
+            background_wait(Some(&spec(json!({}))))
         );
     }
 
     #[test]
     fn the_spec_turns_agents_hooks_and_mcps_off_or_on_and_bounds_the_background() {
-        let plugin = validate(&spec(json!({
+        let given = spec(json!({
             "disabledAgents": ["oracle"],
             "disabledHooks": ["comment-checker", "startup-toast"],
             "remoteMcps": ["context7"],
             "background": {"concurrency": 2, "maxDepth": 1, "waitSeconds": 30},
             "telemetry": true
-        })))
-        .unwrap();
+        }));
+        let plugin = validate(&given).unwrap();
         let config = config(&plugin, "a/b", &BTreeMap::new());
         assert_eq!(config["disabled_agents"], json!(["oracle"]));
         assert_eq!(
@@ -299,7 +297,7 @@ mod tests {
             json!({"defaultConcurrency": 2, "maxDepth": 1})
         );
         assert_eq!(config["telemetry"], true);
-        assert_eq!(plugin.background_wait_seconds, 30);
+        assert_eq!(background_wait(Some(&given)), Duration::from_secs(30));
     }
 
     #[test]

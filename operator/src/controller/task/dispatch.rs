@@ -423,15 +423,10 @@ impl Dispatcher {
             .status
             .as_ref()
             .and_then(|s| s.prompt_message_id.as_deref());
+        let children = opencode.children(&session).await.map_err(failed)?;
         // A busy session has not ended its turn: its messages are read only to date its
         // subagents, when it has any.
-        let messages = if busy
-            && opencode
-                .children(&session)
-                .await
-                .map_err(failed)?
-                .is_empty()
-        {
+        let messages = if busy && children.is_empty() {
             Vec::new()
         } else {
             match opencode.messages(&session, None).await {
@@ -448,7 +443,7 @@ impl Dispatcher {
             .and_then(|m| m.info.time.created)
             .or_else(|| turn_started_ms(task));
         let mut found = self
-            .subagents(&opencode, &session, since, &statuses)
+            .subagents(&opencode, children, since, &statuses)
             .await
             .map_err(failed)?;
         if busy {
@@ -480,17 +475,18 @@ impl Dispatcher {
         Ok(Checked::seen(ending, &found))
     }
 
-    /// The subagents of `root`'s current turn (sessions created under it, or under one of
-    /// them, since `since_ms`), oldest first, at most [`subagents::MAX_SESSIONS`].
+    /// The subagents of a session's current turn, from its `children`: those created since
+    /// `since_ms` and the sessions under them, oldest first, at most
+    /// [`subagents::MAX_SESSIONS`].
     async fn subagents(
         &self,
         opencode: &OpencodeClient,
-        root: &str,
+        children: Vec<Session>,
         since_ms: Option<i64>,
         statuses: &HashMap<String, SessionStatus>,
     ) -> Result<Vec<Subagent>, nubabel_opencode::Error> {
         let mut found = Vec::new();
-        for child in descendants(opencode, root, since_ms).await? {
+        for child in descendants(opencode, children, since_ms).await? {
             let messages = opencode.messages(&child.id, None).await?;
             found.push(subagents::subagent(
                 &child,
@@ -510,10 +506,11 @@ impl Dispatcher {
                 }
                 // Then the subagents the turn started, which an abort of their parent leaves
                 // running when they work in the background.
-                let working = match (
-                    opencode.session_status().await,
-                    descendants(&opencode, &session, turn_started_ms(task)).await,
-                ) {
+                let children = match opencode.children(&session).await {
+                    Ok(children) => descendants(&opencode, children, turn_started_ms(task)).await,
+                    Err(error) => Err(error),
+                };
+                let working = match (opencode.session_status().await, children) {
                     (Ok(statuses), Ok(children)) => children
                         .into_iter()
                         .filter(|c| statuses.contains_key(&c.id))
@@ -561,17 +558,18 @@ fn turn_started_ms(task: &DelegatedTask) -> Option<i64> {
     Some(started.as_millisecond().saturating_sub(skew))
 }
 
-/// The sessions under `root` created since `since_ms`, breadth first, at most
-/// [`subagents::MAX_SESSIONS`].
+/// A session's `children` created since `since_ms` and the sessions under them, breadth
+/// first, at most [`subagents::MAX_SESSIONS`].
 async fn descendants(
     opencode: &OpencodeClient,
-    root: &str,
+    children: Vec<Session>,
     since_ms: Option<i64>,
 ) -> Result<Vec<Session>, nubabel_opencode::Error> {
     let mut found: Vec<Session> = Vec::new();
-    let mut parents = VecDeque::from([root.to_owned()]);
-    while let Some(parent) = parents.pop_front() {
-        for child in opencode.children(&parent).await? {
+    let mut parents: VecDeque<String> = VecDeque::new();
+    let mut level = children;
+    loop {
+        for child in level {
             let earlier = matches!((child.time.created, since_ms), (Some(c), Some(s)) if c < s);
             if earlier || found.iter().any(|f| f.id == child.id) {
                 continue;
@@ -582,6 +580,9 @@ async fn descendants(
             parents.push_back(child.id.clone());
             found.push(child);
         }
+        let Some(parent) = parents.pop_front() else {
+            return Ok(found);
+        };
+        level = opencode.children(&parent).await?;
     }
-    Ok(found)
 }
